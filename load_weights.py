@@ -1,0 +1,252 @@
+"""load_weights.py — from a model name or folder to a ready Model and its tokenizer.
+
+    model, tokenizer = load("smollm2-135m-instruct")          # a preset name
+    model, tokenizer = load("checkpoints/gemma3-270m-f32")    # a Hugging Face-format folder
+
+A name resolves, in order, to checkpoints/<name>/, the Hugging Face cache snapshot of its
+repository (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), and finally a
+download with huggingface_hub (HF_TOKEN and HF_ENDPOINT honoured; Gemma and Llama are gated:
+accept the licence on the model's page first).
+
+The model is built on the `meta` device (no memory), then its tensors are read one by one
+from the safetensors file(s) and assigned, so peak memory stays near one copy of the weights.
+Weights keep their Hugging Face names on disk; HF_NAMES below maps them onto ours.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+
+from model import PRESETS, Model, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Our parameter name -> its Hugging Face name, after the model prefix ("model." for most
+# checkpoints). "{i}" is the layer number. HF's `post_attention_layernorm` is the norm before
+# the MLP in LLaMA and Gemma 1, but the norm after attention in Gemma 2/3 (sandwich norms).
+HF_NAMES = {
+    "tok_emb.weight": "embed_tokens.weight",
+    "norm.weight": "norm.weight",
+    "layers.{i}.attn_norm.weight": "layers.{i}.input_layernorm.weight",
+    "layers.{i}.attn.wq.weight": "layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attn.wk.weight": "layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attn.wv.weight": "layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attn.wq.bias": "layers.{i}.self_attn.q_proj.bias",
+    "layers.{i}.attn.wk.bias": "layers.{i}.self_attn.k_proj.bias",
+    "layers.{i}.attn.wv.bias": "layers.{i}.self_attn.v_proj.bias",
+    "layers.{i}.attn.wo.weight": "layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.attn.q_norm.weight": "layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.attn.k_norm.weight": "layers.{i}.self_attn.k_norm.weight",
+    "layers.{i}.mlp.gate.weight": "layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.mlp.up.weight": "layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.mlp.down.weight": "layers.{i}.mlp.down_proj.weight",
+}
+SANDWICH_NORMS = {  # Gemma 2/3
+    "layers.{i}.attn_post_norm.weight": "layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.mlp_norm.weight": "layers.{i}.pre_feedforward_layernorm.weight",
+    "layers.{i}.mlp_post_norm.weight": "layers.{i}.post_feedforward_layernorm.weight",
+}
+PLAIN_NORMS = {"layers.{i}.mlp_norm.weight": "layers.{i}.post_attention_layernorm.weight"}
+
+
+class LoadError(ValueError):
+    """A problem the user can fix: the message names it and says how."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Name or folder -> local folder
+# ----------------------------------------------------------------------------------------------
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def cached_snapshot(repo_id: str):
+    """The folder of the Hub cache's snapshot of repo_id (its `main` ref), or None."""
+    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snap = repo_dir / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    return None
+
+
+def download(repo_id: str) -> Path:
+    """Fetch config, weights and tokenizer of repo_id from the Hub into its cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise LoadError(f"{repo_id} is not on this machine and huggingface_hub is not installed: "
+                        "pip install huggingface_hub, or pass --init=FOLDER with a local copy") from None
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
+                                 token=os.environ.get("HF_TOKEN"))
+    except Exception as e:  # network, gated repository, missing token: all end the same way for a user
+        raise LoadError(f"could not download {repo_id} from the Hugging Face Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}). Check your connection; gated models "
+                        f"(Gemma, Llama) need you to accept the licence at https://huggingface.co/{repo_id} "
+                        "and to set HF_TOKEN; or pass --init=FOLDER with a local copy") from None
+    return Path(path)
+
+
+def resolve(name_or_dir: str, checkpoints_dir: str = "checkpoints") -> Path:
+    """A preset name or a folder -> a local folder holding config.json and the weights."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoadError(f"{path} has no config.json: point --init at a Hugging Face-format model folder")
+        return path
+    if name_or_dir not in PRESETS:
+        if os.sep in name_or_dir or name_or_dir.startswith("."):
+            raise LoadError(f"folder {name_or_dir} does not exist: check the path, or use a preset name "
+                            f"({', '.join(PRESETS)})")
+        raise LoadError(f"unknown model {name_or_dir!r}: pass a folder or one of the presets "
+                        f"({', '.join(PRESETS)})")
+    local = Path(checkpoints_dir) / name_or_dir
+    if (local / "config.json").is_file():
+        return local
+    repo = PRESETS[name_or_dir]["hf_repo"]
+    return cached_snapshot(repo) or download(repo)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder -> config, weights, tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def read_config(folder: Path) -> ModelConfig:
+    try:
+        hf = json.loads((Path(folder) / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{folder}/config.json is not valid JSON ({e}): download it again") from None
+    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: use its text tower
+        hf = dict(hf["text_config"], model_type="gemma3_text")
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except (KeyError, ValueError) as e:
+        raise LoadError(f"{folder}/config.json: {e}") from None
+
+
+def weight_files(folder: Path):
+    """The safetensors file(s) of a folder: one model.safetensors, or those an index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no .safetensors weights in {folder}: download the model's safetensors files "
+                        "(PyTorch .bin checkpoints are not read)")
+    for f in files:
+        if not f.is_file():
+            raise LoadError(f"{f} is named in model.safetensors.index.json but missing: download it again")
+    return files
+
+
+def hf_name_table(cfg: ModelConfig) -> dict:
+    """Our names (with {i}) -> HF names (after the prefix) for this config."""
+    return {**HF_NAMES, **(SANDWICH_NORMS if cfg.sandwich_norm else PLAIN_NORMS)}
+
+
+def hf_name(ours: str, table: dict) -> str:
+    m = re.match(r"layers\.(\d+)\.(.*)", ours)
+    if m:
+        return table["layers.{i}." + m.group(2)].replace("{i}", m.group(1))
+    return table[ours]
+
+
+def open_files(files):
+    """name -> open safetensors handle, for every tensor in the files."""
+    where = {}
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError) as e:
+            raise LoadError(f"{f} is corrupt or truncated ({e}): delete it and download it again") from None
+        for k in keys:
+            where[k] = handle
+    return where
+
+
+def load_state(model: Model, files, dtype) -> dict:
+    """Read every tensor the model expects, checking presence and shape."""
+    where = open_files(files)
+    emb = next((k for k in where if k.endswith("embed_tokens.weight")), None)
+    if emb is None:
+        raise LoadError(f"{files[0].parent} has no embed_tokens.weight: not a Gemma/LLaMA checkpoint")
+    prefix = emb[: -len("embed_tokens.weight")]            # "model.", "model.language_model.", ...
+    table = hf_name_table(model.cfg)
+    state = {}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight":
+            candidates = ["lm_head.weight", prefix.replace("model.", "", 1) + "lm_head.weight"]
+            key = next((c for c in candidates if c in where), None)
+            if key is None:
+                raise LoadError(f"{files[0].parent} has no lm_head.weight but config.json says the head is "
+                                "not tied (tie_word_embeddings: false): the download is incomplete")
+        else:
+            key = prefix + hf_name(name, table)
+        if key not in where:
+            raise LoadError(f"tensor {key} is missing from {files[0].parent}: the checkpoint is incomplete "
+                            "or does not match its config.json; download it again")
+        try:
+            t = where[key].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise LoadError(f"cannot read tensor {key} ({e}): the file is corrupt; download it again") from None
+        if tuple(t.shape) != tuple(param.shape):
+            raise LoadError(f"tensor {key} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
+                            "from config.json: the weights and the config do not belong together")
+        state[name] = t.to(dtype)
+    return state
+
+
+def load_model(folder, dtype=torch.float32, device="cpu") -> Model:
+    folder = Path(folder)
+    cfg = read_config(folder)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = Model(cfg)
+    state = load_state(model, files, dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+class TextTokenizer:
+    """tokenizer.json through `tokenizers`, with the model's BOS convention.
+
+    `encode(text)` adds special tokens exactly as the tokenizer's own post-processor does
+    (Gemma's prepends <bos>; SmolLM2's adds nothing), which is what the model was trained on.
+    """
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        if not Path(path).is_file():
+            raise LoadError(f"{path} not found: the model folder needs its tokenizer.json")
+        self.tok = Tokenizer.from_file(str(path))
+        self.bos_id = cfg.bos_id
+        self.eos_ids = set(cfg.eos_ids)
+        probe = self.tok.encode("a", add_special_tokens=True).ids
+        self.adds_bos = cfg.bos_id is not None and len(probe) > 0 and probe[0] == cfg.bos_id
+
+    def encode(self, text: str, special: bool = True) -> list:
+        return self.tok.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load(name_or_dir: str, dtype="float32", device="cpu"):
+    """(model, tokenizer) for a preset name or a folder."""
+    if dtype not in DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    folder = resolve(name_or_dir)
+    model = load_model(folder, DTYPES[dtype], device)
+    return model, TextTokenizer(folder / "tokenizer.json", model.cfg)
