@@ -250,3 +250,58 @@ def load(name_or_dir: str, dtype="float32", device="cpu"):
     folder = resolve(name_or_dir)
     model = load_model(folder, DTYPES[dtype], device)
     return model, TextTokenizer(folder / "tokenizer.json", model.cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# A sparse checkpoint of train.py: base model + routers + LoRA
+# ----------------------------------------------------------------------------------------------
+
+CKPT_JSON = "ckpt.json"                 # config, base model reference, training state
+CKPT_TENSORS = "trained.safetensors"    # only what was trained: routers and LoRA A/B
+
+
+def read_checkpoint_meta(out_dir) -> dict:
+    path = Path(out_dir) / CKPT_JSON
+    if not path.is_file():
+        raise LoadError(f"no checkpoint in {out_dir} ({CKPT_JSON} missing): train one with "
+                        f"`python train.py --out_dir={out_dir}`")
+    return json.loads(path.read_text())
+
+
+def check_same_base(trained_cfg: dict, base: ModelConfig, base_name: str):
+    """A checkpoint only fits the base model it was trained on."""
+    ours = base.to_dict()
+    diff = [k for k in ours if k not in ("route", "kv", "hf_repo") and k in trained_cfg
+            and _jsonable(trained_cfg[k]) != _jsonable(ours[k])]
+    if diff:
+        raise LoadError(f"the checkpoint was trained on a different base model than {base_name} "
+                        f"(differs in {', '.join(diff)}): pass the base it was trained from")
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
+
+
+def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
+    """(model, tokenizer, meta) of a train.py checkpoint: base weights + routers + LoRA."""
+    import lora
+    import router
+    from safetensors.torch import load_file
+    meta = read_checkpoint_meta(out_dir)
+    base = base or meta["base"]
+    model, tok = load(base, dtype, device)
+    check_same_base(meta["model_config"], model.cfg, base)
+    router.add_routers(model, meta["model_config"]["route"], meta["model_config"]["kv"])
+    if meta["lora"]["rank"] > 0:
+        lora.inject(model, meta["lora"]["targets"], meta["lora"]["rank"], meta["lora"]["alpha"])
+    tensors = load_file(str(Path(out_dir) / CKPT_TENSORS), device=str(device))
+    result = model.load_state_dict(tensors, strict=False)
+    trained = {k for k in model.state_dict() if "_router." in k or k.endswith((".A", ".B"))}
+    if trained - set(tensors):
+        raise LoadError(f"{out_dir}/{CKPT_TENSORS} lacks {sorted(trained - set(tensors))[:3]}...: "
+                        "the file is incomplete; train again or restore it")
+    if result.unexpected_keys:
+        raise LoadError(f"{out_dir}/{CKPT_TENSORS} holds tensors this model lacks "
+                        f"({result.unexpected_keys[:3]}...): the checkpoint does not match ckpt.json")
+    model.requires_grad_(False).eval()
+    return model, tok, meta

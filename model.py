@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import router as rt
 
@@ -614,6 +615,7 @@ class Model(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._inv_freq = {}
+        self.grad_checkpoint = False   # recompute each block in backward (train.py --grad_checkpoint)
 
     def head_weight(self):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -661,7 +663,10 @@ class Model(nn.Module):
         rope = {s: rope_cos_sin(self.inv_freq(s, idx.device), pos, h.dtype) for s in (False, True)}
         ctx = Context(pos, rope, cache, masked, dense or self.cfg.route == "none", [])
         for block in self.layers:
-            h = block(h, ctx)
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, ctx, use_reentrant=False)
+            else:
+                h = block(h, ctx)
         if cache is not None:
             cache.seen += T
         h = self.norm(h)
