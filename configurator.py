@@ -11,6 +11,7 @@ with a message naming the fix; --help prints the defaults and exits.
 import sys
 
 BOOLS = {"true": True, "1": True, "false": False, "0": False}
+KIND_NAMES = {int: "an integer", float: "a number"}
 
 
 def parse_value(key: str, text: str, default):
@@ -34,7 +35,8 @@ def parse_value(key: str, text: str, default):
     try:
         return type(default)(text)
     except ValueError:
-        raise ValueError(f"--{key} needs a {type(default).__name__}, got {text!r}") from None
+        kind = KIND_NAMES.get(type(default), type(default).__name__)
+        raise ValueError(f"--{key} needs {kind}, got {text!r}") from None
 
 
 def configure(defaults: dict, argv) -> dict:
