@@ -56,7 +56,9 @@ def hard_gate(z: torch.Tensor) -> torch.Tensor:
     """1[z > 0] in the forward pass, sigmoid'(z) as its gradient (straight-through)."""
     soft = torch.sigmoid(z)
     hard = (z > 0).to(z.dtype)
-    return hard + soft - soft.detach()
+    # (soft - soft.detach()) is exactly 0, so the gate is exactly 0 or 1; hard + soft - soft
+    # would round (1 + s) first and give 1 +- 6e-8 for most z
+    return hard + (soft - soft.detach())
 
 
 @dataclass
