@@ -1,0 +1,251 @@
+"""Token compaction: the compacted path gives the masked path's answer, for any gates.
+
+    python -m pytest tests/test_compaction.py -q
+
+The gates are forced, not learned: every router is replaced by a `TableRouter` that
+reads its decision for (sequence, position) from a fixed table, so a test can say
+"this sequence keeps nothing at layer 0's MLP, that one keeps everything". Checked,
+on tiny random models of every family and both kv modes:
+- compacted logits == masked logits (float32 tolerance), batch 3 with one sequence
+  keeping every token, one keeping none and one in between, per routed sublayer;
+- greedy decoding through the compacted path with a KV cache gives exactly the tokens
+  (and the logits) of recomputing the whole sequence with the masked path at each step;
+- in kv="kept" a layer's cache holds exactly the tokens that layer kept, per sequence;
+- a sublayer that every token skips is not run at all (its modules' hooks never fire).
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py
+
+import router as rt
+from model import Model, ModelConfig
+
+BASE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
+            max_seq_len=64)
+_GEMMA = dict(norm_eps=1e-6, norm_offset=True, act="gelu_tanh", embed_scale=True)
+FAMILIES = {
+    # grouped K/V heads, llama3 rope scaling, untied head
+    "llama_gqa": dict(BASE, tie_embeddings=False, rope_theta=5e5,
+                      rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_seq_len=16)),
+    "qwen2_bias": dict(BASE, qkv_bias=True),
+    # one K/V head for all queries, head_dim unlike dim / heads
+    "gemma1_mqa": dict(BASE, **_GEMMA, n_kv_heads=1, head_dim=16),
+    # soft-caps (the explicit attention path) and a sliding window shorter than the sequence
+    "gemma2": dict(BASE, **_GEMMA, sandwich_norm=True, query_scale=8.0, attn_softcap=2.0, final_softcap=5.0,
+                   sliding_window=4, layer_types=("sliding", "full")),
+    # q/k norms, two rope bases, layer_types, a window (the fused kernel with a mask)
+    "gemma3": dict(BASE, **_GEMMA, sandwich_norm=True, qk_norm=True, query_scale=8.0, sliding_window=4,
+                   layer_types=("sliding", "full"), rope_theta=1e6, rope_local_theta=1e4),
+}
+BATCH, SEQ = 3, 16
+
+
+def tiny_model(family: str, seed: int = 0) -> Model:
+    """A random model with random norm weights (so no norm is the identity)."""
+    torch.manual_seed(seed)
+    model = Model(ModelConfig(**FAMILIES[family]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5) if model.cfg.norm_offset or name.endswith(".bias") else p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def tokens(B=BATCH, T=SEQ, seed=2):
+    return torch.randint(0, BASE["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forced gates
+# ----------------------------------------------------------------------------------------------
+
+class GateTable:
+    """keep[(layer, kind)]: (B, T) bool decisions by (sequence, position), plus the position
+    of the first token of the next forward call (a router sees hidden states, not positions)."""
+
+    def __init__(self, keep: dict):
+        self.keep = keep
+        self.start = 0
+
+
+class TableRouter(nn.Module):
+    """A router whose logit is +1 where the table keeps the token and -1 where it skips it."""
+
+    def __init__(self, table: GateTable, layer: int, kind: str):
+        super().__init__()
+        self.table, self.layer, self.kind = table, layer, kind
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        s = self.table.start
+        keep = self.table.keep[(self.layer, self.kind)][:B, s:s + T]
+        assert keep.shape == (B, T), "the gate table is shorter than the sequence"
+        return torch.where(keep, 1.0, -1.0)
+
+
+def mixed_table(n_layers: int, B=BATCH, T=SEQ, seed=3) -> dict:
+    """Per (layer, kind): one sequence keeps every token, one keeps none, the others a random
+    density; which sequence plays which role changes from sublayer to sublayer."""
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for i, (layer, kind) in enumerate((l, k) for l in range(n_layers) for k in ("attn", "mlp")):
+        density = 0.2 + 0.6 * torch.rand(B, 1, generator=g)             # (B, 1)
+        table = torch.rand(B, T, generator=g) < density                 # (B, T)
+        table[i % B] = True
+        table[(i + 1) % B] = False
+        keep[(layer, kind)] = table
+    return keep
+
+
+def force_gates(model: Model, route: str, kv: str, keep: dict) -> GateTable:
+    """Attach routers for `route` and `kv`, then replace each by a TableRouter reading `keep`."""
+    rt.add_routers(model, route, kv)
+    table = GateTable(keep)
+    for layer, kind, _ in rt.routers(model):
+        setattr(model.layers[layer], f"{kind}_router", TableRouter(table, layer, kind))
+    return table
+
+
+def assert_logits_close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compacted == masked
+# ----------------------------------------------------------------------------------------------
+
+def test_mixed_table_has_every_kind_of_sequence():
+    for t in mixed_table(2).values():
+        counts = t.sum(1)
+        assert counts.max() == SEQ and counts.min() == 0 and ((counts > 0) & (counts < SEQ)).any()
+
+
+@pytest.mark.parametrize("route", rt.ROUTES)
+@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compacted_logits_equal_masked_logits(family, kv, route):
+    model = tiny_model(family)
+    keep = mixed_table(model.cfg.n_layers)
+    force_gates(model, route, kv, keep)
+    idx = tokens()
+    with torch.no_grad():
+        masked, masked_records = model(idx, masked=True)
+        compact, compact_records = model(idx)
+        dense, _ = model(idx, dense=True)
+    assert_logits_close(compact, masked)
+    # the gates really change the answer, for every sequence that skipped something
+    assert (compact - dense).abs().amax(dim=(1, 2)).min() > 1e-2
+    assert [(r.layer, r.kind) for r in compact_records] == [(r.layer, r.kind) for r in masked_records]
+    for r in compact_records:
+        assert torch.equal(r.keep, keep[(r.layer, "attn" if route == "block" else r.kind)])
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cached decoding == full recomputation
+# ----------------------------------------------------------------------------------------------
+
+def greedy_by_recomputation(model, table, prompt, n_new):
+    """Greedy tokens and last-position logits, running the masked path over everything each step."""
+    idx, logits = prompt, []
+    for _ in range(n_new):
+        table.start = 0
+        out, _ = model(idx, masked=True)
+        logits.append(out[:, -1])
+        idx = torch.cat([idx, out[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx, torch.stack(logits, 1)
+
+
+def greedy_with_cache(model, table, prompt, n_new):
+    """The same through the compacted path with a KV cache: prefill the prompt, then one token per call."""
+    B, T0 = prompt.shape
+    cache = model.new_cache(B, T0 + n_new)
+    idx, logits, fed = prompt, [], 0
+    for _ in range(n_new):
+        table.start = cache.seen
+        out, _ = model(idx[:, fed:], cache=cache, last_only=True)       # (B, 1, V)
+        fed = idx.shape[1]
+        logits.append(out[:, -1])
+        idx = torch.cat([idx, out[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx, torch.stack(logits, 1), cache
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_greedy_decoding_equals_recomputation(family, kv, B):
+    model = tiny_model(family)
+    keep = mixed_table(model.cfg.n_layers)
+    table = force_gates(model, "sublayer", kv, keep)
+    prompt, n_new = tokens(B, 6), SEQ - 6
+    with torch.no_grad():
+        want, want_logits = greedy_by_recomputation(model, table, prompt, n_new)
+        got, got_logits, cache = greedy_with_cache(model, table, prompt, n_new)
+    assert torch.equal(got, want)
+    assert_logits_close(got_logits, want_logits)
+    for layer, lc in enumerate(cache.layers):
+        kept = keep[(layer, "attn")][:B, :SEQ - 1].sum(1)            # the last token is never fed
+        assert lc.length.tolist() == (kept if kv == "kept" else torch.full((B,), SEQ - 1)).tolist()
+
+
+@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
+def test_chunked_prefill_with_cache_equals_one_pass(family, kv):
+    """Several tokens per call on top of a cache (uneven kv="kept" fills, windows over the cache)."""
+    model = tiny_model(family)
+    table = force_gates(model, "sublayer", kv, mixed_table(model.cfg.n_layers))
+    idx = tokens()
+    with torch.no_grad():
+        table.start = 0
+        want, _ = model(idx, masked=True)
+        cache, got = model.new_cache(BATCH, SEQ), []
+        for s in range(0, SEQ, 5):
+            table.start = s
+            got.append(model(idx[:, s:s + 5], cache=cache)[0])
+    assert_logits_close(torch.cat(got, 1), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Skipped means not run
+# ----------------------------------------------------------------------------------------------
+
+def fired(modules: dict) -> dict:
+    """Attach a forward hook to each module; returns {name: [calls]} filled as they run."""
+    calls = {name: [] for name in modules}
+    for name, m in modules.items():
+        m.register_forward_hook(lambda mod, args, out, name=name: calls[name].append(args[0].shape))
+    return calls
+
+
+@pytest.mark.parametrize("with_cache", [False, True], ids=["prefill", "decode"])
+@pytest.mark.parametrize("kv", rt.KV_MODES)
+def test_a_sublayer_every_token_skips_is_not_run(kv, with_cache):
+    model = tiny_model("gemma3")
+    keep = mixed_table(model.cfg.n_layers)
+    keep[(0, "attn")][:] = False
+    keep[(0, "mlp")][:] = False
+    table = force_gates(model, "sublayer", kv, keep)
+    a, block = model.layers[0].attn, model.layers[0]
+    calls = fired(dict(wq=a.wq, wk=a.wk, wv=a.wv, wo=a.wo, q_norm=a.q_norm, post=block.attn_post_norm,
+                       mlp=block.mlp, mlp_post=block.mlp_post_norm, other_mlp=model.layers[1].mlp))
+    idx = tokens()
+    with torch.no_grad():
+        if with_cache:
+            cache = model.new_cache(BATCH, SEQ)
+            model(idx[:, :-1], cache=cache)
+            for c in calls.values():
+                c.clear()
+            table.start = SEQ - 1
+            model(idx[:, -1:], cache=cache)
+        else:
+            model(idx)
+    for name in ("wq", "wo", "q_norm", "post", "mlp", "mlp_post"):
+        assert calls[name] == [], f"{name} ran for a sublayer every token skips"
+    # in kv="all" the skipped tokens still write K and V; in kv="kept" they are absent
+    assert (calls["wk"] != []) == (kv == "all") and (calls["wv"] != []) == (kv == "all")
+    assert calls["other_mlp"] != []
