@@ -1,0 +1,55 @@
+"""Shared fixtures for the test suite.
+
+`tiny_hf` builds a tiny random Hugging Face model with transformers (the reference
+implementation), saves it as a model folder the way the Hub ships one, and returns both:
+the tests then load that folder with our loader and compare against the reference.
+"""
+import pytest
+import torch
+
+# Tiny tensors gain nothing from threads, and on a shared machine a busy core stalls every
+# multi-threaded op (a (2, 64) matmul went from 0.1 ms to 20 ms): one thread, always.
+torch.set_num_threads(1)
+
+# Two layers, width 64: small enough to run in well under a second, big enough that
+# grouped heads, a head_dim unlike width/heads, and a second layer all exist.
+TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               initializer_range=0.3)  # large weights: a wrong formula moves the logits visibly
+
+
+def build_hf_model(model_type: str, seed: int = 0, **config):
+    """A random float32 transformers model of model_type; TINY_HF overridden by config."""
+    import transformers
+    hf_config = transformers.CONFIG_MAPPING[model_type](**{**TINY_HF, **config})
+    torch.manual_seed(seed)
+    ref = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    ref = ref.float().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                # Norm weights and biases start at exactly 0 or 1, which would hide a wrong
+                # norm formula (w vs 1 + w) or a dropped bias: shake them.
+                p.add_(0.3 * torch.randn_like(p))
+    return ref
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """Factory: tiny_hf(model_type, **config) -> (reference model, folder it is saved in).
+
+    Built once per distinct config and session (transformers is slow to build models);
+    callers must not modify the reference model or the folder.
+    """
+    built = {}
+
+    def make(model_type: str, seed: int = 0, **config):
+        key = (model_type, seed, repr(sorted(config.items())))
+        if key not in built:
+            folder = tmp_path_factory.mktemp(model_type)
+            ref = build_hf_model(model_type, seed, **config)
+            ref.save_pretrained(folder)
+            built[key] = ref, folder
+        return built[key]
+
+    return make
