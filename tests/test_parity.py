@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from load_weights import load_model
-from model import ModelConfig, attention_mask, rope_cos_sin, rope_inv_freq
+from model import Model, ModelConfig, attention_mask, rope_cos_sin, rope_inv_freq
 
 SEQ = 24       # longer than the sliding window of 8 below
 WINDOW = 8
@@ -145,6 +145,19 @@ def test_rope_matches_transformers(name):
     cos, sin = rope_cos_sin(inv_freq, pos, torch.float32)
     assert_close(cos, hf_cos, rtol=0, atol=1e-6)
     assert_close(sin, hf_sin, rtol=0, atol=1e-6)
+
+
+def test_gemma3_rope_matches_transformers():
+    """Gemma 3 (4B and up): global layers base 1e6 with linear scaling, sliding layers base 1e4 unscaled."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+    hf = Gemma3TextConfig(rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                                           "sliding_attention": dict(rope_type="default", rope_theta=1e4)})
+    reference = Gemma3RotaryEmbedding(hf)
+    with torch.device("meta"):                             # no weights needed, only the config
+        model = Model(ModelConfig.from_hf_config(hf.to_dict()))
+    assert_close(model.inv_freq(False, "cpu"), reference.full_attention_inv_freq, rtol=1e-6, atol=0)
+    assert_close(model.inv_freq(True, "cpu"), reference.sliding_attention_inv_freq, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------
