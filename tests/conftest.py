@@ -53,3 +53,31 @@ def tiny_hf(tmp_path_factory):
         return built[key]
 
     return make
+
+
+# A word-level tokenizer over a 64-token vocabulary: the tiny models' own.
+SPECIALS = ["<unk>", "<bos>", "<eos>"]                     # ids 0, 1, 2
+WORDS = "the a cat dog sat ran on under mat log and then it was big small red blue".split()
+WORDS += [f"w{i}" for i in range(64 - len(SPECIALS) - len(WORDS))]
+VOCAB = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+TOKENIZER_HF = dict(vocab_size=len(VOCAB), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def write_tokenizer(path, adds_bos: bool):
+    """tokenizer.json: without a post-processor (like SmolLM2's) or one prepending <bos> (like Gemma's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save(str(path))
+
+
+def tiny_model_folder(tiny_hf, tmp_path_factory, model_type: str, adds_bos=None, **config):
+    """A complete tiny model folder (weights, config.json, tokenizer.json) of model_type."""
+    import shutil
+    _, hf_folder = tiny_hf(model_type, **{**TOKENIZER_HF, **config})
+    folder = tmp_path_factory.mktemp(f"{model_type}_model")
+    shutil.copytree(hf_folder, folder, dirs_exist_ok=True)
+    write_tokenizer(folder / "tokenizer.json", model_type.startswith("gemma") if adds_bos is None else adds_bos)
+    return folder

@@ -1,0 +1,189 @@
+"""tests/test_train.py — the conversion run of train.py on a tiny model folder.
+
+Checks the losses (chunked KL and CE against the direct formulas, value and gradient; KL = 0
+at step 0), the density controller, resume (N straight = N/2 + resume + N/2, same losses),
+DDP with two CPU processes (first-step loss = one process on the same global batch), and the
+errors a user can cause.
+"""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import load_weights
+import train
+from conftest import tiny_model_folder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_hf, tmp_path_factory):
+    return tiny_model_folder(tiny_hf, tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two small training texts and one held-out text, of words the tiny tokenizer knows."""
+    from conftest import WORDS
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    for name, n in (("a", 600), ("b", 300)):
+        (root / "train" / f"{name}.txt").write_text(" ".join(rng.choice(WORDS[:20]) for _ in range(n)))
+    (root / "val" / "c.txt").write_text(" ".join(rng.choice(WORDS[:20]) for _ in range(300)))
+    return root
+
+
+def args(folder, corpus, out_dir, **over):
+    base = dict(init=str(folder), data=str(corpus / "train"), val_data=str(corpus / "val"),
+                out_dir=str(out_dir), max_iters=4, batch_size=2, seq_len=16, eval_interval=2,
+                eval_batches=1, lora_rank=4, target_density=0.7, warmup_iters=1, router_bias=0.2)
+    base.update(over)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def log_rows(out_dir):
+    return [json.loads(l) for l in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_chunked_distill_equals_direct(cap, monkeypatch):
+    monkeypatch.setattr(train, "chunk_size", lambda V: 3)     # several chunks, a ragged last one
+    torch.manual_seed(0)
+    N, d, V = 10, 8, 50
+    W = torch.randn(V, d)
+    h_t = torch.randn(N, d)
+    tgt = torch.randint(V, (N,))
+    h1 = torch.randn(N, d, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    kl, ce = train.DistillLoss.apply(h1, h_t, W, tgt, cap)
+    (kl + 0.5 * ce).backward()
+
+    def logits(h):
+        s = h @ W.t()
+        return s if cap is None else cap * torch.tanh(s / cap)
+    logp_s, logp_t = F.log_softmax(logits(h2), -1), F.log_softmax(logits(h_t), -1)
+    kl_ref = F.kl_div(logp_s, logp_t, log_target=True, reduction="sum")
+    ce_ref = F.cross_entropy(logits(h2), tgt, reduction="sum")
+    (kl_ref + 0.5 * ce_ref).backward()
+    torch.testing.assert_close(kl, kl_ref)
+    torch.testing.assert_close(ce, ce_ref)
+    torch.testing.assert_close(h1.grad, h2.grad)
+
+
+def test_kl_is_zero_at_step_zero(folder):
+    cfg = train.read_config(["--init=" + str(folder), "--out_dir=/nonexistent-nanoskip", "--lora_rank=4",
+                             "--seq_len=16"])
+    model, tok, _ = train.build(cfg)
+    x = torch.randint(3, 64, (2, 12))
+    kl, ce, records = train.distill_losses(model, x, ce_weight=1.0)
+    assert kl.item() == 0.0
+    assert ce.item() > 0
+    assert all(r.keep.all() for r in records)
+
+
+def test_controller_raises_lambda_above_target_and_lowers_it_below():
+    c = train.DensityController(target=0.6, anneal_iters=10, lam=0.1, gain=2.0)
+    assert c.target(0) == 1.0 and c.target(5) == pytest.approx(0.8) and c.target(50) == pytest.approx(0.6)
+    c.update(5, density=0.9)
+    assert c.lam > 0.1
+    high = c.lam
+    c.update(20, density=0.4)
+    assert c.lam < high
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpus, tmp_path):
+    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=8, router_lr=0.2)))
+    rows = log_rows(tmp_path / "run")
+    assert len(rows) == 8 and rows[0]["kl"] == 0.0
+    assert rows[-1]["density"] < 1.0                          # the L1 push closed some gates
+    assert "val_kl" in rows[-1] and "compute_ratio" in rows[-1]
+    model, tok, meta = load_weights.load_sparse(tmp_path / "run")
+    assert meta["train_state"]["iter"] == 8
+    x = torch.randint(3, 64, (1, 10))
+    _, records = model(x)
+    assert len(records) == 2 * model.cfg.n_layers
+
+
+def test_ctrl_c_then_resume_continues_exactly(folder, corpus, tmp_path, monkeypatch):
+    train.train(train.read_config(args(folder, corpus, tmp_path / "straight")))
+    lr_at = train.lr_at
+
+    def interrupt_at_2(it, cfg):   # Ctrl-C arrives inside iteration 2
+        if it == 2:
+            raise KeyboardInterrupt
+        return lr_at(it, cfg)
+    monkeypatch.setattr(train, "lr_at", interrupt_at_2)
+    train.train(train.read_config(args(folder, corpus, tmp_path / "halves")))
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    assert json.loads((tmp_path / "halves" / "ckpt.json").read_text())["train_state"]["iter"] == 2
+    train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'halves'}"]))
+    straight, halves = log_rows(tmp_path / "straight"), log_rows(tmp_path / "halves")
+    assert [r["iter"] for r in halves] == [0, 1, 2, 3]
+    for a, b in zip(straight, halves):
+        for key in ("kl", "l1", "density", "lam"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["iter"], key)
+
+
+def test_ddp_first_step_matches_one_process(folder, corpus, tmp_path):
+    common = args(folder, corpus, tmp_path / "x", max_iters=1, val_data="", ce=0.5, router_bias=-0.1)
+    one = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'one'}" for a in common]
+    one = [a if not a.startswith("--batch_size") else "--batch_size=4" for a in one]
+    two = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'two'}" for a in common]
+    subprocess.run([sys.executable, "train.py", *one], cwd=REPO, check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *two], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = log_rows(tmp_path / "one")[0], log_rows(tmp_path / "two")[0]
+    assert a["kl"] > 0   # gates start partly closed (bias -0.1 on a random model), so there is a loss
+    for key in ("kl", "ce", "l1", "density"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+# --- errors a user can cause ----------------------------------------------------------------------
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("problem, over, message", [
+    ("missing data", dict(data="/nonexistent/file.txt"), "does not exist"),
+    ("empty folder", dict(data="EMPTY"), "holds no .txt or .jsonl"),
+    ("short text", dict(data="SHORT"), "fewer than one window"),
+    ("seq_len over context", dict(seq_len=100000), "over the model's context"),
+    ("unknown key", dict(learning_rate=1), "unknown option --learning_rate"),
+])
+def test_bad_input_is_a_clear_error(folder, corpus, tmp_path, problem, over, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("the cat")
+    over = {k: {"EMPTY": tmp_path / "empty", "SHORT": tmp_path / "short.txt"}.get(v, v) for k, v in over.items()}
+    run = run_cli(*args(folder, corpus, tmp_path / "out", **over))
+    assert run.returncode == 1
+    assert run.stderr.startswith("error: ") and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_resume_with_nothing_and_reuse_of_a_full_out_dir(folder, corpus, tmp_path):
+    run = run_cli("--init=resume", f"--out_dir={tmp_path / 'nothing'}")
+    assert run.returncode == 1 and "no checkpoint in" in run.stderr
+    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=1)))
+    run = run_cli(*args(folder, corpus, tmp_path / "run"))
+    assert run.returncode == 1 and "already holds a checkpoint" in run.stderr and "--init=resume" in run.stderr
+
+
+def test_checkpoint_from_a_different_base_is_refused(folder, corpus, tmp_path, tiny_hf, tmp_path_factory):
+    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=1)))
+    other = tiny_model_folder(tiny_hf, tmp_path_factory, "llama", hidden_size=32)
+    with pytest.raises(load_weights.LoadError, match="different base model"):
+        load_weights.load_sparse(tmp_path / "run", base=str(other))
