@@ -26,8 +26,8 @@ NEW_TOKENS = 32
 
 
 def english(paragraphs: int) -> str:
-    """Plain English prose from the Python docs, starting at a fixed paragraph."""
-    docs = (Path(os.environ.get("NANOSKIP_DATA", REPO.parent / "shared" / "data")) / "python_docs.txt").read_text()
+    """Plain English prose from the Python docs (data/corpus), starting at a fixed paragraph."""
+    docs = (REPO / "data" / "corpus" / "python_docs.txt").read_text()
     start = docs.index("If keyword arguments are present, they are first converted to")
     chosen = docs[start:].split("\n\n")[:paragraphs]
     return "\n\n".join(" ".join(p.split()) for p in chosen)
