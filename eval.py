@@ -1,0 +1,296 @@
+"""eval.py — perplexity of a model on a text file; for a sparse checkpoint, what sparsity cost.
+
+    python eval.py --init=smollm2-135m-instruct --text=val.txt --seq_len=512
+    python eval.py --ckpt=out/smol --text=val.txt --json --plot=density.svg
+    python eval.py --ckpt=out/smol --text=val.txt --gates=random   # baseline: same densities, random tokens
+
+One convention, so numbers compare across the repository's tools:
+- tokenize the whole text without special tokens and cut it into consecutive windows of
+  seq_len tokens, dropping the incomplete tail;
+- prepend BOS to each window exactly when the tokenizer's own post-processor adds one
+  (Gemma's does, SmolLM2's does not): the model sees text the way it was trained to;
+- score every token that has a predecessor in its window: seq_len per window with BOS,
+  seq_len - 1 without;
+- perplexity = exp(mean negative log-likelihood over the scored tokens).
+
+With --ckpt the sparse model is compared with its base model (LoRA off, every gate open) on the
+same windows: perplexity of both, mean KL(p_dense || p_sparse) over scored tokens, top-1
+agreement, density (fraction of (token, sublayer) slots computed; a sublayer without a router
+counts as computed) per layer, per kind and overall, the compute ratio of the FLOP model
+(model.compute_ratio), and the wall-clock seconds of the sparse and the dense pass.
+--gates picks what decides the skips:
+  learned  the checkpoint's routers (default);
+  random   every router keeps a random share of tokens equal to the density its learned gates
+           show on this same text: the baseline a learned router has to beat;
+  open     every gate open, LoRA on: what the adapters alone do.
+--path=masked runs the training path (every token computes, the gate multiplies) instead of
+the compacted one; both must give the same numbers.
+
+Every option below is --key=value (python eval.py --help lists them). --json prints the
+results as one JSON object on the last line.
+"""
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from xml.sax.saxutils import escape
+
+import torch
+import torch.nn.functional as F
+
+import load_weights
+import lora
+import router
+from configurator import configure
+from model import compute_ratio
+
+DEFAULTS = dict(
+    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
+    ckpt="",                        # a train.py out_dir: evaluate its sparse model against its base
+    text="",                        # the text file to score (hold it out of training)
+    seq_len=512,                    # window length in text tokens (BOS not counted)
+    batch_size=4,                   # windows per forward pass
+    max_chunks=0,                   # score only the first N windows; 0 = all
+    dtype="float32",                # float32 | bfloat16 | float16
+    device="cpu",                   # cpu | cuda | cuda:1 | mps
+    path="compact",                 # --ckpt: compact (skipped work removed) | masked (training path)
+    gates="learned",                # --ckpt: learned | random | open (see above)
+    seed=1337,                      # for --gates=random
+    json=False,                     # print the results as one JSON object on the last line
+    plot="",                        # --ckpt: write density per layer to this .svg file
+)
+HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
+
+
+def windows(tok, text: str, seq_len: int, max_chunks: int = 0) -> torch.Tensor:
+    """The text as (N, seq_len [+ 1 with BOS]) token ids, following the convention above."""
+    ids = tok.encode(text, special=False)
+    n = len(ids) // seq_len
+    if max_chunks:
+        n = min(n, max_chunks)
+    scored = seq_len if tok.adds_bos else seq_len - 1
+    if n == 0 or scored < 1:
+        raise ValueError(f"the text has {len(ids)} tokens, not enough for one window of --seq_len={seq_len} "
+                         f"that scores a token: use a longer text or a smaller --seq_len")
+    chunks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if tok.adds_bos:
+        chunks = torch.cat([torch.full((n, 1), tok.bos_id, dtype=torch.long), chunks], dim=1)
+    return chunks
+
+
+class Stopwatch:
+    """Wall-clock seconds per name, waiting for the GPU so its work is counted."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - t0
+
+
+def sparse_hidden(model, x, path="compact", gates="learned"):
+    """Final hidden states (B, T, d) of the sparse model and its gate records."""
+    if gates == "open":
+        return model(x, dense=True, return_hidden=True)           # no routers, LoRA on
+    return model(x, masked=path == "masked", return_hidden=True)
+
+
+def dense_hidden(model, x):
+    """The base model: routers ignored, LoRA off."""
+    with lora.disabled(model):
+        return model(x, dense=True, return_hidden=True)[0]
+
+
+@torch.no_grad()
+def evaluate(model, chunks, batch_size=4, compare=False, path="compact", gates="learned"):
+    """Sums over the windows chunks (N, L): the model's NLL and seconds (model_s); with compare,
+    the model is the sparse one (path, gates), also run against its dense base: the base's NLL,
+    KL, top-1 agreement and seconds (dense_s).
+
+    Returns (sums, kept, slots): kept/slots count gate decisions per (layer, kind).
+    """
+    device = model.tok_emb.weight.device
+    sums, kept, slots = defaultdict(float), defaultdict(int), defaultdict(int)
+    watch = Stopwatch(device)
+    if compare:   # warm up both passes, untimed
+        first = chunks[:1, :-1].to(device)
+        sparse_hidden(model, first, path, gates)
+        dense_hidden(model, first)
+    for batch in chunks.to(device).split(batch_size):
+        x, y = batch[:, :-1], batch[:, 1:]                        # (B, T) inputs and their next tokens
+        with watch("model"):
+            h, records = sparse_hidden(model, x, path, gates)     # (B, T, d)
+        for r in records:
+            kept[(r.layer, r.kind)] += int(r.keep.sum())
+            slots[(r.layer, r.kind)] += r.keep.numel()
+        if compare:
+            with watch("dense"):
+                h_ref = dense_hidden(model, x)
+        for rows in torch.arange(y.numel(), device=device).split(HEAD_ROWS):
+            target = y.flatten()[rows]                            # (R,)
+            with watch("model"):
+                logp = F.log_softmax(model.logits(h.flatten(0, 1)[rows]).float(), dim=-1)   # (R, V)
+            sums["nll"] += float(F.nll_loss(logp, target, reduction="sum"))
+            sums["tokens"] += len(rows)
+            if compare:
+                with watch("dense"):
+                    logp_ref = F.log_softmax(model.logits(h_ref.flatten(0, 1)[rows]).float(), dim=-1)
+                sums["nll_dense"] += float(F.nll_loss(logp_ref, target, reduction="sum"))
+                sums["kl"] += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
+                sums["agree"] += int((logp.argmax(-1) == logp_ref.argmax(-1)).sum())
+    sums.update({f"{name}_s": s for name, s in watch.seconds.items()})
+    return sums, kept, slots
+
+
+def densities(model, kept, slots):
+    """Measured density per routed (layer, kind), and per layer with unrouted sublayers at 1."""
+    measured = {key: kept[key] / slots[key] for key in slots}
+    per_layer = [{"layer": i, "attn": measured.get((i, "attn"), 1.0), "mlp": measured.get((i, "mlp"), 1.0)}
+                 for i in range(model.cfg.n_layers)]
+    return measured, per_layer
+
+
+def evaluate_sparse(model, chunks, seq_len, batch_size=4, path="compact", gates="learned", seed=1337) -> dict:
+    """The sparse model against its base model on the same windows (see the docstring on top)."""
+    if gates == "random":
+        # the densities the learned routers show on this text, then coin flips at those rates
+        _, kept, slots = evaluate(model, chunks, batch_size, path=path)
+        learned, _ = densities(model, kept, slots)
+        for layer, kind, r in router.routers(model):
+            r.mode, r.density = "random", learned[(layer, kind)]
+    torch.manual_seed(seed)
+    try:
+        sums, kept, slots = evaluate(model, chunks, batch_size, compare=True, path=path, gates=gates)
+    finally:
+        for _, _, r in router.routers(model):
+            r.mode = "learned"
+    measured, per_layer = densities(model, kept, slots)
+    n = sums["tokens"]
+    return dict(
+        perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n),
+        dense_perplexity=math.exp(sums["nll_dense"] / n),
+        kl_to_dense=sums["kl"] / n, top1_agreement=sums["agree"] / n,
+        density=sum(r[k] for r in per_layer for k in ("attn", "mlp")) / (2 * len(per_layer)),
+        density_attn=sum(r["attn"] for r in per_layer) / len(per_layer),
+        density_mlp=sum(r["mlp"] for r in per_layer) / len(per_layer),
+        compute_ratio=compute_ratio(model.cfg, seq_len, measured),
+        per_layer=per_layer,
+        sparse_s=sums["model_s"], dense_s=sums["dense_s"], speedup=sums["dense_s"] / sums["model_s"],
+    )
+
+
+def density_svg(per_layer, title: str) -> str:
+    """Density per layer as two bar series (attention, MLP), in a small hand-written SVG."""
+    W, H, left, right, top, bottom = 720, 320, 56, 16, 44, 44
+    plot_w, plot_h = W - left - right, H - top - bottom
+    slot = plot_w / len(per_layer)
+    bar = 0.4 * slot
+    colors = {"attn": "#4c78a8", "mlp": "#f58518"}
+
+    def y(d):
+        return top + plot_h * (1 - d)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="11">',
+           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>']
+    for tick in (0, 0.25, 0.5, 0.75, 1):                                      # y axis and grid
+        svg.append(f'<line x1="{left}" x2="{W - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#ddd"/>')
+        svg.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    for i, row in enumerate(per_layer):                                        # the bars
+        for j, kind in enumerate(("attn", "mlp")):
+            x = left + i * slot + 0.1 * slot + j * bar
+            svg.append(f'<rect x="{x:.1f}" y="{y(row[kind]):.1f}" width="{bar:.1f}" '
+                       f'height="{plot_h * row[kind]:.1f}" fill="{colors[kind]}"/>')
+        svg.append(f'<text x="{left + (i + 0.5) * slot:.1f}" y="{H - bottom + 14}" '
+                   f'text-anchor="middle">{row["layer"]}</text>')
+    svg.append(f'<text x="{left + plot_w / 2}" y="{H - 8}" text-anchor="middle">layer</text>')
+    svg.append(f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" '
+               f'text-anchor="middle">density (share of tokens computed)</text>')
+    for j, kind in enumerate(("attn", "mlp")):                                 # legend
+        svg.append(f'<rect x="{W - right - 110 + 55 * j}" y="28" width="10" height="10" fill="{colors[kind]}"/>')
+        svg.append(f'<text x="{W - right - 96 + 55 * j}" y="37">{kind}</text>')
+    svg.append("</svg>")
+    return "\n".join(svg)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def check(cfg):
+    if not cfg["text"]:
+        raise ValueError("no text to score: pass --text=FILE")
+    if cfg["seq_len"] < 1 or cfg["batch_size"] < 1 or cfg["max_chunks"] < 0:
+        raise ValueError("--seq_len and --batch_size must be at least 1, --max_chunks at least 0")
+    if cfg["path"] not in ("compact", "masked"):
+        raise ValueError(f"--path must be compact or masked, got {cfg['path']!r}")
+    if cfg["gates"] not in ("learned", "random", "open"):
+        raise ValueError(f"--gates must be learned, random or open, got {cfg['gates']!r}")
+    if cfg["plot"] and not cfg["ckpt"]:
+        raise ValueError("--plot draws the densities of a sparse model: pass --ckpt=OUT_DIR too")
+    if torch.device(cfg["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={cfg['device']} but no CUDA GPU is visible: use --device=cpu")
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --text={path} ({e}): pass a UTF-8 text file") from None
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    check(cfg)
+    text = read_text(cfg["text"])
+    if cfg["ckpt"]:
+        model, tok, meta = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"], cfg["device"])
+        name = meta["base"]
+    else:
+        model, tok = load_weights.load(cfg["init"], cfg["dtype"], cfg["device"])
+        name = cfg["init"]
+    chunks = windows(tok, text, cfg["seq_len"], cfg["max_chunks"])
+    out = dict(model=name, ckpt=cfg["ckpt"] or None, text=cfg["text"], seq_len=cfg["seq_len"],
+               windows=len(chunks), bos=tok.adds_bos)
+    print(f"{name}: {len(chunks)} windows of {cfg['seq_len']} tokens{' + BOS' if tok.adds_bos else ''}")
+    if not cfg["ckpt"]:
+        sums, _, _ = evaluate(model, chunks, cfg["batch_size"])
+        n = sums["tokens"]
+        out.update(perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n), seconds=sums["model_s"])
+        print(f"perplexity {out['perplexity']:.4f} over {out['tokens']} scored tokens")
+    else:
+        out.update(path=cfg["path"], gates=cfg["gates"], route=model.cfg.route, kv=model.cfg.kv)
+        out.update(evaluate_sparse(model, chunks, cfg["seq_len"], cfg["batch_size"], cfg["path"], cfg["gates"],
+                                   cfg["seed"]))
+        print(f"perplexity {out['perplexity']:.4f} (dense {out['dense_perplexity']:.4f}) over {out['tokens']} "
+              f"scored tokens; KL to dense {out['kl_to_dense']:.4f}; top-1 agreement {out['top1_agreement']:.1%}")
+        print(f"gates {cfg['gates']}, path {cfg['path']}: density {out['density']:.3f} (attn "
+              f"{out['density_attn']:.3f}, mlp {out['density_mlp']:.3f}), compute ratio {out['compute_ratio']:.3f}")
+        print(f"sparse pass {out['sparse_s']:.2f} s, dense pass {out['dense_s']:.2f} s, "
+              f"speedup {out['speedup']:.2f}x")
+        if cfg["plot"]:
+            title = f"{name}: density {out['density']:.2f}, compute ratio {out['compute_ratio']:.2f}"
+            try:
+                with open(cfg["plot"], "w") as f:
+                    f.write(density_svg(out["per_layer"], title))
+            except OSError as e:
+                raise ValueError(f"cannot write --plot={cfg['plot']} ({e}): pick a writable path") from None
+            print(f"wrote {cfg['plot']}")
+    if cfg["json"]:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
+        sys.exit(f"error: {e}")

@@ -1,0 +1,248 @@
+"""sample.py — generate text with a KV cache, from a dense model or a sparse checkpoint.
+
+    python sample.py --init=smollm2-135m-instruct --prompt="The capital of France is"
+    python sample.py --init=checkpoints/gemma3-270m-f32 --temperature=0 --max_new_tokens=40
+    python sample.py --ckpt=out/smol --prompt="def fib(n):"     # a train.py checkpoint, sparse
+
+Decoding prefills the prompt into a KV cache sized for the whole generation, then feeds one
+token at a time and asks for the logits of the last position only. It stops after
+max_new_tokens, or once every sequence has produced an end-of-sequence token.
+
+With --ckpt the sparse model (its base model is the one named in the checkpoint) decodes
+through the compacted path, where skipped sublayers are not computed at all, and the output
+shows where the compute went:
+- each generated token is coloured by the share of routed sublayers that ran in the step that
+  predicted it (dark = few, bright = many; --no_color prints the share in brackets instead);
+- the density of attention and MLP per layer, over every position the model processed;
+- tokens/s of the sparse model against the same weights run dense (routers ignored, LoRA
+  off), on the same prompt for the same number of tokens.
+
+Every option below is --key=value (python sample.py --help lists them).
+"""
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+import load_weights
+import lora
+from configurator import configure
+from model import compute_ratio
+
+DEFAULTS = dict(
+    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
+    ckpt="",                        # a train.py out_dir: sample its sparse model instead of --init
+    prompt="Once upon a time",
+    num_samples=1,                  # samples drawn one after the other
+    max_new_tokens=100,
+    temperature=0.8,                # 0 = greedy (argmax)
+    top_k=0,                        # sample among the k most likely tokens only; 0 = all
+    top_p=1.0,                      # ... among the fewest tokens holding top_p of the probability; 1 = all
+    seed=1337,
+    dtype="float32",                # float32 | bfloat16 | float16
+    device="cpu",                   # cpu | cuda | cuda:1 | mps
+    no_color=False,                 # --ckpt: plain text, each token followed by its share of compute
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and decoding
+# ----------------------------------------------------------------------------------------------
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1): argmax at temperature 0, else a draw."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]     # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)                   # (B, V)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the more likely ones already hold top_p (the first always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def decode(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_ids=(),
+           generator=None, dense=False):
+    """Yield, step by step, (next ids (B, 1), gate records of the forward that predicted them).
+
+    The first step prefills the whole prompt idx (B, T) (its records cover T positions), the
+    others feed the previous token (records (B, 1)). A sequence that has ended keeps getting
+    the first EOS id until all have ended.
+    """
+    B, T = idx.shape
+    if T == 0:
+        raise ValueError("the prompt is empty: pass --prompt=TEXT")
+    if T + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"context of {model.cfg.max_seq_len} tokens: shorten the prompt or lower --max_new_tokens")
+    cache = model.new_cache(B, T + max_new_tokens)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=idx.device)
+    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    x = idx
+    for _ in range(max_new_tokens):
+        logits, records = model(x, cache=cache, dense=dense, last_only=True)    # (B, 1, V)
+        x = sample_next(logits[:, -1], temperature, top_k, top_p, generator)    # (B, 1)
+        if len(eos):
+            x = torch.where(done, eos[0], x)
+            done |= torch.isin(x, eos)
+        yield x, records
+        if len(eos) and bool(done.all()):
+            return
+
+
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_ids=(),
+             generator=None, dense=False):
+    """idx (B, T) prompt ids -> (B, T + n): the prompt and the n <= max_new_tokens new ids."""
+    steps = decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, dense)
+    return torch.cat([idx] + [x for x, _ in steps], dim=1)
+
+
+def pieces(tok, prompt_ids, new_ids):
+    """The text each new token adds, decoding the growing sequence (keeps spaces and multi-byte
+    characters right where decoding tokens one by one would not); end-of-sequence tokens dropped."""
+    out, ids = [], list(prompt_ids)
+    before = tok.decode(ids)
+    for t in new_ids:
+        if t in tok.eos_ids:
+            break
+        ids.append(t)
+        after = tok.decode(ids)
+        out.append(after[len(before):])
+        before = after
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the compute went (--ckpt)
+# ----------------------------------------------------------------------------------------------
+
+def step_share(records) -> float:
+    """Share of routed sublayers the last position computed in one forward (B = 1)."""
+    return sum(bool(r.keep[0, -1]) for r in records) / max(len(records), 1)
+
+
+def paint(text, share, color=True):
+    """text on a grey background, dark for a share near 0, bright near 1 (ANSI 256 colours)."""
+    if not color:
+        return f"{text}[{share:.2f}]"
+    grey = 232 + round(share * 23)                 # the 24 greys of the 256-colour palette
+    fg = 16 if share > 0.5 else 255                # black on light, white on dark
+    # colour each line on its own, so a newline does not paint the rest of the row
+    return "\n".join(f"\033[48;5;{grey};38;5;{fg}m{line}\033[0m" if line else "" for line in text.split("\n"))
+
+
+def density_table(kept, slots, n_layers) -> str:
+    """One line per layer: a 10-character bar and the density of attention and of the MLP."""
+    def cell(layer, kind):
+        if (layer, kind) not in slots:
+            return f"{'not routed':<16}"
+        d = kept[(layer, kind)] / slots[(layer, kind)]
+        return f"{'█' * round(10 * d):·<10} {d:5.2f}"
+    lines = [f"layer  {'attn':<16}  mlp"]
+    lines += [f"{layer:5d}  {cell(layer, 'attn')}  {cell(layer, 'mlp')}" for layer in range(n_layers)]
+    return "\n".join(lines)
+
+
+def now(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)   # count the GPU's work, not just its launch
+    return time.perf_counter()
+
+
+def sample_sparse(model, tok, idx, cfg, generator, kept, slots):
+    """Generate with the sparse model, print the tokens coloured by compute, then sparse vs dense speed.
+
+    kept, slots: per (layer, kind) counters of the positions processed, updated in place.
+    """
+    generate(model, idx, 2)                      # untimed warm-up of both paths: one-time costs
+    with lora.disabled(model):                   # (kernel choice, allocations) are not compute
+        generate(model, idx, 2, dense=True)
+    t0 = now(cfg["device"])
+    steps = list(decode(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                        cfg["top_p"] if cfg["top_p"] < 1 else None, tok.eos_ids, generator))
+    sparse_s = now(cfg["device"]) - t0
+    new_ids = [int(x[0, 0]) for x, _ in steps]
+    shares = [step_share(records) for _, records in steps]
+    for r in (r for _, records in steps for r in records):
+        kept[(r.layer, r.kind)] += int(r.keep.sum())
+        slots[(r.layer, r.kind)] += r.keep.numel()
+    color = not cfg["no_color"]
+    text = "".join(paint(p, s, color) for p, s in zip(pieces(tok, idx[0].tolist(), new_ids), shares))
+    print(cfg["prompt"] + text)
+    if color:
+        print("share of routed sublayers run to predict each token: "
+              + " ".join(paint(f" {s:.0%} ", s) for s in (0, 0.25, 0.5, 0.75, 1)))
+    n = len(new_ids)
+    with lora.disabled(model):
+        t0 = now(cfg["device"])
+        generate(model, idx, n, dense=True)      # same prompt, same number of tokens, no EOS stop
+        dense_s = now(cfg["device"]) - t0
+    print(f"--- {n} tokens: sparse {n / sparse_s:.1f} tokens/s, dense {n / dense_s:.1f} tokens/s "
+          f"({dense_s / sparse_s:.2f}x)")
+
+
+def print_summary(model, kept, slots, context):
+    density = {key: kept[key] / slots[key] for key in slots}
+    print(density_table(kept, slots, model.cfg.n_layers))
+    by_kind = {kind: [d for (_, k), d in density.items() if k == kind] for kind in ("attn", "mlp")}
+    parts = [f"{kind} {sum(v) / len(v):.2f}" for kind, v in by_kind.items() if v]
+    print(f"density {', '.join(parts)}; compute ratio {compute_ratio(model.cfg, context, density):.2f} "
+          f"of the dense FLOPs at {context} tokens of context")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def check(cfg):
+    if cfg["temperature"] < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
+    if cfg["top_k"] < 0:
+        raise ValueError(f"--top_k must be >= 0 (0 = off), got {cfg['top_k']}")
+    if not 0 < cfg["top_p"] <= 1:
+        raise ValueError(f"--top_p must be in (0, 1] (1 = off), got {cfg['top_p']}")
+    if cfg["max_new_tokens"] < 1 or cfg["num_samples"] < 1:
+        raise ValueError("--max_new_tokens and --num_samples must be at least 1")
+    if torch.device(cfg["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={cfg['device']} but no CUDA GPU is visible: use --device=cpu")
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    check(cfg)
+    torch.manual_seed(cfg["seed"])
+    generator = torch.Generator(cfg["device"]).manual_seed(cfg["seed"])
+    if cfg["ckpt"]:
+        model, tok, _ = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"], cfg["device"])
+    else:
+        model, tok = load_weights.load(cfg["init"], cfg["dtype"], cfg["device"])
+    idx = torch.tensor([tok.encode(cfg["prompt"])], dtype=torch.long, device=cfg["device"])   # (1, T)
+    kept, slots = defaultdict(int), defaultdict(int)
+    for i in range(cfg["num_samples"]):
+        if i:
+            print("-" * 40)
+        if cfg["ckpt"]:
+            sample_sparse(model, tok, idx, cfg, generator, kept, slots)
+            continue
+        t0 = now(cfg["device"])
+        out = generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                       cfg["top_p"] if cfg["top_p"] < 1 else None, tok.eos_ids, generator)
+        seconds = now(cfg["device"]) - t0
+        n = out.shape[1] - idx.shape[1]
+        print(cfg["prompt"] + "".join(pieces(tok, idx[0].tolist(), out[0, idx.shape[1]:].tolist())))
+        print(f"--- {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s")
+    if cfg["ckpt"] and slots:
+        print_summary(model, kept, slots, idx.shape[1] + cfg["max_new_tokens"])
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
+        sys.exit(f"error: {e}")

@@ -1,0 +1,354 @@
+"""tests/test_cli.py — sample.py, eval.py and configurator.py on tiny model folders.
+
+Each tiny model is a random transformers model saved the way the Hub ships one, plus a
+word-level tokenizer.json: one without a post-processor (like SmolLM2's) for LLaMA, one that
+prepends <bos> (like Gemma's) for Gemma 3. A sparse checkpoint is fabricated the way train.py
+writes one: routers with random weights (about half the gates closed) and LoRA adapters.
+"""
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import eval as eval_cli
+import load_weights
+import lora
+import router
+import sample
+from configurator import configure
+
+REPO = Path(__file__).resolve().parent.parent
+SPECIALS = ["<unk>", "<bos>", "<eos>"]                     # ids 0, 1, 2
+WORDS = "the a cat dog sat ran on under mat log and then it was big small red blue".split()
+WORDS += [f"w{i}" for i in range(64 - len(SPECIALS) - len(WORDS))]
+VOCAB = {w: i for i, w in enumerate(SPECIALS + WORDS)}     # 64 tokens, the models' vocabulary
+SEQ_LEN = 16
+HF = dict(vocab_size=len(VOCAB), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILIES = {
+    "llama": dict(HF),
+    "gemma3_text": dict(HF, head_dim=16, sliding_window=8, query_pre_attn_scalar=12,
+                        layer_types=["sliding_attention", "full_attention"],
+                        rope_parameters={"full_attention": dict(rope_type="default", rope_theta=1e6),
+                                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+}
+ADDS_BOS = {"llama": False, "gemma3_text": True}
+
+
+def write_tokenizer(path: Path, adds_bos: bool):
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save(str(path))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tiny_hf, tmp_path_factory):
+    """(reference transformers model, model folder with tokenizer.json, family name)."""
+    family = request.param
+    ref, hf_folder = tiny_hf(family, **FAMILIES[family])
+    folder = tmp_path_factory.mktemp(f"{family}_model")
+    shutil.copytree(hf_folder, folder, dirs_exist_ok=True)
+    write_tokenizer(folder / "tokenizer.json", ADDS_BOS[family])
+    return ref, folder, family
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "val.txt"
+    path.write_text(" ".join(rng.choice(WORDS[:18]) for _ in range(400)))
+    return path
+
+
+def make_checkpoint(out_dir: Path, base: Path, lora_std=0.0, route="sublayer", kv="all", seed=0):
+    """A train.py-style checkpoint: random router weights (gates random-ish), LoRA B ~ N(0, lora_std)."""
+    model, _ = load_weights.load(str(base))
+    router.add_routers(model, route, kv)
+    lora.inject(model, ("wq", "wv"), rank=4, alpha=8.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, r in router.routers(model):
+            r.proj.weight.copy_(torch.randn(r.proj.weight.shape, generator=g))
+            r.proj.bias.zero_()
+        for m in lora.adapters(model):
+            m.B.copy_(lora_std * torch.randn(m.B.shape, generator=g))
+    trained = {k: v.contiguous() for k, v in model.state_dict().items() if "_router." in k or k.endswith((".A", ".B"))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(trained, str(out_dir / load_weights.CKPT_TENSORS))
+    meta = dict(base=str(base), model_config=model.cfg.to_dict(),
+                lora=dict(rank=4, alpha=8.0, targets=["wq", "wv"]))
+    (out_dir / load_weights.CKPT_JSON).write_text(json.dumps(meta))
+    return out_dir
+
+
+def run_cli(*args):
+    """Run a CLI as a user would: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# configurator
+# ----------------------------------------------------------------------------------------------
+
+def test_configurator_types_and_errors():
+    defaults = dict(n=1, lr=0.5, flag=False, name="x", targets=("wq", "wv"), limit=None)
+    cfg = configure(defaults, ["--n=3", "--lr=1e-3", "--flag", "--name=a=b", "--targets=up,down", "--limit=7"])
+    assert cfg == dict(n=3, lr=1e-3, flag=True, name="a=b", targets=("up", "down"), limit=7)
+    assert configure(defaults, ["--flag=0"])["flag"] is False
+    assert configure(defaults, ["--flag=true"])["flag"] is True
+    assert configure(defaults, []) == defaults
+    with pytest.raises(ValueError, match=r"unknown option --nn; valid options: --n, --lr, --flag"):
+        configure(defaults, ["--nn=3"])
+    for bad in (["--n=1.5"], ["--flag=maybe"], ["--n"], ["n=3"]):
+        with pytest.raises(ValueError, match="--n|--flag|unexpected"):
+            configure(defaults, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py: the perplexity convention
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def hand_perplexity(ref, folder, text, seq_len, adds_bos):
+    """The convention written out directly on the transformers model and the raw tokenizer."""
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    nll, count = 0.0, 0
+    for i in range(len(ids) // seq_len):
+        window = ([1] if adds_bos else []) + ids[i * seq_len:(i + 1) * seq_len]
+        x = torch.tensor([window])
+        nll += float(F.cross_entropy(ref(x).logits[0, :-1], x[0, 1:], reduction="sum"))
+        count += len(window) - 1
+    return math.exp(nll / count), count
+
+
+def test_perplexity_convention_matches_hand_computation(tiny, text_file):
+    ref, folder, family = tiny
+    model, tok = load_weights.load(str(folder))
+    assert tok.adds_bos == ADDS_BOS[family]
+    text = text_file.read_text()
+    chunks = eval_cli.windows(tok, text, SEQ_LEN)
+    assert chunks.shape == (400 // SEQ_LEN, SEQ_LEN + tok.adds_bos)
+    assert bool((chunks[:, 0] == 1).all()) == tok.adds_bos
+    sums, _, _ = eval_cli.evaluate(model, chunks, batch_size=3)
+    expected, count = hand_perplexity(ref, folder, text, SEQ_LEN, tok.adds_bos)
+    assert sums["tokens"] == count == (400 // SEQ_LEN) * (SEQ_LEN if tok.adds_bos else SEQ_LEN - 1)
+    assert math.exp(sums["nll"] / sums["tokens"]) == pytest.approx(expected, rel=1e-5)
+    assert len(eval_cli.windows(tok, text, SEQ_LEN, max_chunks=2)) == 2
+
+
+def test_text_too_short_is_a_clear_error(tiny):
+    _, folder, _ = tiny
+    _, tok = load_weights.load(str(folder))
+    with pytest.raises(ValueError, match="not enough for one window"):
+        eval_cli.windows(tok, "the cat sat", SEQ_LEN)
+    if not tok.adds_bos:   # one token and no BOS: nothing has a predecessor
+        with pytest.raises(ValueError, match="not enough for one window"):
+            eval_cli.windows(tok, "the cat sat", 1)
+
+
+def test_eval_cli_json_and_errors(tiny, text_file):
+    _, folder, family = tiny
+    if family != "llama":
+        pytest.skip("one family is enough for the subprocess run")
+    model, tok = load_weights.load(str(folder))
+    sums, _, _ = eval_cli.evaluate(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN))
+    rc, out, err = run_cli("eval.py", f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--json")
+    assert rc == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["tokens"] == sums["tokens"]
+    assert result["perplexity"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-6)
+    with pytest.raises(ValueError, match="not enough for one window"):
+        eval_cli.main([f"--init={folder}", f"--text={text_file}", "--seq_len=10000"])
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py: decoding
+# ----------------------------------------------------------------------------------------------
+
+def prompts(batch, length, seed=0):
+    return torch.randint(3, len(VOCAB), (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_greedy_equals_argmax_of_full_recomputation(tiny):
+    _, folder, _ = tiny
+    model, _ = load_weights.load(str(folder))
+    idx = prompts(2, 5)
+    out = sample.generate(model, idx, 12)                    # KV-cached
+    assert out.shape == (2, 17) and torch.equal(out[:, :5], idx)
+    seq = idx
+    for _ in range(12):                                       # no cache: the whole sequence every step
+        logits, _ = model(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    assert torch.equal(sample.generate(model, idx[1:], 12), out[1:])   # batching changes nothing
+
+
+@torch.no_grad()
+def test_eos_stops_generation(tiny):
+    _, folder, _ = tiny
+    model, _ = load_weights.load(str(folder))
+    idx = prompts(2, 5, seed=1)
+    free = sample.generate(model, idx, 12)
+    eos = int(free[0, 5 + 3])                                 # the 4th token of sequence 0
+    first = [(row[5:] == eos).nonzero()[0, 0].item() if (row[5:] == eos).any() else None for row in free]
+    out = sample.generate(model, idx[:1], 12, eos_ids={eos})
+    assert torch.equal(out, free[:1, :5 + first[0] + 1])      # stops right after its first EOS
+    both = sample.generate(model, idx, 12, eos_ids={eos})
+    n = 12 if first[1] is None else max(first) + 1            # runs until every sequence has ended
+    assert both.shape[1] == 5 + n
+    assert bool((both[0, 5 + first[0]:] == eos).all())         # an ended sequence is padded with EOS
+
+
+@torch.no_grad()
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
+    _, folder, _ = tiny
+    model, _ = load_weights.load(str(folder))
+    idx = prompts(2, 5, seed=2)
+    greedy = sample.generate(model, idx, 10)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample.generate(model, idx, 10, temperature=1.5, top_k=1, generator=g), greedy)
+    assert torch.equal(sample.generate(model, idx, 10, temperature=1.5, top_p=1e-6, generator=g), greedy)
+    assert not torch.equal(sample.generate(model, idx, 10, temperature=5.0, generator=g), greedy)
+
+
+def test_sample_next_filters():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {int(sample.sample_next(logits, 1.0, generator=g, **kw)) for _ in range(300)}
+    assert draws() == {0, 1, 2, 3}
+    assert draws(top_k=2) == {1, 3}
+    assert draws(top_p=0.7) == {1, 3}          # 0.5 < 0.7 so the next one joins; 0.8 >= 0.7 stops
+    assert draws(top_p=0.85) == {1, 2, 3}
+    assert int(sample.sample_next(logits)) == 1
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny):
+    _, folder, _ = tiny
+    model, _ = load_weights.load(str(folder))
+    with pytest.raises(ValueError, match="exceed the model's context of 64"):
+        sample.generate(model, prompts(1, 60), 10)
+
+
+def test_sample_cli(tiny):
+    _, folder, family = tiny
+    if family != "gemma3_text":
+        pytest.skip("one family is enough for the subprocess run")
+    model, tok = load_weights.load(str(folder))
+    idx = torch.tensor([tok.encode("the cat")])
+    new = sample.generate(model, idx, 8, eos_ids=tok.eos_ids)[0, idx.shape[1]:].tolist()
+    rc, out, err = run_cli("sample.py", f"--init={folder}", "--prompt=the cat", "--temperature=0",
+                           "--max_new_tokens=8")
+    assert rc == 0, err
+    assert out.splitlines()[0] == "the cat" + "".join(sample.pieces(tok, idx[0].tolist(), new))
+    assert "tokens/s" in out
+    rc, out, err = run_cli("sample.py", "--temprature=0")      # a user's mistake: one line, no traceback
+    assert rc == 1 and out == "" and err.startswith("error: unknown option --temprature; valid options: --init")
+    assert len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# --ckpt: the sparse model
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpts(tiny, tmp_path_factory):
+    """Two checkpoints of the same base and routers: LoRA B zero, and LoRA B nonzero."""
+    _, folder, family = tiny
+    root = tmp_path_factory.mktemp(f"{family}_ckpt")
+    return make_checkpoint(root / "b0", folder), make_checkpoint(root / "b1", folder, lora_std=0.3)
+
+
+def test_eval_sparse_compact_equals_masked(tiny, ckpts, text_file):
+    _, folder, _ = tiny
+    model, tok, _ = load_weights.load_sparse(ckpts[1])
+    chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
+    compact = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, batch_size=4, path="compact")
+    masked = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, batch_size=4, path="masked")
+    for key in ("perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "density", "compute_ratio"):
+        assert compact[key] == pytest.approx(masked[key], rel=1e-4, abs=1e-6), key
+    assert 0.2 < compact["density"] < 0.8 and compact["compute_ratio"] < 1
+    assert compact["kl_to_dense"] > 1e-3 and 0 < compact["top1_agreement"] <= 1
+    assert len(compact["per_layer"]) == 2
+    assert compact["density"] == pytest.approx((compact["density_attn"] + compact["density_mlp"]) / 2)
+    # the dense reference is exactly the base model
+    base, _ = load_weights.load(str(folder))
+    sums, _, _ = eval_cli.evaluate(base, chunks)
+    assert compact["dense_perplexity"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-5)
+
+
+def test_gates_open_kl_is_zero_only_when_lora_b_is_zero(ckpts, text_file):
+    results = []
+    for ckpt in ckpts:
+        model, tok, _ = load_weights.load_sparse(ckpt)
+        chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
+        results.append(eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="open"))
+    zero_b, nonzero_b = results
+    assert zero_b["kl_to_dense"] == 0 and zero_b["perplexity"] == zero_b["dense_perplexity"]
+    assert zero_b["density"] == 1 and zero_b["compute_ratio"] == 1 and zero_b["top1_agreement"] == 1
+    assert nonzero_b["kl_to_dense"] > 1e-5          # any adapter moves the logits
+
+
+def test_gates_random_match_learned_densities(ckpts, text_file):
+    model, tok, _ = load_weights.load_sparse(ckpts[0])
+    chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
+    learned = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="learned")
+    random_ = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="random", seed=0)
+    for a, b in zip(learned["per_layer"], random_["per_layer"]):
+        for kind in ("attn", "mlp"):
+            assert b[kind] == pytest.approx(a[kind], abs=0.08)
+    assert random_["kl_to_dense"] != pytest.approx(learned["kl_to_dense"])
+    assert all(r.mode == "learned" for _, _, r in router.routers(model))   # restored afterwards
+
+
+@torch.no_grad()
+def test_decode_records_are_the_gates_of_a_full_forward(ckpts):
+    """The share shown for each generated token = the gates of the position that predicted it,
+    the same whether decoded step by step with the cache or recomputed in one pass."""
+    model, _, _ = load_weights.load_sparse(ckpts[1])
+    idx = prompts(1, 5, seed=3)
+    steps = list(sample.decode(model, idx, 8))
+    out = torch.cat([idx] + [x for x, _ in steps], dim=1)                  # (1, 13)
+    _, records = model(out[:, :-1])                                        # positions 0..11
+    for i, (_, step_records) in enumerate(steps):
+        full = sum(bool(r.keep[0, 4 + i]) for r in records) / len(records)
+        assert sample.step_share(step_records) == full
+    assert any(bool(r.keep.any()) and not bool(r.keep.all()) for r in records)   # gates vary by token
+
+
+def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
+    _, _, family = tiny
+    if family != "llama":
+        pytest.skip("one family is enough for the subprocess run")
+    svg = tmp_path / "density.svg"
+    rc, out, err = run_cli("eval.py", f"--ckpt={ckpts[1]}", f"--text={text_file}", f"--seq_len={SEQ_LEN}",
+                           "--json", f"--plot={svg}", "--path=masked")
+    assert rc == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("perplexity", "tokens", "dense_perplexity", "kl_to_dense", "top1_agreement", "density",
+                "density_attn", "density_mlp", "compute_ratio", "per_layer", "sparse_s", "dense_s", "speedup"):
+        assert key in result, key
+    rects = ET.parse(svg).getroot().findall("{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == 2 * 2 + 2                                         # 2 layers x (attn, mlp) + legend
+    sample.main([f"--ckpt={ckpts[1]}", "--prompt=the cat", "--temperature=0", "--max_new_tokens=6", "--no_color"])
+    out = capsys.readouterr().out
+    shares = re.findall(r"\[(\d\.\d\d)\]", out.splitlines()[0])
+    assert 1 <= len(shares) <= 6 and all(0 <= float(s) <= 1 for s in shares)
+    assert "sparse" in out and "dense" in out and "layer" in out and "compute ratio" in out
+    sample.main([f"--ckpt={ckpts[1]}", "--prompt=the cat", "--max_new_tokens=4"])
+    assert "\033[48;5;" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--gates must be learned, random or open, got 'lerned'"):
+        eval_cli.main([f"--ckpt={ckpts[1]}", f"--text={text_file}", "--gates=lerned"])
