@@ -44,8 +44,8 @@ DEFAULTS = dict(
     val_data="data/heldout",       # held-out text for the periodic eval ("" = last 5% of each training file)
     out_dir="out",
     # run length and batch
-    max_iters=240,
-    batch_size=8,
+    max_iters=100,
+    batch_size=2,
     seq_len=256,
     grad_accum=1,
     # optimizer
@@ -62,15 +62,15 @@ DEFAULTS = dict(
     kv="all",                      # all | kept
     router_bias=1.0,               # routers start open: z = +bias for every token
     # sparsity
-    target_density=0.8,            # FLOP-weighted fraction of routed work to keep; 0 = fixed lambda (--l1)
+    target_density=0.85,           # FLOP-weighted fraction of routed work to keep; 0 = fixed lambda (--l1)
     l1=0.05,                       # lambda: the starting value, or the fixed one when target_density=0
     anneal=0.5,                    # fraction of the run over which the target slides from 1.0 to target_density
     lambda_gain=4.0,               # controller: log(lambda) += gain * (density - target) per step
     flop_weighted=True,            # weight L1 by each sublayer's FLOPs
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
-    eval_interval=60,
-    eval_batches=4,
+    eval_interval=50,
+    eval_batches=2,
     seed=1337,
     dtype="float32",
     device="cpu",
