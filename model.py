@@ -342,42 +342,48 @@ class LayerCache:
     """K/V cache of one layer, written by position like gpt-fast's static cache.
 
     Every sequence has its own fill level, so a kv="kept" layer stores only the tokens
-    that layer kept: k, v (B, Hkv, S, D); pos (B, S) original positions; length (B,).
+    that layer kept: k, v (B, Hkv, S, D); pos (B, S) original positions; lengths, the
+    filled slots per sequence, as Python ints (reading them costs no device sync).
     """
 
     def __init__(self, B, Hkv, S, D, dtype, device):
         self.k = torch.zeros(B, Hkv, S, D, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(B, S, dtype=torch.long, device=device)
-        self.length = torch.zeros(B, dtype=torch.long, device=device)
+        self.lengths = [0] * B
 
     def append(self, k, v, pos, p: Optional[rt.Packing] = None):
         """Write new k, v (B, Hkv, T, D) at positions pos (B, T); with p, only its valid slots."""
         B, _, T, _ = k.shape
-        if p is None and bool((self.length != self.length[0]).any()):
+        even = min(self.lengths) == max(self.lengths)
+        if p is None and not even:
             # kv="kept" layers fill unevenly: write each sequence at its own level
             p = rt.pack(torch.ones(B, T, dtype=torch.bool, device=k.device))
         if p is None:  # every sequence writes all T tokens at the same level
-            start = int(self.length[0])
+            start = self.lengths[0]
             if start + T > self.k.shape[2]:
                 raise ValueError(f"KV cache full: {start} + {T} tokens > its {self.k.shape[2]} slots")
             self.k[:, :, start:start + T] = k
             self.v[:, :, start:start + T] = v
             self.pos[:, start:start + T] = pos
-            self.length += T
+            self.lengths = [n + T for n in self.lengths]
             return
-        dst = self.length[p.b_idx] + p.slot                         # (N,) where each kept token goes
-        if dst.numel() and int(dst.max()) >= self.k.shape[2]:
+        lengths = [n + c for n, c in zip(self.lengths, p.sizes)]
+        if max(lengths) > self.k.shape[2]:
             raise ValueError(f"KV cache full: it has {self.k.shape[2]} slots")
+        dst = torch.tensor(self.lengths, device=k.device)[p.b_idx] + p.slot    # (N,) where each token goes
         self.k[p.b_idx, :, dst] = k[p.b_idx, :, p.slot]
         self.v[p.b_idx, :, dst] = v[p.b_idx, :, p.slot]
         self.pos[p.b_idx, dst] = pos[p.b_idx, p.slot]
-        self.length += p.counts
+        self.lengths = lengths
 
     def view(self):
-        """Filled part: k, v (B, Hkv, S', D), pos (B, S'), valid (B, S') with S' the longest fill."""
-        n = int(self.length.max())
-        valid = torch.arange(n, device=self.length.device) < self.length[:, None]
+        """Filled part: k, v (B, Hkv, S', D), pos (B, S') with S' the longest fill, and
+        valid (B, S') bool, or None when every sequence fills all S' slots."""
+        n = max(self.lengths)
+        valid = None
+        if min(self.lengths) < n:
+            valid = torch.arange(n, device=self.pos.device) < torch.tensor(self.lengths, device=self.pos.device)[:, None]
         return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n], valid
 
 
@@ -445,7 +451,10 @@ class Attention(nn.Module):
         return apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask, causal=False):
-        """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask (B, 1, Tq, Tk) bool -> (B, Tq, H*D)."""
+        """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask (B, 1, Tq, Tk) bool -> (B, Tq, H*D).
+
+        mask None: every key is visible to every query (causal=True: the causal triangle).
+        """
         B, _, Tq, _ = q.shape
         if self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
@@ -455,7 +464,8 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             scores = (q @ k.transpose(-2, -1)) * self.scale                   # (B, H, Tq, Tk)
             scores = self.softcap * torch.tanh(scores / self.softcap)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return y.transpose(1, 2).reshape(B, Tq, self.H * self.D)
 
@@ -493,7 +503,15 @@ class Block(nn.Module):
         return h
 
     def _record(self, ctx, kind, z):
-        ctx.records.append(rt.GateRecord(self.layer, kind, z, z > 0))
+        """Note the gates of this sublayer; returns keep (B, T) bool."""
+        keep = z > 0
+        ctx.records.append(rt.GateRecord(self.layer, kind, z, keep))
+        return keep
+
+    @staticmethod
+    def _count(keep) -> int:
+        """How many tokens compute (one device sync; a single decoded token needs no sum)."""
+        return int(keep.item()) if keep.numel() == 1 else int(keep.sum())
 
     # --- masked path: every token computes, the gate multiplies (training) ---------------------
 
@@ -527,72 +545,77 @@ class Block(nn.Module):
     # --- compacted path: only kept tokens compute (inference) ----------------------------------
 
     def _mlp_compact(self, h, x, z, ctx):
-        if z is None or bool((z > 0).all()):
-            if z is not None:
-                self._record(ctx, "mlp", z)
+        if z is None:
             return h + self._post(self.mlp_post_norm, self.mlp(x))
-        self._record(ctx, "mlp", z)
-        keep = z > 0
-        flat = keep.flatten().nonzero().squeeze(1)                        # (N,) rows of kept tokens
-        if flat.numel() == 0:
+        keep = self._record(ctx, "mlp", z)
+        n = self._count(keep)                                             # tokens that compute
+        if n == keep.numel():                                             # all of them: no gather
+            return h + self._post(self.mlp_post_norm, self.mlp(x))
+        if n == 0:
             return h                                                      # weights not touched
-        rows = x.flatten(0, 1)[flat]                                      # (N, d)
-        y = self._post(self.mlp_post_norm, self.mlp(rows))
+        flat = keep.flatten().nonzero().squeeze(1)                        # (N,) rows of kept tokens
+        y = self._post(self.mlp_post_norm, self.mlp(x.flatten(0, 1)[flat]))   # (N, d)
         return rt.scatter_add_rows(h, flat, y)
 
     def _attn_compact(self, h, x, z, ctx):
-        a, cache = self.attn, ctx.cache
-        layer_cache = cache.layers[self.layer] if cache is not None else None
+        a = self.attn
+        layer_cache = ctx.cache.layers[self.layer] if ctx.cache is not None else None
         B, T, _ = x.shape
         cos, sin = ctx.rope[a.window is not None]                         # (1, T, D)
-        pos = ctx.pos.expand(B, T)                                        # (B, T) original positions
-        if z is not None:
-            self._record(ctx, "attn", z)
-        keep = None if z is None or bool((z > 0).all()) else z > 0
+        keep = None if z is None else self._record(ctx, "attn", z)
+        n = B * T if keep is None else self._count(keep)                  # tokens that ask
 
-        if keep is None:                                                  # everyone computes
-            k, v = a.project_kv(x, cos, sin)
-            q = a.project_q(x, cos, sin)
+        if n == B * T:                                                    # everyone computes
+            q = a.project_q(x, cos, sin)                                  # (B, H, T, D)
+            k, v = a.project_kv(x, cos, sin)                              # (B, Hkv, T, D)
             if layer_cache is None:
-                causal = a.window is None and a.softcap is None     # the fused causal kernel
+                causal = a.window is None and a.softcap is None           # the fused causal kernel
+                pos = ctx.pos.expand(B, T)
                 y = a.attend(q, k, v, None if causal else attention_mask(pos, pos, a.window), causal=causal)
             else:
-                layer_cache.append(k, v, pos)
-                k, v, k_pos, k_valid = layer_cache.view()
-                y = a.attend(q, k, v, attention_mask(pos, k_pos, a.window, k_valid))
+                y = self._attend_cache(q, k, v, ctx.pos.expand(B, T), layer_cache)
             return h + self._post(self.attn_post_norm, a.wo(y))
 
-        p = rt.pack(keep)
         if self.cfg.kv == "all":
             # Every token writes K/V; only kept tokens ask (query, scores, output projection).
-            k, v = a.project_kv(x, cos, sin)
-            k_pos, k_valid = pos, None
+            k, v = a.project_kv(x, cos, sin)                              # (B, Hkv, T, D)
             if layer_cache is not None:
-                layer_cache.append(k, v, pos)
-                k, v, k_pos, k_valid = layer_cache.view()
-        if p.flat.numel() == 0:
+                layer_cache.append(k, v, ctx.pos.expand(B, T))
+        if n == 0:
             return h                                                      # nobody asks: no q, no wo
         # Kept tokens of each sequence packed side by side, padded to the longest count:
         # queries of different sequences never meet, so a (B, Tp) layout keeps the batched
         # kernels and wastes only the padding (Tp - count) per sequence.
-        rows = x.flatten(0, 1)[p.flat]                                    # (N, d)
-        xp = rt.to_packed(rows, p, B)                                     # (B, Tp, d)
-        q_pos = rt.to_packed(pos.flatten()[p.flat], p, B)                 # (B, Tp)
+        p = rt.pack(keep)
+        xp = rt.to_packed(x.flatten(0, 1)[p.flat], p, B)                 # (B, Tp, d)
+        q_pos = rt.to_packed(ctx.pos[0][p.t_idx], p, B)                  # (B, Tp) original positions
         cos_p, sin_p = rt.to_packed(cos[0][p.t_idx], p, B), rt.to_packed(sin[0][p.t_idx], p, B)
         q = a.project_q(xp, cos_p, sin_p)                                 # (B, H, Tp, D)
         if self.cfg.kv == "kept":
             # Skipped tokens are absent: K/V of kept tokens only, packed like the queries.
-            k, v = a.project_kv(xp, cos_p, sin_p)
-            k_pos, k_valid = q_pos, p.valid
+            k, v = a.project_kv(xp, cos_p, sin_p)                         # (B, Hkv, Tp, D)
             if layer_cache is not None:
                 layer_cache.append(k, v, q_pos, p)
-                k, v, k_pos, k_valid = layer_cache.view()
-        k_pos = k_pos.expand(B, -1)
-        mask = attention_mask(q_pos, k_pos, a.window, k_valid)
-        mask |= ~p.valid[:, None, :, None]                               # padded queries: avoid all-masked rows
+        if layer_cache is not None:
+            k, v, k_pos, k_valid = layer_cache.view()
+        else:
+            k_pos = ctx.pos.expand(B, T) if self.cfg.kv == "all" else q_pos
+            k_valid = p.valid if self.cfg.kv == "kept" and not p.even else None
+        mask = attention_mask(q_pos, k_pos, a.window, k_valid)            # (B, 1, Tp, Tk)
+        if not p.even:
+            mask |= ~p.valid[:, None, :, None]                            # padded queries: no all-masked rows
         y = a.attend(q, k, v, mask)                                       # (B, Tp, H*D)
         y = self._post(self.attn_post_norm, a.wo(rt.from_packed(y, p)))  # (N, d)
         return rt.scatter_add_rows(h, p.flat, y)
+
+    def _attend_cache(self, q, k, v, pos, layer_cache):
+        """Every token of this call asks: write its K/V to the cache, attend over the cache."""
+        a = self.attn
+        layer_cache.append(k, v, pos)
+        k, v, k_pos, k_valid = layer_cache.view()                         # (B, Hkv, S, D) ...
+        if q.shape[2] == 1 and a.window is None and k_valid is None:
+            return a.attend(q, k, v, None)       # one new token and every cached key is visible
+        return a.attend(q, k, v, attention_mask(pos, k_pos, a.window, k_valid))
 
 
 @dataclass
@@ -695,31 +718,41 @@ def sublayer_flops(cfg: ModelConfig, context: float) -> dict:
                 mlp=2 * 3 * d * F_, head=2 * d * cfg.vocab_size, router=2 * d)
 
 
-def visible_keys(cfg: ModelConfig, layer: int, seq_len: int) -> float:
-    """Average number of keys a query sees in causal attention over seq_len tokens."""
+def visible_keys(cfg: ModelConfig, layer: int, seq_len: int, queries: Optional[int] = None) -> float:
+    """Average number of keys (itself included) a query sees in causal attention over seq_len
+    tokens, when the queries are the last `queries` positions (None: all of them, a prefill;
+    1: the next token of a decoding step)."""
     window = cfg.sliding_window if cfg.layer_type(layer) == "sliding" else None
-    t = torch.arange(1, seq_len + 1, dtype=torch.float64)
+    queries = seq_len if queries is None else queries
+    t = torch.arange(seq_len - queries + 1, seq_len + 1, dtype=torch.float64)
     return float((t if window is None else t.clamp(max=window)).mean())
 
 
-def compute_ratio(cfg: ModelConfig, seq_len: int, density=None, kv: Optional[str] = None) -> float:
+def compute_ratio(cfg: ModelConfig, seq_len: int, density=None, kv: Optional[str] = None,
+                  queries: Optional[int] = None) -> float:
     """Executed FLOPs per token / dense FLOPs per token (DESIGN.md's honest number).
 
     density: {(layer, "attn"|"mlp"): fraction kept}; missing entries count as 1 (not routed).
-    With kv="all" a skipped token still projects K and V; with kv="kept" it does not, and
-    a kept query only sees kept keys (scores scale with density squared).
+    seq_len, queries: the context, as in visible_keys (decoding n tokens after a prompt of P:
+    seq_len=P + n, queries=n).
+    With kv="all" a skipped token still projects K and V, and a kept query sees every key.
+    With kv="kept" a skipped token does neither, and a kept query sees itself plus the kept
+    fraction of its other keys: 1 + a * (c - 1) keys instead of c.
     """
     kv = kv or cfg.kv
     density = density or {}
     dense = sparse = 0.0
     for layer in range(cfg.n_layers):
-        f = sublayer_flops(cfg, visible_keys(cfg, layer, seq_len))
+        c = visible_keys(cfg, layer, seq_len, queries)
+        f = sublayer_flops(cfg, c)
         a, m = density.get((layer, "attn")), density.get((layer, "mlp"))
         dense += f["q_o"] + f["kv"] + f["scores"] + f["mlp"]
         a_ = 1.0 if a is None else a
         kv_cost = f["kv"] * (a_ if kv == "kept" else 1.0)
-        score_cost = f["scores"] * a_ * (a_ if kv == "kept" else 1.0)
+        seen = (1 + a_ * (c - 1)) / c if kv == "kept" else 1.0       # share of the keys a kept query sees
+        score_cost = f["scores"] * a_ * seen
         sparse += f["q_o"] * a_ + kv_cost + score_cost + f["mlp"] * (1.0 if m is None else m)
-        sparse += f["router"] * ((a is not None) + (m is not None))
+        n_routers = (a is not None) + (m is not None)
+        sparse += f["router"] * (min(n_routers, 1) if cfg.route == "block" else n_routers)  # block: one router
     head = sublayer_flops(cfg, 1)["head"]
     return (sparse + head) / (dense + head)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROUTES = ("sublayer", "attn", "mlp", "block")  # what gets its own gate
 KV_MODES = ("all", "kept")                     # what a skipped token leaves in the attention
@@ -28,7 +29,7 @@ class Router(nn.Module):
     """One logit per token from the sublayer's normalized input.
 
     mode "learned": z = w·x + b (float32, whatever the activation dtype).
-    mode "random":  z = ±1 with P(z > 0) = self.density — the baseline gates.
+    mode "random":  z = density - u with u ~ U(0, 1), so P(z > 0) = self.density — the baseline gates.
     """
 
     def __init__(self, dim: int, bias_init: float = 3.0):
@@ -45,11 +46,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, d) -> z: (B, T) float32
+        # Few, fused ops: while decoding, a router runs per token and sublayer, at a fixed cost each.
         if self.mode == "random":
-            u = torch.rand(x.shape[:2], device=x.device)
-            return torch.where(u < self.density, 1.0, -1.0)
-        w, b = self.proj.weight.float(), self.proj.bias.float()
-        return (x.float() @ w.t()).squeeze(-1) + b
+            return self.density - torch.rand(x.shape[:2], device=x.device)
+        return F.linear(x.float(), self.proj.weight.float(), self.proj.bias.float()).squeeze(-1)
 
 
 def hard_gate(z: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,12 @@ class Packing:
     counts: torch.Tensor  # (B,) kept tokens per sequence
     flat: torch.Tensor    # (N,)
     width: int            # Tp
+    sizes: list           # counts as Python ints
+
+    @property
+    def even(self) -> bool:
+        """Every sequence keeps as many tokens: no padding, the kept rows already are the layout."""
+        return min(self.sizes, default=0) == self.width
 
     @property
     def valid(self) -> torch.Tensor:
@@ -124,14 +130,16 @@ def pack(keep: torch.Tensor) -> Packing:
     """Index the kept tokens of a (B, T) bool pattern (row-major: sequence, then position)."""
     B, T = keep.shape
     counts = keep.sum(1)
+    sizes = counts.tolist()                                    # one device sync
     b_idx, t_idx = keep.nonzero(as_tuple=True)
     slot = (keep.cumsum(1) - 1)[b_idx, t_idx]
-    width = int(counts.max()) if B > 0 else 0
-    return Packing(b_idx, t_idx, slot, counts, b_idx * T + t_idx, width)
+    return Packing(b_idx, t_idx, slot, counts, b_idx * T + t_idx, max(sizes, default=0), sizes)
 
 
 def to_packed(rows: torch.Tensor, p: Packing, B: int) -> torch.Tensor:
     """(N, ...) kept rows -> (B, Tp, ...) zero-padded per sequence."""
+    if p.even:                                                 # sequence-major rows: a reshape
+        return rows.reshape((B, p.width) + rows.shape[1:])
     out = rows.new_zeros((B, p.width) + rows.shape[1:])
     out[p.b_idx, p.slot] = rows
     return out
@@ -139,6 +147,8 @@ def to_packed(rows: torch.Tensor, p: Packing, B: int) -> torch.Tensor:
 
 def from_packed(packed: torch.Tensor, p: Packing) -> torch.Tensor:
     """(B, Tp, ...) -> (N, ...) the real rows, in the order of p."""
+    if p.even:
+        return packed.reshape((-1,) + packed.shape[2:])
     return packed[p.b_idx, p.slot]
 
 

@@ -190,7 +190,7 @@ def test_cached_greedy_decoding_equals_recomputation(family, kv, B):
     assert_logits_close(got_logits, want_logits)
     for layer, lc in enumerate(cache.layers):
         kept = keep[(layer, "attn")][:B, :SEQ - 1].sum(1)            # the last token is never fed
-        assert lc.length.tolist() == (kept if kv == "kept" else torch.full((B,), SEQ - 1)).tolist()
+        assert lc.lengths == (kept if kv == "kept" else torch.full((B,), SEQ - 1)).tolist()
 
 
 @pytest.mark.parametrize("kv", rt.KV_MODES)
