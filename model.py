@@ -736,8 +736,9 @@ def compute_ratio(cfg: ModelConfig, seq_len: int, density=None, kv: Optional[str
     seq_len, queries: the context, as in visible_keys (decoding n tokens after a prompt of P:
     seq_len=P + n, queries=n).
     With kv="all" a skipped token still projects K and V, and a kept query sees every key.
-    With kv="kept" a skipped token does neither, and a kept query sees itself plus the kept
-    fraction of its other keys: 1 + a * (c - 1) keys instead of c.
+    With kv="kept" a skipped token does neither, and a kept query sees itself plus, of its
+    c - 1 other keys, the kept share of the other tokens: 1 + (c - 1) * (aT - 1) / (T - 1)
+    keys instead of c (exact for a causal prefill of T tokens of which aT are kept).
     """
     kv = kv or cfg.kv
     density = density or {}
@@ -749,7 +750,8 @@ def compute_ratio(cfg: ModelConfig, seq_len: int, density=None, kv: Optional[str
         dense += f["q_o"] + f["kv"] + f["scores"] + f["mlp"]
         a_ = 1.0 if a is None else a
         kv_cost = f["kv"] * (a_ if kv == "kept" else 1.0)
-        seen = (1 + a_ * (c - 1)) / c if kv == "kept" else 1.0       # share of the keys a kept query sees
+        others = max(a_ * seq_len - 1, 0) / (seq_len - 1) if seq_len > 1 else 0.0
+        seen = (1 + others * (c - 1)) / c if kv == "kept" else 1.0     # share of the keys a kept query sees
         score_cost = f["scores"] * a_ * seen
         sparse += f["q_o"] * a_ + kv_cost + score_cost + f["mlp"] * (1.0 if m is None else m)
         n_routers = (a is not None) + (m is not None)
