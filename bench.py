@@ -1,0 +1,327 @@
+"""bench.py — wall-clock of the sparse (compacted) path against the dense path of the same code.
+
+    python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --json
+    python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --repeat=1 --densities=0.5 --kv=all \\
+        --prefill=1x256 --prompt_len=128 --new_tokens=16                        # a quick look
+    python bench.py --ckpt=out/smol         # its base model, plus the learned gates of this train.py checkpoint
+    python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --vs_hf      # ours vs transformers
+
+Both paths run in the same process on the same weights: the dense path is
+model(idx, dense=True) (routers ignored), the sparse path is the compacted default, where
+a skipped sublayer is not computed. The gates are forced: every router is switched to
+mode "random" with P(keep) = density (router.py), so the speed of compaction is measured
+apart from what a trained router decides. With --ckpt the checkpoint's learned gates run
+too (LoRA merged into the weights first, so that adapters cost nothing in either path).
+
+Measured, for each kv mode and density:
+- prefill: one forward over (batch x seq_len) tokens, logits at every position;
+- decode:  new_tokens greedy steps of one token through a KV cache after a prompt of
+           prompt_len tokens (the prefill is not timed).
+Each row gives the measured density, dense_s and sparse_s (medians over --repeat runs,
+dense and sparse interleaved so that a noisy neighbour hits both), speedup = dense_s /
+sparse_s, ideal_speedup = 1 / model.compute_ratio at the measured per-sublayer densities
+and the real context, and efficiency = speedup / ideal_speedup (1 = every skipped FLOP
+turned into saved time).
+
+--vs_hf compares our dense model with transformers' (its default sdpa attention) on the
+same folder: one forward over 1 x hf_seq_len tokens, and greedy generation of hf_new_tokens
+after hf_prompt_len prompt tokens with a KV cache (speedup = hf_s / ours_s).
+
+Timings on a shared CPU are noisy: read the ratios, and keep --threads at what you deploy.
+Every option below is --key=value (python bench.py --help lists them).
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import load_weights
+import lora
+import router as rt
+from configurator import configure
+from model import compute_ratio
+
+DEFAULTS = dict(
+    init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
+    ckpt="",                          # a train.py out_dir: also bench its learned gates
+    text="data/heldout/python_docs.txt",           # where the token ids come from
+    densities=(1.0, 0.75, 0.5, 0.25), # forced random gates: P(keep) of every router
+    kv=("all", "kept"),               # kv modes of the random gates
+    route="sublayer",                 # what gets a router (router.ROUTES) for the random gates
+    prefill=("1x1024", "4x256"),      # prefill shapes, BATCHxSEQ_LEN
+    prompt_len=512,                   # decode: prompt tokens, then
+    new_tokens=128,                   # ... this many greedy steps, timed
+    decode_batch=1,
+    repeat=3,                         # timed runs per path; the median is reported
+    threads=2,                        # torch.set_num_threads
+    dtype="float32",
+    seed=0,
+    vs_hf=False,                      # compare our dense model with transformers instead
+    hf_seq_len=512,                   # --vs_hf: forward over 1 x hf_seq_len tokens
+    hf_prompt_len=128,                # --vs_hf: generate hf_new_tokens after hf_prompt_len tokens
+    hf_new_tokens=128,
+    clock="wall",                     # wall | cpu (process CPU seconds: steadier on a shared machine)
+    json=False,                       # print the rows as one JSON list on the last line
+)
+clock = time.perf_counter               # --clock=cpu: time.process_time (set in main)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and timing
+# ----------------------------------------------------------------------------------------------
+
+def token_ids(tok, path: str, n: int) -> torch.Tensor:
+    """The first n token ids of a text file (repeated if the text is shorter), as (n,)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--text={path} is not a file: pass a UTF-8 text file")
+    ids = tok.encode(Path(path).read_text(encoding="utf-8"), special=False)
+    if not ids:
+        raise ValueError(f"--text={path} holds no tokens: pass a longer text file")
+    ids = torch.tensor(ids * (n // len(ids) + 1))
+    return ids[:n]
+
+
+def parse_shape(spec: str):
+    """'4x256' -> (4, 256)."""
+    try:
+        b, t = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--prefill item {spec!r} is not BATCHxSEQ_LEN (e.g. 1x1024)") from None
+    if b < 1 or t < 1:
+        raise ValueError(f"--prefill item {spec!r} needs a positive batch and length")
+    return b, t
+
+
+def interleaved(run_dense, run_sparse, repeat: int):
+    """Median seconds of two timed callables run alternately (after one warm-up of each).
+
+    Each callable returns (seconds, gate records); the sparse records of every run are kept.
+    """
+    run_dense(), run_sparse()
+    dense_s, sparse_s, records = [], [], []
+    for _ in range(repeat):
+        dense_s.append(run_dense()[0])
+        s, recs = run_sparse()
+        sparse_s.append(s)
+        records += recs
+    return statistics.median(dense_s), statistics.median(sparse_s), records
+
+
+@torch.no_grad()
+def prefill_run(model, idx, dense: bool):
+    t0 = clock()
+    _, records = model(idx, dense=dense)                                # logits at every position
+    return clock() - t0, records
+
+
+@torch.no_grad()
+def decode_pair(model, prompt, new_tokens: int):
+    """Greedy decoding with a KV cache, dense and sparse in lockstep: each one-token step of
+    one path is followed by the same step of the other (the order alternates), so that noise
+    from a busy machine falls on both. The prefill of the prompt is not timed.
+
+    Returns (dense seconds, sparse seconds, sparse gate records of the timed steps).
+    """
+    B, T = prompt.shape
+    caches = {dense: model.new_cache(B, T + new_tokens) for dense in (True, False)}
+    nxt = {dense: model(prompt, cache=caches[dense], dense=dense, last_only=True)[0] for dense in (True, False)}
+    seconds, records = {True: 0.0, False: 0.0}, []
+    for step in range(new_tokens):
+        for dense in ((True, False) if step % 2 else (False, True)):
+            x = nxt[dense][:, -1].argmax(-1, keepdim=True)                 # (B, 1) greedy
+            t0 = clock()
+            nxt[dense], recs = model(x, cache=caches[dense], dense=dense, last_only=True)
+            seconds[dense] += clock() - t0
+        records += recs
+    return seconds[True], seconds[False], records
+
+
+def decode_runs(model, prompt, new_tokens: int, repeat: int):
+    """Medians over `repeat` decode_pair runs (after a short warm-up)."""
+    decode_pair(model, prompt, min(new_tokens, 4))
+    runs = [decode_pair(model, prompt, new_tokens) for _ in range(repeat)]
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
+            [rec for r in runs for rec in r[2]])
+
+
+def measured_density(records) -> dict:
+    """{(layer, kind): fraction of the token slots that computed}, over all the records."""
+    kept, total = {}, {}
+    for r in records:
+        key = (r.layer, r.kind)
+        kept[key] = kept.get(key, 0) + int(r.keep.sum())
+        total[key] = total.get(key, 0) + r.keep.numel()
+    return {k: kept[k] / total[k] for k in kept}
+
+
+def row(model, mode, gates, B, seq_len, queries, dense_s, sparse_s, records) -> dict:
+    """One result: the timings, the measured density and what the FLOP model promises."""
+    per = measured_density(records)
+    ratio = compute_ratio(model.cfg, seq_len, per, model.cfg.kv, queries)
+    speedup = dense_s / sparse_s
+    return dict(mode=mode, kv=model.cfg.kv, gates=gates, density=sum(per.values()) / max(len(per), 1),
+                batch=B, seq_len=seq_len, new_tokens=queries if mode == "decode" else None,
+                dense_s=dense_s, sparse_s=sparse_s, speedup=speedup, ideal_speedup=1 / ratio,
+                efficiency=speedup * ratio)
+
+
+def bench_gates(model, cfg, gates: str, ids: torch.Tensor) -> list:
+    """Prefill and decode rows for the gates the model has now."""
+    out = []
+    for spec in cfg["prefill"]:
+        B, T = parse_shape(spec)
+        idx = ids[: B * T].view(B, T)
+        d, s, recs = interleaved(lambda: prefill_run(model, idx, True), lambda: prefill_run(model, idx, False),
+                                 cfg["repeat"])
+        out.append(row(model, "prefill", gates, B, T, None, d, s, recs))
+        print_row(out[-1])
+    B, P, n = cfg["decode_batch"], cfg["prompt_len"], cfg["new_tokens"]
+    prompt = ids[: B * P].view(B, P)
+    d, s, recs = decode_runs(model, prompt, n, cfg["repeat"])
+    out.append(row(model, "decode", gates, B, P + n, n, d, s, recs))
+    print_row(out[-1])
+    return out
+
+
+def print_row(r: dict):
+    if r.get("density") is None:   # a --vs_hf row
+        print(f"{r['mode']:8s} {r['batch']:>3d} x {r['seq_len']:<5d} ours {r['ours_s']:8.3f} s   "
+              f"transformers {r['hf_s']:8.3f} s   speedup {r['speedup']:5.2f}x"
+              + (f"   same tokens: {r['same_tokens']}" if "same_tokens" in r else ""))
+        return
+    shape = f"{r['batch']} x {r['seq_len']}" + (f" (+{r['new_tokens']})" if r["new_tokens"] else "")
+    print(f"{r['mode']:8s} {r['kv']:5s} {r['gates']:8s} {r['density']:7.3f} {shape:>16s} {r['dense_s']:9.3f} "
+          f"{r['sparse_s']:9.3f} {r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['efficiency']:6.2f}")
+
+
+HEADER = (f"{'mode':8s} {'kv':5s} {'gates':8s} {'density':>7s} {'batch x seq_len':>16s} {'dense_s':>9s} "
+          f"{'sparse_s':>9s} {'speedup':>8s} {'ideal':>6s} {'eff':>6s}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours against transformers
+# ----------------------------------------------------------------------------------------------
+
+def bench_vs_hf(model, folder, cfg, ids) -> list:
+    """Our dense forward and cached greedy generation against transformers on the same weights."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ValueError("--vs_hf needs transformers: pip install transformers") from None
+    import sample
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.tok_emb.weight.dtype).eval()
+    T, P, n = cfg["hf_seq_len"], cfg["hf_prompt_len"], cfg["hf_new_tokens"]
+    idx, prompt = ids[:T][None], ids[:P][None]
+
+    @torch.no_grad()
+    def ours_forward():
+        t0 = clock()
+        model(idx)
+        return clock() - t0, []
+
+    @torch.no_grad()
+    def hf_forward():
+        t0 = clock()
+        hf(idx)
+        return clock() - t0, []
+
+    out = []
+    hf_s, ours_s, _ = interleaved(hf_forward, ours_forward, cfg["repeat"])
+    out.append(dict(mode="prefill", batch=1, seq_len=T, ours_s=ours_s, hf_s=hf_s, speedup=hf_s / ours_s))
+    print_row(out[-1])
+
+    tokens = {}
+
+    def ours_generate():
+        t0 = clock()
+        tokens["ours"] = sample.generate(model, prompt, n, temperature=0.0)[0, P:]
+        return clock() - t0, []
+
+    @torch.no_grad()
+    def hf_generate():
+        t0 = clock()
+        tokens["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False, use_cache=True)[0, P:]
+        return clock() - t0, []
+
+    hf_s, ours_s, _ = interleaved(hf_generate, ours_generate, cfg["repeat"])
+    out.append(dict(mode="decode", batch=1, seq_len=P + n, new_tokens=n, ours_s=ours_s, hf_s=hf_s,
+                    speedup=hf_s / ours_s, same_tokens=bool(torch.equal(tokens["ours"], tokens["hf"]))))
+    print_row(out[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+def check(cfg):
+    if cfg["repeat"] < 1 or cfg["threads"] < 1:
+        raise ValueError("--repeat and --threads must be at least 1")
+    for d in cfg["densities"]:
+        if not 0.0 < d <= 1.0:
+            raise ValueError(f"--densities: {d} is not in (0, 1]")
+    for kv in cfg["kv"]:
+        if kv not in rt.KV_MODES:
+            raise ValueError(f"--kv: unknown mode {kv!r}; choose from {', '.join(rt.KV_MODES)}")
+    if cfg["clock"] not in ("wall", "cpu"):
+        raise ValueError(f"--clock={cfg['clock']}: choose wall or cpu")
+    if cfg["route"] not in rt.ROUTES:
+        raise ValueError(f"--route: unknown route {cfg['route']!r}; choose from {', '.join(rt.ROUTES)}")
+    for spec in cfg["prefill"]:
+        parse_shape(spec)
+    if min(cfg["prompt_len"], cfg["new_tokens"], cfg["decode_batch"], cfg["hf_seq_len"], cfg["hf_prompt_len"],
+           cfg["hf_new_tokens"]) < 1:
+        raise ValueError("--prompt_len, --new_tokens, --decode_batch and the --hf_* sizes must be at least 1")
+
+
+def check_context(model, cfg):
+    longest = max([parse_shape(s)[1] for s in cfg["prefill"]] + [cfg["prompt_len"] + cfg["new_tokens"]])
+    if cfg["vs_hf"]:
+        longest = max(cfg["hf_seq_len"], cfg["hf_prompt_len"] + cfg["hf_new_tokens"])
+    if longest > model.cfg.max_seq_len:
+        raise ValueError(f"{longest} tokens exceed the model's context of {model.cfg.max_seq_len}: "
+                         "lower --prefill, --prompt_len or --new_tokens")
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    check(cfg)
+    torch.set_num_threads(cfg["threads"])
+    global clock
+    clock = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
+    torch.manual_seed(cfg["seed"])
+    base = load_weights.read_checkpoint_meta(cfg["ckpt"])["base"] if cfg["ckpt"] else cfg["init"]
+    model, tok = load_weights.load(base, cfg["dtype"])
+    model.requires_grad_(False).eval()
+    check_context(model, cfg)
+    need = max([b * t for b, t in map(parse_shape, cfg["prefill"])]
+               + [cfg["decode_batch"] * cfg["prompt_len"], cfg["hf_seq_len"], cfg["hf_prompt_len"]])
+    ids = token_ids(tok, cfg["text"], need)
+    print(f"{base}: {cfg['dtype']}, {cfg['threads']} threads, median of {cfg['repeat']}")
+    if cfg["vs_hf"]:
+        rows = bench_vs_hf(model, load_weights.resolve(base), cfg, ids)
+    else:
+        print(HEADER)
+        rows = []
+        for kv in cfg["kv"]:
+            rt.add_routers(model, cfg["route"], kv)
+            for density in cfg["densities"]:
+                for _, _, r in rt.routers(model):
+                    r.mode, r.density = "random", density
+                rows += bench_gates(model, cfg, "random", ids)
+        if cfg["ckpt"]:
+            model, tok, meta = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"])
+            lora.merge(model)                        # W += scale * B A: adapters cost nothing
+            print(f"learned gates of {cfg['ckpt']} (LoRA merged into the weights)")
+            rows += bench_gates(model, cfg, "learned", ids)
+    if cfg["json"]:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:           # load_weights.LoadError is a ValueError
+        sys.exit(f"error: {e}")
