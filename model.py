@@ -179,6 +179,9 @@ def _rope_params(hf: dict):
     rp = hf.get("rope_parameters")
     if rp is not None:
         if "full_attention" in rp:   # one entry per layer type
+            if hf.get("model_type") == "gemma3_text" and "sliding_attention" not in rp:
+                raise ValueError("config.json rope_parameters has no 'sliding_attention' entry, "
+                                 "which gives Gemma 3's sliding layers their rotary base")
             full, local = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
         else:
             full = local = rp
@@ -186,7 +189,10 @@ def _rope_params(hf: dict):
             raise ValueError("config.json rope_parameters has no 'rope_theta'")
         return float(full["rope_theta"]), _scaling(full), float(local.get("rope_theta", full["rope_theta"]))
     theta = float(_need(hf, "rope_theta"))
-    local = float(hf["rope_local_base_freq"]) if hf.get("rope_local_base_freq") is not None else theta
+    if hf.get("model_type") == "gemma3_text":   # sliding layers have their own base (10k vs 1M)
+        local = float(_need(hf, "rope_local_base_freq"))
+    else:
+        local = theta
     return theta, _scaling(hf.get("rope_scaling") or {}), local
 
 
@@ -521,15 +527,15 @@ class Block(nn.Module):
         q = a.project_q(x, *ctx.rope[a.window is not None])
         k, v = a.project_kv(x, *ctx.rope[a.window is not None])
         pos = ctx.pos.expand(B, T)
-        key_ok = None
-        if z is not None and self.cfg.kv == "kept":
+        kept_keys = z is not None and self.cfg.kv == "kept"
+        causal = not kept_keys and a.window is None and a.softcap is None   # the fused causal kernel
+        mask = None if causal else attention_mask(pos, pos, a.window)
+        if kept_keys:
             # A skipped token is no key for anyone; as a query it still sees itself, so that
             # sigmoid'(z) * f(x) — the router's gradient — is what keeping it would give.
             key_ok = (z > 0)[:, None, :] | torch.eye(T, dtype=torch.bool, device=x.device)
-        mask = attention_mask(pos, pos, a.window)
-        if key_ok is not None:
             mask = mask & key_ok[:, None]
-        y = self._post(self.attn_post_norm, a.wo(a.attend(q, k, v, mask)))
+        y = self._post(self.attn_post_norm, a.wo(a.attend(q, k, v, mask, causal=causal)))
         if z is None:
             return h + y
         self._record(ctx, "attn", z)

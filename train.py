@@ -384,9 +384,21 @@ def build(cfg: dict):
 
 
 def make_optimizer(model, cfg):
+    """AdamW with three learning rates: LoRA, router biases, router weights.
+
+    Adam moves every coordinate by about lr per step, so a router weight step shifts the
+    logit z = w.x by up to lr * sum|x_i|, i.e. d times more than a bias step. Dividing the
+    weights' rate by sqrt(d) keeps a step's effect on z near the bias's: gates then move
+    early (the bias) without flipping wholesale from one step to the next (the weights).
+    """
     params = trainable(model)
-    groups = [dict(params=[p for n, p in params.items() if "_router." in n], lr=cfg["router_lr"], base_lr=cfg["router_lr"]),
-              dict(params=[p for n, p in params.items() if "_router." not in n], lr=cfg["lr"], base_lr=cfg["lr"])]
+    router_w = [p for n, p in params.items() if "_router." in n and n.endswith("weight")]
+    router_b = [p for n, p in params.items() if "_router." in n and n.endswith("bias")]
+    adapters = [p for n, p in params.items() if "_router." not in n]
+    w_lr = cfg["router_lr"] / math.sqrt(model.cfg.dim)
+    groups = [dict(params=router_w, lr=w_lr, base_lr=w_lr),
+              dict(params=router_b, lr=cfg["router_lr"], base_lr=cfg["router_lr"]),
+              dict(params=adapters, lr=cfg["lr"], base_lr=cfg["lr"])]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
 
 

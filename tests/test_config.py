@@ -124,7 +124,6 @@ def test_missing_rope_theta_is_an_error():
         ModelConfig.from_hf_config(v5)
 
 
-@pytest.mark.xfail(strict=True, reason="model.py falls back to rope_theta for Gemma 3's sliding layers")
 def test_missing_gemma3_local_rope_base_is_an_error():
     # transformers would use 10000 here; falling back to the global 1e6 gives wrong positions silently
     hf = {k: v for k, v in TINY_GEMMA3.items() if k != "rope_local_base_freq"}
