@@ -28,15 +28,22 @@ same folder: one forward over 1 x hf_seq_len tokens, and greedy generation of hf
 after hf_prompt_len prompt tokens with a KV cache (speedup = hf_s / ours_s).
 
 Timings on a shared CPU are noisy: read the ratios, and keep --threads at what you deploy.
+OMP_WAIT_POLICY defaults to PASSIVE here (see below); export OMP_WAIT_POLICY=ACTIVE to bench
+with spinning threads on a machine of your own.
 Every option below is --key=value (python bench.py --help lists them).
 """
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (set before torch loads its OpenMP runtime).
+# On a machine shared with other processes, spinning threads take the cores that the working
+# ones wait for, and every parallel op can then cost a scheduler tick (milliseconds).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 import load_weights
 import lora
@@ -299,7 +306,8 @@ def main(argv):
     need = max([b * t for b, t in map(parse_shape, cfg["prefill"])]
                + [cfg["decode_batch"] * cfg["prompt_len"], cfg["hf_seq_len"], cfg["hf_prompt_len"]])
     ids = token_ids(tok, cfg["text"], need)
-    print(f"{base}: {cfg['dtype']}, {cfg['threads']} threads, median of {cfg['repeat']}")
+    print(f"{base}: {cfg['dtype']}, {cfg['threads']} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+          f"{cfg['clock']} clock, median of {cfg['repeat']}")
     if cfg["vs_hf"]:
         rows = bench_vs_hf(model, load_weights.resolve(base), cfg, ids)
     else:

@@ -476,6 +476,9 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, Tq, self.H * self.D)
 
 
+ZERO = torch.zeros(())   # gates compare with a tensor: a Python 0 would be wrapped in one per call
+
+
 class Block(nn.Module):
     """Two routed sublayers: attention, then the MLP. Routers are attached by router.add_routers."""
 
@@ -510,7 +513,7 @@ class Block(nn.Module):
 
     def _record(self, ctx, kind, z):
         """Note the gates of this sublayer; returns keep (B, T) bool."""
-        keep = z > 0
+        keep = z > ZERO
         ctx.records.append(rt.GateRecord(self.layer, kind, z, keep))
         return keep
 

@@ -29,7 +29,7 @@ class Router(nn.Module):
     """One logit per token from the sublayer's normalized input.
 
     mode "learned": z = w·x + b (float32, whatever the activation dtype).
-    mode "random":  z = density - u with u ~ U(0, 1), so P(z > 0) = self.density — the baseline gates.
+    mode "random":  z ~ U(density - 1, density), so P(z > 0) = self.density — the baseline gates.
     """
 
     def __init__(self, dim: int, bias_init: float = 3.0):
@@ -46,10 +46,13 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, d) -> z: (B, T) float32
-        # Few, fused ops: while decoding, a router runs per token and sublayer, at a fixed cost each.
+        # One fused op each: while decoding, a router runs per token and sublayer, and its cost
+        # is the fixed cost of an op (wrapping a Python number in a tensor would add another).
+        B, T, d = x.shape
         if self.mode == "random":
-            return self.density - torch.rand(x.shape[:2], device=x.device)
-        return F.linear(x.float(), self.proj.weight.float(), self.proj.bias.float()).squeeze(-1)
+            return torch.empty(B, T, device=x.device).uniform_(self.density - 1, self.density)
+        w, b = self.proj.weight.float(), self.proj.bias.float()           # (1, d), (1,)
+        return F.linear(x.reshape(B * T, d).float(), w, b).view(B, T)     # 2-D input: one addmm
 
 
 def hard_gate(z: torch.Tensor) -> torch.Tensor:
