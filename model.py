@@ -413,10 +413,10 @@ def attention_mask(q_pos, k_pos, window: Optional[int], k_valid=None):
     even when skipped tokens are missing from the keys.
     q_pos (B, Tq), k_pos (B, Tk), k_valid (B, Tk) or None.
     """
-    diff = q_pos[:, :, None] - k_pos[:, None, :]            # (B, Tq, Tk)
-    mask = diff >= 0
+    q, k = q_pos[:, :, None], k_pos[:, None, :]             # (B, Tq, 1), (B, 1, Tk)
+    mask = k <= q                                            # (B, Tq, Tk) causal
     if window is not None:
-        mask &= diff < window
+        mask &= k > q - window
     if k_valid is not None:
         mask &= k_valid[:, None, :]
     return mask[:, None]
@@ -606,16 +606,42 @@ class Block(nn.Module):
             if layer_cache is not None:
                 layer_cache.append(k, v, q_pos, p)
         if layer_cache is not None:
-            k, v, k_pos, k_valid = layer_cache.view()
+            k, v, k_pos, k_valid = layer_cache.view()                     # (B, Hkv, S, D) ...
+        if self.cfg.kv == "all":
+            y = self._attend_blocks(q, k, v, q_pos, p)                    # (B, Tp, H*D)
+        elif layer_cache is None and a.window is None and a.softcap is None:
+            # Keys are the queries, in order: the causal triangle over the kept tokens. A real
+            # query never sees the padding, which comes after it.
+            y = a.attend(q, k, v, None, causal=True)
         else:
-            k_pos = ctx.pos.expand(B, T) if self.cfg.kv == "all" else q_pos
-            k_valid = p.valid if self.cfg.kv == "kept" and not p.even else None
-        mask = attention_mask(q_pos, k_pos, a.window, k_valid)            # (B, 1, Tp, Tk)
-        if not p.even:
-            mask |= ~p.valid[:, None, :, None]                            # padded queries: no all-masked rows
-        y = a.attend(q, k, v, mask)                                       # (B, Tp, H*D)
+            if layer_cache is None:
+                k_pos, k_valid = q_pos, None if p.even else p.valid
+            mask = attention_mask(q_pos, k_pos, a.window, k_valid)        # (B, 1, Tp, S)
+            if not p.even:
+                mask |= ~p.valid[:, None, :, None]                        # padded queries: no all-masked rows
+            y = a.attend(q, k, v, mask)                                   # (B, Tp, H*D)
         y = self._post(self.attn_post_norm, a.wo(rt.from_packed(y, p)))  # (N, d)
         return rt.scatter_add_rows(h, p.flat, y)
+
+    def _attend_blocks(self, q, k, v, q_pos, p: rt.Packing, block: int = 128):
+        """kv="all": packed queries q (B, H, Tp, D) over keys k, v (B, Hkv, S, D) that sit at
+        their positions (key s is the token at position s, cached or not).
+
+        A block of queries needs only the keys from its earliest window start to its last
+        position, so the work follows the visible pairs, not the whole (Tp x S) rectangle
+        that one masked call would compute.
+        """
+        a, ys = self.attn, []
+        for i in range(0, q.shape[2], block):
+            qp = q_pos[:, i:i + block]                                    # (B, Tb) (padding: 0)
+            hi = int(qp.max()) + 1
+            lo = 0 if a.window is None else max(0, int(qp.min()) - a.window + 1)
+            k_pos = torch.arange(lo, hi, device=q.device).expand(q.shape[0], -1)
+            mask = attention_mask(qp, k_pos, a.window)                    # (B, 1, Tb, hi - lo)
+            if not p.even:
+                mask |= ~p.valid[:, None, i:i + block, None]              # padded queries: no all-masked rows
+            ys.append(a.attend(q[:, :, i:i + block], k[:, :, lo:hi], v[:, :, lo:hi], mask))
+        return torch.cat(ys, dim=1)
 
     def _attend_cache(self, q, k, v, pos, layer_cache):
         """Every token of this call asks: write its K/V to the cache, attend over the cache."""

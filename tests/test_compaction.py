@@ -146,6 +146,30 @@ def test_compacted_logits_equal_masked_logits(family, kv, route):
         assert torch.equal(r.keep, keep[(r.layer, "attn" if route == "block" else r.kind)])
 
 
+@pytest.mark.parametrize("B", [3, 1])
+@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
+def test_long_sequences_attend_in_blocks_of_queries(family, kv, B):
+    """More kept queries than one block of _attend_blocks, a window far shorter than the sequence.
+    B=1: no padding, so the keys of each block are trimmed to its window (layer 0 slides)."""
+    model = tiny_model(family)
+    model.cfg.max_seq_len = 320
+    for block in model.layers:
+        if block.attn.window is not None:
+            block.attn.window = 40
+    T = 300
+    keep = mixed_table(model.cfg.n_layers, T=T)
+    if B == 1:
+        g = torch.Generator().manual_seed(4)
+        keep = {k: torch.rand(1, T, generator=g) < 0.7 for k in keep}   # ~210 kept: two blocks
+    force_gates(model, "sublayer", kv, keep)
+    idx = tokens(B=B, T=T)
+    with torch.no_grad():
+        masked, _ = model(idx, masked=True)
+        compact, _ = model(idx)
+    assert_logits_close(compact, masked)
+
+
 # ----------------------------------------------------------------------------------------------
 # KV-cached decoding == full recomputation
 # ----------------------------------------------------------------------------------------------

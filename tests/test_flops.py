@@ -13,7 +13,7 @@ many tokens, so the packed layout has no padding):
   the whole (queries x keys) rectangle, hidden pairs included. The model counts the
   visible (query, key) pairs, so those are enumerated from the gates and positions and
   compared with visible_keys; the soft-capped (explicit) path's matmuls are checked to
-  be the rectangle, 4·H·D per pair;
+  be the rectangle it is given (trimmed to the keys the queries can reach), 4·H·D per pair;
 - compute_ratio, against the ratio of the two direct counts (linear FLOPs counted +
   4·H·D per visible pair), sparse over dense: exact on a model without windows when the
   gate pattern is symmetric in time (the model assumes kept queries sit, on average, in
@@ -171,21 +171,27 @@ def test_visible_keys_counts_the_visible_pairs(family):
 
 
 @pytest.mark.parametrize("kv", rt.KV_MODES)
-def test_explicit_attention_computes_the_whole_rectangle(kv):
-    """The soft-capped kernel's matmuls: 4·H·D per (query, key) pair of the packed rectangle."""
-    tables = gate_tables(2, 0.5, symmetric=False)
-    model = model_with_gates("gemma2", kv, tables)
+def test_explicit_attention_computes_a_rectangle(kv):
+    """The soft-capped kernel's matmuls: 4·H·D per (query, key) pair of the rectangle it is given.
+
+    Every sequence keeps positions 8..17 at every sublayer. kv="kept": 10 queries x 10 keys.
+    kv="all": the keys from the first one the earliest query can see (its window start on the
+    sliding layer 0, position 0 on the full layer 1) to the last query, not all T keys."""
+    first, last = 8, 17
+    keep = torch.zeros(B, T, dtype=torch.bool)
+    keep[:, first:last + 1] = True
+    model = model_with_gates("gemma2", kv, {(l, k): keep for l in range(2) for k in ("attn", "mlp")})
     cfg = model.cfg
+    n = last - first + 1
+    if kv == "kept":
+        rect = [n * n, n * n]
+    else:
+        rect = [n * (last + 1 - (first - cfg.sliding_window + 1)), n * (last + 1)]
     got = counted_flops(model, tokens())["scores"]
-    rect = 0
-    for layer in range(cfg.n_layers):
-        queries = int(tables[(layer, "attn")][0].sum())               # per sequence, no padding
-        keys = queries if kv == "kept" else T
-        rect += B * queries * keys
-    assert got == 4 * cfg.n_heads * cfg.head_dim * rect
+    assert got == 4 * cfg.n_heads * cfg.head_dim * B * sum(rect)
     # ... which is more than the pairs the model counts: the masked ones are computed too
-    needed = sum(visible_pairs(cfg, l, kv, tables[(l, "attn")]) for l in range(cfg.n_layers))
-    assert needed < rect
+    needed = sum(visible_pairs(cfg, l, kv, keep) for l in range(cfg.n_layers))
+    assert needed < B * sum(rect)
 
 
 def direct_ratio(model, kv, tables):
