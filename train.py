@@ -21,13 +21,11 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -35,8 +33,9 @@ import lora
 import router as rt
 from configurator import configure
 from data.prepare import load_sources, tokenizer_key
+from eval import evaluate_sparse
 from load_weights import CKPT_JSON, CKPT_TENSORS, LoadError, load, read_checkpoint_meta, resolve
-from model import compute_ratio, sublayer_flops, visible_keys
+from model import sublayer_flops, visible_keys
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",  # base model: preset name or HF-format folder; "resume" continues out_dir
@@ -50,7 +49,7 @@ DEFAULTS = dict(
     grad_accum=1,
     # optimizer
     lr=2e-3,                       # LoRA adapters
-    router_lr=2e-2,                # routers: they must cross zero quickly, so a larger step
+    router_lr=5e-2,                # router biases (weights: router_lr / sqrt(d)); gates must move early
     warmup_iters=10,
     min_lr_frac=0.1,
     grad_clip=1.0,
@@ -60,7 +59,9 @@ DEFAULTS = dict(
     lora_targets="wq,wk,wv,wo,gate,up,down",
     route="sublayer",              # sublayer | attn | mlp | block
     kv="all",                      # all | kept
-    router_bias=1.0,               # routers start open: z = +bias for every token
+    router_bias=0.5,               # routers start open (z = +bias for every token), close to the edge
+    router_bias_max=4.0,           # ... except sensitive sublayers, which start up to this far from it
+    calibrate=True,                # measure each sublayer's sensitivity first and set its bias from it
     # sparsity
     target_density=0.85,           # FLOP-weighted fraction of routed work to keep; 0 = fixed lambda (--l1)
     l1=0.05,                       # lambda: the starting value, or the fixed one when target_density=0
@@ -217,6 +218,38 @@ def weighted_density(records, weights) -> float:
     return done / sum(weights[r.kind] for r in records)
 
 
+@torch.no_grad()
+def sensitivity(model, x: torch.Tensor) -> dict:
+    """{(layer, kind): KL(dense || dense with that one sublayer skipped for every token)} on x.
+
+    A few sublayers carry the model (in SmolLM2-135M: layer 0's MLP, layer 1's attention, the
+    last MLPs); skipping a fifth of the tokens there costs more than skipping every other
+    sublayer at that rate together. Measured before training, one forward per sublayer.
+    """
+    ref = torch.log_softmax(model(x, dense=True)[0].float(), -1)
+    out = {}
+    for layer, kind, r in rt.routers(model):
+        r.mode, r.density = "random", 0.0                          # this sublayer: every gate closed
+        logp = torch.log_softmax(model(x)[0].float(), -1)
+        r.mode = "learned"
+        out[(layer, kind)] = (ref.exp() * (ref - logp)).sum(-1).mean().item()
+    return out
+
+
+def calibrate_biases(model, sens: dict, bias: float, bias_max: float):
+    """Start each router at bias * (its sensitivity / the median one), clipped to [bias, bias_max].
+
+    Adam moves every bias by about the same step whatever its gradient, so without this the L1
+    push closes the few vital sublayers as early as the many cheap ones, and the KL explodes
+    before the routers can learn which is which. Every gate still starts open (KL = 0).
+    """
+    median = float(np.median(list(sens.values())))
+    with torch.no_grad():
+        for layer, kind, r in rt.routers(model):
+            ratio = sens[(layer, kind)] / max(median, 1e-12)
+            r.proj.bias.fill_(min(bias_max, bias * max(1.0, ratio)))
+
+
 class DensityController:
     """Moves lambda so the measured density follows a target sliding from 1.0 to the final one.
 
@@ -241,47 +274,6 @@ class DensityController:
     def update(self, it: int, density: float):
         self.log_lam += self.gain * (density - self.target(it))
         self.log_lam = min(max(self.log_lam, math.log(1e-4)), math.log(1e3))
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation on held-out windows: the compacted path, learned gates, against the dense teacher
-# ----------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int) -> dict:
-    """val KL to dense, perplexity (sparse and dense), top-1 agreement, densities, compute ratio."""
-    cfg, W, cap = model.cfg, model.head_weight(), model.cfg.final_softcap
-    tot = dict(kl=0.0, nll=0.0, nll_dense=0.0, agree=0.0, n=0)
-    keep = {}
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size]
-        with lora.disabled(model):
-            h_t, _ = model(x, dense=True, return_hidden=True)
-        h_s, records = model(x, return_hidden=True)
-        for r in records:
-            k = keep.setdefault((r.layer, r.kind), [0.0, 0])
-            k[0] += r.keep.float().sum().item()
-            k[1] += r.keep.numel()
-        step = chunk_size(W.shape[0])
-        hs, ht = h_s[:, :-1].reshape(-1, cfg.dim), h_t[:, :-1].reshape(-1, cfg.dim)
-        tgt = x[:, 1:].reshape(-1)
-        for j in range(0, hs.shape[0], step):
-            logp_s = torch.log_softmax(capped_logits(hs[j:j + step], W, cap), -1)
-            logp_t = torch.log_softmax(capped_logits(ht[j:j + step], W, cap), -1)
-            rows = torch.arange(logp_s.shape[0])
-            tot["kl"] += (logp_t.exp() * (logp_t - logp_s)).sum().item()
-            tot["nll"] -= logp_s[rows, tgt[j:j + step]].sum().item()
-            tot["nll_dense"] -= logp_t[rows, tgt[j:j + step]].sum().item()
-            tot["agree"] += (logp_s.argmax(-1) == logp_t.argmax(-1)).sum().item()
-            tot["n"] += logp_s.shape[0]
-    density = {key: v[0] / v[1] for key, v in keep.items()}
-    n = tot["n"]
-    kinds = {kind: [v for (l, k), v in density.items() if k == kind] for kind in ("attn", "mlp")}
-    return dict(val_kl=tot["kl"] / n, val_ppl=math.exp(tot["nll"] / n), dense_ppl=math.exp(tot["nll_dense"] / n),
-                top1=tot["agree"] / n,
-                density_attn=float(np.mean(kinds["attn"])) if kinds["attn"] else 1.0,
-                density_mlp=float(np.mean(kinds["mlp"])) if kinds["mlp"] else 1.0,
-                compute_ratio=compute_ratio(cfg, windows.shape[1], density))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,6 +434,14 @@ def train(cfg: dict):
     ctrl = DensityController(cfg["target_density"] or 1.0, int(cfg["anneal"] * cfg["max_iters"]),
                              cfg["l1"], cfg["lambda_gain"])
     start = 0
+    if cfg["calibrate"] and cfg["init"] != "resume":
+        sens = sensitivity(model, data.batch(1).to(cfg["device"]))
+        calibrate_biases(model, sens, cfg["router_bias"], cfg["router_bias_max"])
+        if master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            biases = {(l, k): r.proj.bias.item() for l, k, r in rt.routers(model)}
+            rows = [dict(layer=l, kind=k, kl=v, bias=biases[(l, k)]) for (l, k), v in sens.items()]
+            (out_dir / "sensitivity.json").write_text(json.dumps(rows, indent=1))
     if cfg["init"] == "resume":
         state = load_checkpoint_state(out_dir, model, opt)
         start, ctrl.log_lam = state["iter"], state["log_lambda"]
@@ -501,8 +501,10 @@ def train(cfg: dict):
                                 lam=f"{ctrl.lam:.3g}", tok_s=f"{tokens_per_iter / dt:.0f}")
                 last = it + 1 == cfg["max_iters"]
                 if val_windows is not None and ((it + 1) % cfg["eval_interval"] == 0 or last):
-                    model.eval()
-                    row.update(evaluate(model, val_windows, cfg["batch_size"]))
+                    res = evaluate_sparse(model, val_windows, cfg["seq_len"], cfg["batch_size"])
+                    row.update(val_kl=res["kl_to_dense"], val_ppl=res["perplexity"],
+                               dense_ppl=res["dense_perplexity"], top1=res["top1_agreement"],
+                               **{k: res[k] for k in ("density_attn", "density_mlp", "compute_ratio")})
                     tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("val", "dense", "top1", "density_", "compute"))))
                 log.write(json.dumps(row) + "\n")
                 log.flush()
