@@ -29,7 +29,7 @@ class Router(nn.Module):
     """One logit per token from the sublayer's normalized input.
 
     mode "learned": z = w·x + b (float32, whatever the activation dtype).
-    mode "random":  z ~ U(density - 1, density), so P(z > 0) = self.density — the baseline gates.
+    mode "random":  z ~ U(density - 1, density], so P(z > 0) = self.density — the baseline gates.
     """
 
     def __init__(self, dim: int, bias_init: float = 3.0):
@@ -49,8 +49,8 @@ class Router(nn.Module):
         # One fused op each: while decoding, a router runs per token and sublayer, and its cost
         # is the fixed cost of an op (wrapping a Python number in a tensor would add another).
         B, T, d = x.shape
-        if self.mode == "random":
-            return torch.empty(B, T, device=x.device).uniform_(self.density - 1, self.density)
+        if self.mode == "random":   # -U[-density, 1 - density): density 1 keeps all, 0 none
+            return -torch.empty(B, T, device=x.device).uniform_(-self.density, 1 - self.density)
         w, b = self.proj.weight.float(), self.proj.bias.float()           # (1, d), (1,)
         return F.linear(x.reshape(B * T, d).float(), w, b).view(B, T)     # 2-D input: one addmm
 
