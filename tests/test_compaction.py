@@ -273,3 +273,19 @@ def test_a_sublayer_every_token_skips_is_not_run(kv, with_cache):
     # in kv="all" the skipped tokens still write K and V; in kv="kept" they are absent
     assert (calls["wk"] != []) == (kv == "all") and (calls["wv"] != []) == (kv == "all")
     assert calls["other_mlp"] != []
+
+
+@pytest.mark.parametrize("kv", rt.KV_MODES)
+def test_random_gates_at_density_one_and_zero(kv):
+    """bench.py's forced gates: density 1 keeps every token (the dense model), density 0 none."""
+    model = tiny_model("llama_gqa")
+    rt.add_routers(model, "sublayer", kv)
+    idx = tokens(T=64)
+    with torch.no_grad():
+        dense, _ = model(idx, dense=True)
+        for density in (1.0, 0.0):
+            for _, _, r in rt.routers(model):
+                r.mode, r.density = "random", density
+            logits, records = model(idx)
+            assert all(bool((r.keep == (density == 1.0)).all()) for r in records)
+            assert torch.equal(logits, dense) == (density == 1.0)
