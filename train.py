@@ -14,7 +14,10 @@ What one step does (DESIGN.md):
 L1 is the mean of sigmoid(z) over tokens and routed sublayers, weighted by each sublayer's FLOPs
 so that the pressure lands where compute is. lambda is not hand-tuned: a controller moves it so the
 FLOP-weighted density follows a target that slides from 1.0 down to --target_density over the first
---anneal fraction of the run, then holds it (see DensityController for why).
+--anneal fraction of the run, then holds it (see DensityController for why). Several targets
+(--target_density=0.9,0.8,0.7) split the run into stages, one per target, each sliding from the
+previous one; every stage but the last leaves a checkpoint in out_dir/stage<k>/: one run, several
+operating points.
 """
 import json
 import math
@@ -49,7 +52,7 @@ DEFAULTS = dict(
     grad_accum=1,
     # optimizer
     lr=2e-3,                       # LoRA adapters
-    router_lr=5e-2,                # router biases (weights: router_lr / sqrt(d)); gates must move early
+    router_lr=3e-2,                # router biases (weights: router_lr / sqrt(d)); gates must move early
     warmup_iters=10,
     min_lr_frac=0.1,
     grad_clip=1.0,
@@ -59,14 +62,14 @@ DEFAULTS = dict(
     lora_targets="wq,wk,wv,wo,gate,up,down",
     route="sublayer",              # sublayer | attn | mlp | block
     kv="all",                      # all | kept
-    router_bias=0.5,               # routers start open (z = +bias for every token), close to the edge
+    router_bias=0.3,               # routers start open (z = +bias for every token), close to the edge
     router_bias_max=4.0,           # ... except sensitive sublayers, which start up to this far from it
     calibrate=True,                # measure each sublayer's sensitivity first and set its bias from it
     # sparsity
-    target_density=0.85,           # FLOP-weighted fraction of routed work to keep; 0 = fixed lambda (--l1)
+    target_density=(0.87,),        # FLOP-weighted fraction of routed work to keep (one per stage); 0 = fixed lambda
     l1=0.05,                       # lambda: the starting value, or the fixed one when target_density=0
-    anneal=0.5,                    # fraction of the run over which the target slides from 1.0 to target_density
-    lambda_gain=4.0,               # controller: log(lambda) += gain * (density - target) per step
+    anneal=0.6,                    # fraction of each stage over which its target slides down
+    lambda_gain=1.0,               # controller: log(lambda) += gain * (density - target) per step
     flop_weighted=True,            # weight L1 by each sublayer's FLOPs
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
@@ -259,8 +262,9 @@ class DensityController:
     log(lambda) in proportion to the error lets lambda fall as fast as it rose.
     """
 
-    def __init__(self, target: float, anneal_iters: int, lam: float, gain: float):
-        self.final, self.anneal_iters, self.gain = target, max(1, anneal_iters), gain
+    def __init__(self, targets, stage_iters: int, anneal: float, lam: float, gain: float):
+        self.targets, self.stage_iters, self.gain = list(targets), max(1, stage_iters), gain
+        self.anneal_iters = max(1, int(anneal * self.stage_iters))
         self.log_lam = math.log(lam)
 
     @property
@@ -268,8 +272,10 @@ class DensityController:
         return math.exp(self.log_lam)
 
     def target(self, it: int) -> float:
-        frac = min(1.0, it / self.anneal_iters)
-        return 1.0 - (1.0 - self.final) * frac
+        stage = min(it // self.stage_iters, len(self.targets) - 1)
+        start = 1.0 if stage == 0 else self.targets[stage - 1]
+        frac = min(1.0, (it - stage * self.stage_iters) / self.anneal_iters)
+        return start + (self.targets[stage] - start) * frac
 
     def update(self, it: int, density: float):
         self.log_lam += self.gain * (density - self.target(it))
@@ -332,11 +338,18 @@ def load_checkpoint_state(out_dir: Path, model, opt) -> dict:
 # Setup
 # ----------------------------------------------------------------------------------------------
 
+def stage_iters(cfg: dict) -> int:
+    return max(1, cfg["max_iters"] // len(cfg["target_density"]))
+
+
 def lr_at(it: int, cfg: dict) -> float:
-    """Multiplier of the base learning rates: linear warmup, then cosine down to min_lr_frac."""
+    """Multiplier of the base learning rates: linear warmup, then cosine down to min_lr_frac
+    within each stage (a warm restart when the next target begins)."""
     if it < cfg["warmup_iters"]:
         return (it + 1) / cfg["warmup_iters"]
-    progress = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
+    n = stage_iters(cfg)
+    local = it % n if it < n * len(cfg["target_density"]) else it - n * (len(cfg["target_density"]) - 1)
+    progress = max(0, local - (cfg["warmup_iters"] if it < n else 0)) / max(1, n - cfg["warmup_iters"])
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg["min_lr_frac"] + (1 - cfg["min_lr_frac"]) * cosine
 
@@ -431,7 +444,8 @@ def train(cfg: dict):
         val_windows = None
     opt = make_optimizer(model, cfg)
     weights = flop_weights(mcfg, cfg["seq_len"]) if cfg["flop_weighted"] else {"attn": 1.0, "mlp": 1.0}
-    ctrl = DensityController(cfg["target_density"] or 1.0, int(cfg["anneal"] * cfg["max_iters"]),
+    controlled = any(cfg["target_density"])
+    ctrl = DensityController(cfg["target_density"] if controlled else [1.0], stage_iters(cfg), cfg["anneal"],
                              cfg["l1"], cfg["lambda_gain"])
     start = 0
     if cfg["calibrate"] and cfg["init"] != "resume":
@@ -452,10 +466,10 @@ def train(cfg: dict):
     params = list(trainable(model).values())
     tokens_per_iter = cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"] * world
 
-    def checkpoint(it):
+    def checkpoint(it, folder=out_dir):
         if master:
-            save_checkpoint(out_dir, model, opt, dict(iter=it, log_lambda=ctrl.log_lam,
-                                                      data_rng=data.gen.get_state()), meta)
+            save_checkpoint(folder, model, opt, dict(iter=it, log_lambda=ctrl.log_lam,
+                                                     data_rng=data.gen.get_state()), meta)
 
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -490,7 +504,7 @@ def train(cfg: dict):
             opt.step()
             opt.zero_grad(set_to_none=True)
             kl_sum, ce_sum, l1_sum, dens = all_reduce_mean([kl_sum, ce_sum, l1_sum, dens], world)
-            if cfg["target_density"]:
+            if controlled:
                 ctrl.update(it, dens)
             done = it + 1
             dt = time.time() - t0
@@ -508,6 +522,9 @@ def train(cfg: dict):
                     tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("val", "dense", "top1", "density_", "compute"))))
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            stage = done // ctrl.stage_iters
+            if done % ctrl.stage_iters == 0 and stage < len(ctrl.targets):   # a stage ends: keep it
+                checkpoint(done, out_dir / f"stage{stage}")
     except KeyboardInterrupt:
         if done == it:   # stopped inside a step: forget it, so that a resume redraws the same batch
             torch.set_rng_state(rng_before[0])

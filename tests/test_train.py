@@ -92,7 +92,7 @@ def test_kl_is_zero_at_step_zero(folder):
 
 
 def test_controller_raises_lambda_above_target_and_lowers_it_below():
-    c = train.DensityController(target=0.6, anneal_iters=10, lam=0.1, gain=2.0)
+    c = train.DensityController([0.6], stage_iters=20, anneal=0.5, lam=0.1, gain=2.0)
     assert c.target(0) == 1.0 and c.target(5) == pytest.approx(0.8) and c.target(50) == pytest.approx(0.6)
     c.update(5, density=0.9)
     assert c.lam > 0.1
@@ -103,6 +103,11 @@ def test_controller_raises_lambda_above_target_and_lowers_it_below():
 
 # --- runs -----------------------------------------------------------------------------------------
 
+def test_stages_slide_from_target_to_target():
+    c = train.DensityController([0.9, 0.6], stage_iters=10, anneal=0.5, lam=0.1, gain=1.0)
+    assert [round(c.target(i), 3) for i in (0, 5, 9, 10, 15, 19, 40)] == [1.0, 0.9, 0.9, 0.9, 0.6, 0.6, 0.6]
+
+
 def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpus, tmp_path):
     train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=8, router_lr=0.2)))
     rows = log_rows(tmp_path / "run")
@@ -111,6 +116,9 @@ def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpu
     assert "val_kl" in rows[-1] and "compute_ratio" in rows[-1]
     model, tok, meta = load_weights.load_sparse(tmp_path / "run")
     assert meta["train_state"]["iter"] == 8
+    # two targets: the first stage's end is kept as its own checkpoint
+    train.train(train.read_config(args(folder, corpus, tmp_path / "two", target_density="0.9,0.8")))
+    assert load_weights.load_sparse(tmp_path / "two" / "stage1")[2]["train_state"]["iter"] == 2
     x = torch.randint(3, 64, (1, 10))
     _, records = model(x)
     assert len(records) == 2 * model.cfg.n_layers
