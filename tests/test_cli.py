@@ -9,7 +9,6 @@ import json
 import math
 import random
 import re
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -19,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer
 
 import eval as eval_cli
 import load_weights
@@ -27,40 +26,26 @@ import lora
 import router
 import sample
 from configurator import configure
+from conftest import TOKENIZER_HF, VOCAB, WORDS, tiny_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
-SPECIALS = ["<unk>", "<bos>", "<eos>"]                     # ids 0, 1, 2
-WORDS = "the a cat dog sat ran on under mat log and then it was big small red blue".split()
-WORDS += [f"w{i}" for i in range(64 - len(SPECIALS) - len(WORDS))]
-VOCAB = {w: i for i, w in enumerate(SPECIALS + WORDS)}     # 64 tokens, the models' vocabulary
 SEQ_LEN = 16
-HF = dict(vocab_size=len(VOCAB), bos_token_id=1, eos_token_id=2, pad_token_id=0)
-FAMILIES = {
-    "llama": dict(HF),
-    "gemma3_text": dict(HF, head_dim=16, sliding_window=8, query_pre_attn_scalar=12,
-                        layer_types=["sliding_attention", "full_attention"],
-                        rope_parameters={"full_attention": dict(rope_type="default", rope_theta=1e6),
-                                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+FAMILIES = {   # tiny_model_folder adds the tokenizer's vocabulary and special ids
+    "llama": dict(),
+    "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=12,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"full_attention": dict(rope_type="default", rope_theta=1e6),
+                                     "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
 }
 ADDS_BOS = {"llama": False, "gemma3_text": True}
-
-
-def write_tokenizer(path: Path, adds_bos: bool):
-    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if adds_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tok.save(str(path))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def tiny(request, tiny_hf, tmp_path_factory):
     """(reference transformers model, model folder with tokenizer.json, family name)."""
     family = request.param
-    ref, hf_folder = tiny_hf(family, **FAMILIES[family])
-    folder = tmp_path_factory.mktemp(f"{family}_model")
-    shutil.copytree(hf_folder, folder, dirs_exist_ok=True)
-    write_tokenizer(folder / "tokenizer.json", ADDS_BOS[family])
+    folder = tiny_model_folder(tiny_hf, tmp_path_factory, family, ADDS_BOS[family], **FAMILIES[family])
+    ref, _ = tiny_hf(family, **{**TOKENIZER_HF, **FAMILIES[family]})
     return ref, folder, family
 
 
