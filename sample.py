@@ -14,8 +14,8 @@ shows where the compute went:
 - each generated token is coloured by the share of routed sublayers that ran in the step that
   predicted it (dark = few, bright = many; --no_color prints the share in brackets instead);
 - the density of attention and MLP per layer, over every position the model processed;
-- tokens/s of the sparse model against the same weights run dense (routers ignored, LoRA
-  off), on the same prompt for the same number of tokens.
+- tokens/s of the sparse model against the same weights run dense (LoRA merged into both,
+  routers ignored), on the same prompt for the same number of tokens.
 
 Every option below is --key=value (python sample.py --help lists them).
 """
@@ -163,8 +163,7 @@ def sample_sparse(model, tok, idx, cfg, generator, kept, slots):
     kept, slots: per (layer, kind) counters of the positions processed, updated in place.
     """
     generate(model, idx, 2)                      # untimed warm-up of both paths: one-time costs
-    with lora.disabled(model):                   # (kernel choice, allocations) are not compute
-        generate(model, idx, 2, dense=True)
+    generate(model, idx, 2, dense=True)          # (kernel choice, allocations) are not compute
     t0 = now(cfg["device"])
     steps = list(decode(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
                         cfg["top_p"] if cfg["top_p"] < 1 else None, tok.eos_ids, generator))
@@ -181,10 +180,9 @@ def sample_sparse(model, tok, idx, cfg, generator, kept, slots):
         print("share of routed sublayers run to predict each token: "
               + " ".join(paint(f" {s:.0%} ", s) for s in (0, 0.25, 0.5, 0.75, 1)))
     n = len(new_ids)
-    with lora.disabled(model):
-        t0 = now(cfg["device"])
-        generate(model, idx, n, dense=True)      # same prompt, same number of tokens, no EOS stop
-        dense_s = now(cfg["device"]) - t0
+    t0 = now(cfg["device"])
+    generate(model, idx, n, dense=True)          # same prompt, same number of tokens, no EOS stop
+    dense_s = now(cfg["device"]) - t0
     print(f"--- {n} tokens: sparse {n / sparse_s:.1f} tokens/s, dense {n / dense_s:.1f} tokens/s "
           f"({dense_s / sparse_s:.2f}x)")
 
@@ -220,6 +218,7 @@ def main(argv):
     generator = torch.Generator(cfg["device"]).manual_seed(cfg["seed"])
     if cfg["ckpt"]:
         model, tok, _ = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"], cfg["device"])
+        lora.merge(model)    # W += scale * B A: at inference the adapters cost nothing
     else:
         model, tok = load_weights.load(cfg["init"], cfg["dtype"], cfg["device"])
     idx = torch.tensor([tok.encode(cfg["prompt"])], dtype=torch.long, device=cfg["device"])   # (1, T)
