@@ -145,9 +145,7 @@ def test_text_too_short_is_a_clear_error(tiny):
 
 
 def test_eval_cli_json_and_errors(tiny, text_file):
-    _, folder, family = tiny
-    if family != "llama":
-        pytest.skip("one family is enough for the subprocess run")
+    _, folder, _ = tiny
     model, tok = load_weights.load(str(folder))
     sums, _, _ = eval_cli.evaluate(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN))
     rc, out, err = run_cli("eval.py", f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--json")
@@ -229,9 +227,7 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny):
 
 
 def test_sample_cli(tiny):
-    _, folder, family = tiny
-    if family != "gemma3_text":
-        pytest.skip("one family is enough for the subprocess run")
+    _, folder, _ = tiny
     model, tok = load_weights.load(str(folder))
     idx = torch.tensor([tok.encode("the cat")])
     new = sample.generate(model, idx, 8, eos_ids=tok.eos_ids)[0, idx.shape[1]:].tolist()
@@ -315,9 +311,6 @@ def test_decode_records_are_the_gates_of_a_full_forward(ckpts):
 
 
 def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
-    _, _, family = tiny
-    if family != "llama":
-        pytest.skip("one family is enough for the subprocess run")
     svg = tmp_path / "density.svg"
     rc, out, err = run_cli("eval.py", f"--ckpt={ckpts[1]}", f"--text={text_file}", f"--seq_len={SEQ_LEN}",
                            "--json", f"--plot={svg}", "--path=masked")
