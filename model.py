@@ -475,6 +475,14 @@ class Attention(nn.Module):
             y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return y.transpose(1, 2).reshape(B, Tq, self.H * self.D)
 
+    def attend_self(self, q, k, v, pos, key_ok=None):
+        """Tokens attend to the keys of this same call (no cache): causal, windowed, and where
+        key_ok (B, T, T) allows. Only causality left: the fused causal kernel, no mask built."""
+        if key_ok is None and self.window is None and self.softcap is None:
+            return self.attend(q, k, v, None, causal=True)
+        mask = attention_mask(pos, pos, self.window)                      # (B, 1, T, T)
+        return self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None])
+
 
 ZERO = torch.zeros(())   # gates compare with a tensor: a Python 0 would be wrapped in one per call
 
@@ -529,16 +537,12 @@ class Block(nn.Module):
         B, T, _ = x.shape
         q = a.project_q(x, *ctx.rope[a.window is not None])
         k, v = a.project_kv(x, *ctx.rope[a.window is not None])
-        pos = ctx.pos.expand(B, T)
-        kept_keys = z is not None and self.cfg.kv == "kept"
-        causal = not kept_keys and a.window is None and a.softcap is None   # the fused causal kernel
-        mask = None if causal else attention_mask(pos, pos, a.window)
-        if kept_keys:
+        key_ok = None
+        if z is not None and self.cfg.kv == "kept":
             # A skipped token is no key for anyone; as a query it still sees itself, so that
             # sigmoid'(z) * f(x) — the router's gradient — is what keeping it would give.
             key_ok = (z > 0)[:, None, :] | torch.eye(T, dtype=torch.bool, device=x.device)
-            mask = mask & key_ok[:, None]
-        y = self._post(self.attn_post_norm, a.wo(a.attend(q, k, v, mask, causal=causal)))
+        y = self._post(self.attn_post_norm, a.wo(a.attend_self(q, k, v, ctx.pos.expand(B, T), key_ok)))
         if z is None:
             return h + y
         self._record(ctx, "attn", z)
@@ -578,9 +582,7 @@ class Block(nn.Module):
             q = a.project_q(x, cos, sin)                                  # (B, H, T, D)
             k, v = a.project_kv(x, cos, sin)                              # (B, Hkv, T, D)
             if layer_cache is None:
-                causal = a.window is None and a.softcap is None           # the fused causal kernel
-                pos = ctx.pos.expand(B, T)
-                y = a.attend(q, k, v, None if causal else attention_mask(pos, pos, a.window), causal=causal)
+                y = a.attend_self(q, k, v, ctx.pos.expand(B, T))
             else:
                 y = self._attend_cache(q, k, v, ctx.pos.expand(B, T), layer_cache)
             return h + self._post(self.attn_post_norm, a.wo(y))
