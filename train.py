@@ -372,8 +372,9 @@ def read_config(argv) -> dict:
 
 
 def build(cfg: dict):
-    """The base model with routers and LoRA attached; only those train."""
-    model, tok = load(cfg["base"], cfg["dtype"], cfg["device"])
+    """The base model with routers and LoRA attached (only those train), and its folder."""
+    folder = resolve(cfg["base"])                       # a name may mean a download: once
+    model, tok = load(str(folder), cfg["dtype"], cfg["device"])
     if cfg["seq_len"] > model.cfg.max_seq_len:
         raise ValueError(f"--seq_len={cfg['seq_len']} is over the model's context of {model.cfg.max_seq_len}")
     torch.manual_seed(cfg["seed"])                      # LoRA A init: the same on every rank
@@ -385,7 +386,7 @@ def build(cfg: dict):
         p.requires_grad_("_router." in n or n.endswith((".A", ".B")))
     model.grad_checkpoint = cfg["grad_checkpoint"]
     lora_spec = dict(rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], targets=targets)
-    return model, tok, lora_spec
+    return model, tok, lora_spec, folder
 
 
 def make_optimizer(model, cfg):
@@ -431,9 +432,8 @@ def train(cfg: dict):
     rank, world = setup_distributed(cfg)
     master = rank == 0
     out_dir = Path(cfg["out_dir"])
-    model, tok, lora_spec = build(cfg)
+    model, tok, lora_spec, folder = build(cfg)
     mcfg = model.cfg
-    folder = resolve(cfg["base"])
     tkey = tokenizer_key(folder)
     bos = tok.bos_id if tok.adds_bos else None
     data = Windows(load_sources(cfg["data"], tok, tkey), cfg["seq_len"], bos, cfg["seed"])
