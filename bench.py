@@ -7,9 +7,9 @@
     python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --vs_hf      # ours vs transformers
 
 Both paths run in the same process on the same weights: the dense path is
-model(idx, dense=True) (routers ignored), the sparse path is the compacted default, where
-a skipped sublayer is not computed. The gates are forced: every router is switched to
-mode "random" with P(keep) = density (router.py), so the speed of compaction is measured
+model(idx, routers_off=True), the sparse path is the compacted default, where a skipped
+sublayer is not computed. The gates are forced: `router.forced(model, density)` makes every
+router keep a random share = density of the tokens, so the speed of compaction is measured
 apart from what a trained router decides. With --ckpt the checkpoint's learned gates run
 too (LoRA merged into the weights first, so that adapters cost nothing in either path).
 
@@ -19,7 +19,7 @@ Measured, for each kv mode and density:
            prompt_len tokens (the prefill is not timed).
 Each row gives the measured density, dense_s and sparse_s (medians over --repeat runs,
 dense and sparse interleaved so that a noisy neighbour hits both), speedup = dense_s /
-sparse_s, ideal_speedup = 1 / model.compute_ratio at the measured per-sublayer densities
+sparse_s, ideal_speedup = 1 / flops.compute_ratio at the measured per-sublayer densities
 and the real context, and efficiency = speedup / ideal_speedup (1 = every skipped FLOP
 turned into saved time).
 
@@ -47,9 +47,9 @@ import torch  # noqa: E402
 
 import load_weights
 import lora
-import router as rt
+import router
 from configurator import configure
-from model import compute_ratio
+from flops import compute_ratio
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
@@ -120,7 +120,7 @@ def interleaved(run_dense, run_sparse, repeat: int):
 @torch.no_grad()
 def prefill_run(model, idx, dense: bool):
     t0 = clock()
-    _, records = model(idx, dense=dense)                                # logits at every position
+    _, records = model(idx, routers_off=dense)                                # logits at every position
     return clock() - t0, records
 
 
@@ -134,13 +134,13 @@ def decode_pair(model, prompt, new_tokens: int):
     """
     B, T = prompt.shape
     caches = {dense: model.new_cache(B, T + new_tokens) for dense in (True, False)}
-    nxt = {dense: model(prompt, cache=caches[dense], dense=dense, last_only=True)[0] for dense in (True, False)}
+    nxt = {dense: model(prompt, cache=caches[dense], routers_off=dense, last_only=True)[0] for dense in (True, False)}
     seconds, records = {True: 0.0, False: 0.0}, []
     for step in range(new_tokens):
         for dense in ((True, False) if step % 2 else (False, True)):
             x = nxt[dense][:, -1].argmax(-1, keepdim=True)                 # (B, 1) greedy
             t0 = clock()
-            nxt[dense], recs = model(x, cache=caches[dense], dense=dense, last_only=True)
+            nxt[dense], recs = model(x, cache=caches[dense], routers_off=dense, last_only=True)
             seconds[dense] += clock() - t0
         records += recs
     return seconds[True], seconds[False], records
@@ -154,22 +154,13 @@ def decode_runs(model, prompt, new_tokens: int, repeat: int):
             [rec for r in runs for rec in r[2]])
 
 
-def measured_density(records) -> dict:
-    """{(layer, kind): fraction of the token slots that computed}, over all the records."""
-    kept, total = {}, {}
-    for r in records:
-        key = (r.layer, r.kind)
-        kept[key] = kept.get(key, 0) + int(r.keep.sum())
-        total[key] = total.get(key, 0) + r.keep.numel()
-    return {k: kept[k] / total[k] for k in kept}
-
-
 def row(model, mode, gates, B, seq_len, queries, dense_s, sparse_s, records) -> dict:
-    """One result: the timings, the measured density and what the FLOP model promises."""
-    per = measured_density(records)
-    ratio = compute_ratio(model.cfg, seq_len, per, model.cfg.kv, queries)
+    """One result: the timings, the measured density (over the routed sublayers) and what the
+    FLOP model promises."""
+    stats = router.GateStats(records)
+    ratio = compute_ratio(model.cfg, seq_len, stats.density(), model.cfg.kv, queries)
     speedup = dense_s / sparse_s
-    return dict(mode=mode, kv=model.cfg.kv, gates=gates, density=sum(per.values()) / max(len(per), 1),
+    return dict(mode=mode, kv=model.cfg.kv, gates=gates, density=stats.mean(),
                 batch=B, seq_len=seq_len, new_tokens=queries if mode == "decode" else None,
                 dense_s=dense_s, sparse_s=sparse_s, speedup=speedup, ideal_speedup=1 / ratio,
                 efficiency=speedup * ratio)
@@ -270,12 +261,12 @@ def check(cfg):
         if not 0.0 < d <= 1.0:
             raise ValueError(f"--densities: {d} is not in (0, 1]")
     for kv in cfg["kv"]:
-        if kv not in rt.KV_MODES:
-            raise ValueError(f"--kv: unknown mode {kv!r}; choose from {', '.join(rt.KV_MODES)}")
+        if kv not in router.KV_MODES:
+            raise ValueError(f"--kv: unknown mode {kv!r}; choose from {', '.join(router.KV_MODES)}")
     if cfg["clock"] not in ("wall", "cpu"):
         raise ValueError(f"--clock={cfg['clock']}: choose wall or cpu")
-    if cfg["route"] not in rt.ROUTES:
-        raise ValueError(f"--route: unknown route {cfg['route']!r}; choose from {', '.join(rt.ROUTES)}")
+    if cfg["route"] not in router.ROUTES:
+        raise ValueError(f"--route: unknown route {cfg['route']!r}; choose from {', '.join(router.ROUTES)}")
     for spec in cfg["prefill"]:
         parse_shape(spec)
     if min(cfg["prompt_len"], cfg["new_tokens"], cfg["decode_batch"], cfg["hf_seq_len"], cfg["hf_prompt_len"],
@@ -314,11 +305,10 @@ def main(argv):
         print(HEADER)
         rows = []
         for kv in cfg["kv"]:
-            rt.add_routers(model, cfg["route"], kv)
+            router.add_routers(model, cfg["route"], kv)
             for density in cfg["densities"]:
-                for _, _, r in rt.routers(model):
-                    r.mode, r.density = "random", density
-                rows += bench_gates(model, cfg, "random", ids)
+                with router.forced(model, density):
+                    rows += bench_gates(model, cfg, "random", ids)
         if cfg["ckpt"]:
             model, tok, meta = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"])
             lora.merge(model)                        # W += scale * B A: adapters cost nothing

@@ -17,7 +17,7 @@ With --ckpt the sparse model is compared with its base model (LoRA off, every ga
 same windows: perplexity of both, mean KL(p_dense || p_sparse) over scored tokens, top-1
 agreement, density (fraction of (token, sublayer) slots computed; a sublayer without a router
 counts as computed) per layer, per kind and overall, the compute ratio of the FLOP model
-(model.compute_ratio), and the wall-clock seconds of the sparse and the dense pass.
+(flops.compute_ratio), and the wall-clock seconds of the sparse and the dense pass.
 --gates picks what decides the skips:
   learned  the checkpoint's routers (default);
   random   every router keeps a random share of tokens equal to the density its learned gates
@@ -44,7 +44,7 @@ import load_weights
 import lora
 import router
 from configurator import configure
-from model import compute_ratio
+from flops import compute_ratio
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
@@ -98,41 +98,37 @@ class Stopwatch:
         self.seconds[name] += time.perf_counter() - t0
 
 
-def sparse_hidden(model, x, path="compact", gates="learned"):
-    """Final hidden states (B, T, d) of the sparse model and its gate records."""
-    if gates == "open":
-        return model(x, dense=True, return_hidden=True)           # no routers, LoRA on
+def sparse_hidden(model, x, path="compact"):
+    """Final hidden states (B, T, d) of the model as its routers decide, and its gate records."""
     return model(x, masked=path == "masked", return_hidden=True)
 
 
 def dense_hidden(model, x):
-    """The base model: routers ignored, LoRA off."""
+    """The base model: routers off, LoRA off."""
     with lora.disabled(model):
-        return model(x, dense=True, return_hidden=True)[0]
+        return model(x, routers_off=True, return_hidden=True)[0]
 
 
 @torch.no_grad()
-def evaluate(model, chunks, batch_size=4, compare=False, path="compact", gates="learned"):
+def evaluate(model, chunks, batch_size=4, compare=False, path="compact"):
     """Sums over the windows chunks (N, L): the model's NLL and seconds (model_s); with compare,
-    the model is the sparse one (path, gates), also run against its dense base: the base's NLL,
+    the model is the sparse one (path), also run against its dense base: the base's NLL,
     KL, top-1 agreement and seconds (dense_s).
 
-    Returns (sums, kept, slots): kept/slots count gate decisions per (layer, kind).
+    Returns (sums, router.GateStats of the model's gate decisions).
     """
     device = model.tok_emb.weight.device
-    sums, kept, slots = defaultdict(float), defaultdict(int), defaultdict(int)
+    sums, stats = defaultdict(float), router.GateStats()
     watch = Stopwatch(device)
     if compare:   # warm up both passes, untimed
         first = chunks[:1, :-1].to(device)
-        sparse_hidden(model, first, path, gates)
+        sparse_hidden(model, first, path)
         dense_hidden(model, first)
     for batch in chunks.to(device).split(batch_size):
         x, y = batch[:, :-1], batch[:, 1:]                        # (B, T) inputs and their next tokens
         with watch("model"):
-            h, records = sparse_hidden(model, x, path, gates)     # (B, T, d)
-        for r in records:
-            kept[(r.layer, r.kind)] += int(r.keep.sum())
-            slots[(r.layer, r.kind)] += r.keep.numel()
+            h, records = sparse_hidden(model, x, path)            # (B, T, d)
+        stats.add(records)
         if compare:
             with watch("dense"):
                 h_ref = dense_hidden(model, x)
@@ -149,42 +145,29 @@ def evaluate(model, chunks, batch_size=4, compare=False, path="compact", gates="
                 sums["kl"] += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
                 sums["agree"] += int((logp.argmax(-1) == logp_ref.argmax(-1)).sum())
     sums.update({f"{name}_s": s for name, s in watch.seconds.items()})
-    return sums, kept, slots
-
-
-def densities(model, kept, slots):
-    """Measured density per routed (layer, kind), and per layer with unrouted sublayers at 1."""
-    measured = {key: kept[key] / slots[key] for key in slots}
-    per_layer = [{"layer": i, "attn": measured.get((i, "attn"), 1.0), "mlp": measured.get((i, "mlp"), 1.0)}
-                 for i in range(model.cfg.n_layers)]
-    return measured, per_layer
+    return sums, stats
 
 
 def evaluate_sparse(model, chunks, seq_len, batch_size=4, path="compact", gates="learned", seed=1337) -> dict:
-    """The sparse model against its base model on the same windows (see the docstring on top)."""
+    """The sparse model against its base model on the same windows (see the docstring on top).
+
+    Densities count a sublayer without a router as computed (1), per layer and in the averages.
+    """
     if gates == "random":
         # the densities the learned routers show on this text, then coin flips at those rates
-        _, kept, slots = evaluate(model, chunks, batch_size, path=path)
-        learned, _ = densities(model, kept, slots)
-        for layer, kind, r in router.routers(model):
-            r.mode, r.density = "random", learned[(layer, kind)]
+        gates = evaluate(model, chunks, batch_size, path=path)[1].density()
     torch.manual_seed(seed)
-    try:
-        sums, kept, slots = evaluate(model, chunks, batch_size, compare=True, path=path, gates=gates)
-    finally:
-        for _, _, r in router.routers(model):
-            r.mode = "learned"
-    measured, per_layer = densities(model, kept, slots)
-    n = sums["tokens"]
+    with router.forced(model, {} if gates == "learned" else gates):
+        sums, stats = evaluate(model, chunks, batch_size, compare=True, path=path)
+    n, L = sums["tokens"], model.cfg.n_layers
     return dict(
         perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n),
         dense_perplexity=math.exp(sums["nll_dense"] / n),
         kl_to_dense=sums["kl"] / n, top1_agreement=sums["agree"] / n,
-        density=sum(r[k] for r in per_layer for k in ("attn", "mlp")) / (2 * len(per_layer)),
-        density_attn=sum(r["attn"] for r in per_layer) / len(per_layer),
-        density_mlp=sum(r["mlp"] for r in per_layer) / len(per_layer),
-        compute_ratio=compute_ratio(model.cfg, seq_len, measured),
-        per_layer=per_layer,
+        density=stats.mean(n_layers=L), density_attn=stats.mean("attn", n_layers=L),
+        density_mlp=stats.mean("mlp", n_layers=L),
+        compute_ratio=compute_ratio(model.cfg, seq_len, stats.density()),
+        per_layer=stats.per_layer(L),
         sparse_s=sums["model_s"], dense_s=sums["dense_s"], speedup=sums["dense_s"] / sums["model_s"],
     )
 
@@ -263,7 +246,7 @@ def main(argv):
                windows=len(chunks), bos=tok.adds_bos)
     print(f"{name}: {len(chunks)} windows of {cfg['seq_len']} tokens{' + BOS' if tok.adds_bos else ''}")
     if not cfg["ckpt"]:
-        sums, _, _ = evaluate(model, chunks, cfg["batch_size"])
+        sums, _ = evaluate(model, chunks, cfg["batch_size"])
         n = sums["tokens"]
         out.update(perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n), seconds=sums["model_s"])
         print(f"perplexity {out['perplexity']:.4f} over {out['tokens']} scored tokens")

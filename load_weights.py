@@ -15,13 +15,15 @@ Weights keep their Hugging Face names on disk; HF_NAMES below maps them onto our
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from model import PRESETS, Model, ModelConfig
+from model import PRESETS, Model, ModelConfig, gemma3_layer_types
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,6 +120,137 @@ def resolve(name_or_dir: str, checkpoints_dir: str = "checkpoints") -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class HFFamily:
+    """What a Hugging Face model_type means for ModelConfig, beyond the fields config.json states."""
+    fixed: dict = field(default_factory=dict)   # ModelConfig fields that follow from the architecture
+                                                # (norm_eps, tie_embeddings: when config.json is silent)
+    keys: dict = field(default_factory=dict)    # ModelConfig field -> the config.json key it is read from
+    sliding: Optional[str] = None               # layers that slide when config.json has no layer_types:
+                                                # "alternate" (even layers), "pattern" (all but every
+                                                # n-th), "all" (when a sliding_window is set)
+
+
+_GEMMA_HF = dict(norm_offset=True, act="gelu_tanh", embed_scale=True, norm_eps=1e-6, tie_embeddings=True)
+HF_FAMILIES = {
+    "llama": HFFamily(),
+    "mistral": HFFamily(sliding="all"),
+    "qwen2": HFFamily(dict(qkv_bias=True), sliding="all"),       # window only with use_sliding_window
+    "gemma": HFFamily(_GEMMA_HF),
+    "gemma2": HFFamily(dict(_GEMMA_HF, sandwich_norm=True),
+                       dict(query_scale="query_pre_attn_scalar", attn_softcap="attn_logit_softcapping",
+                            final_softcap="final_logit_softcapping"), sliding="alternate"),
+    "gemma3_text": HFFamily(dict(_GEMMA_HF, sandwich_norm=True, qk_norm=True),
+                            dict(query_scale="query_pre_attn_scalar", final_softcap="final_logit_softcapping"),
+                            sliding="pattern"),
+}
+
+
+def _need(hf, key):
+    if hf.get(key) is None:
+        raise ValueError(f"config.json has no {key!r}, which a {hf.get('model_type')} model needs")
+    return hf[key]
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 format)."""
+    mt = hf.get("model_type")
+    if mt not in HF_FAMILIES:
+        raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(HF_FAMILIES)}")
+    family = HF_FAMILIES[mt]
+    fixed = family.fixed
+    n_heads, dim, n_layers = _need(hf, "num_attention_heads"), _need(hf, "hidden_size"), _need(hf, "num_hidden_layers")
+    theta, scaling, local_theta = _rope_params(hf)
+    window, layer_types = _windows(hf, family.sliding, n_layers)
+    eos = hf.get("eos_token_id")
+    read = {name: hf.get(key) for name, key in family.keys.items()}
+    if "query_scale" in read:
+        read["query_scale"] = float(_need(hf, "query_pre_attn_scalar"))
+    return ModelConfig(**{
+        **fixed, **read,
+        "vocab_size": _need(hf, "vocab_size"), "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+        "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+        "head_dim": hf.get("head_dim") or dim // n_heads,
+        "ffn_dim": _need(hf, "intermediate_size"), "max_seq_len": _need(hf, "max_position_embeddings"),
+        "norm_eps": float(hf.get("rms_norm_eps", fixed.get("norm_eps", 1e-5))),
+        "qkv_bias": fixed.get("qkv_bias", False) or bool(hf.get("attention_bias", False)),
+        "sliding_window": window, "layer_types": layer_types,
+        "rope_theta": theta, "rope_local_theta": local_theta if local_theta != theta else None,
+        "rope_scaling": scaling,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", fixed.get("tie_embeddings", False))),
+        "bos_id": hf.get("bos_token_id"),
+        "eos_ids": tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+    })
+
+
+def _windows(hf: dict, sliding: Optional[str], n_layers: int):
+    """(sliding_window, layer_types): the window only where some layer slides."""
+    window = hf.get("sliding_window")
+    if hf["model_type"] == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if hf.get("layer_types") is not None:
+        names = {"sliding_attention": "sliding", "full_attention": "full"}
+        layer_types = tuple(names[t] for t in hf["layer_types"])
+    elif sliding == "alternate":
+        layer_types = tuple("sliding" if i % 2 == 0 else "full" for i in range(n_layers))
+    elif sliding == "pattern":
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        layer_types = tuple(gemma3_layer_types(n_layers, pattern))
+    elif sliding == "all" and window is not None:
+        layer_types = ("sliding",) * n_layers
+    else:
+        layer_types = None
+    if window is None and layer_types is not None and all(t == "full" for t in layer_types):
+        layer_types = None
+    if layer_types is not None and "sliding" in layer_types and window is None:
+        raise ValueError("config.json has sliding layers but no 'sliding_window'")
+    return (window if layer_types is not None else None), layer_types
+
+
+def _rope_params(hf: dict):
+    """(theta, scaling) of full-attention layers and theta of sliding layers, from either format.
+
+    transformers 4 writes top-level rope_theta / rope_scaling (and Gemma 3 rope_local_base_freq);
+    transformers 5 writes rope_parameters, per layer type for Gemma 3. A missing base is an error:
+    a silent default would give wrong positions and plausible-looking text.
+    """
+    rp = hf.get("rope_parameters")
+    if rp is not None:
+        if "full_attention" in rp:   # one entry per layer type
+            if hf.get("model_type") == "gemma3_text" and "sliding_attention" not in rp:
+                raise ValueError("config.json rope_parameters has no 'sliding_attention' entry, "
+                                 "which gives Gemma 3's sliding layers their rotary base")
+            full, local = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
+        else:
+            full = local = rp
+        if "rope_theta" not in full:
+            raise ValueError("config.json rope_parameters has no 'rope_theta'")
+        return float(full["rope_theta"]), _scaling(full), float(local.get("rope_theta", full["rope_theta"]))
+    theta = float(_need(hf, "rope_theta"))
+    if hf.get("model_type") == "gemma3_text":   # sliding layers have their own base (10k vs 1M)
+        local = float(_need(hf, "rope_local_base_freq"))
+    else:
+        local = theta
+    return theta, _scaling(hf.get("rope_scaling") or {}), local
+
+
+def _scaling(d: dict) -> Optional[dict]:
+    kind = d.get("rope_type", d.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return dict(type="linear", factor=float(d["factor"]))
+    if kind == "llama3":
+        return dict(type="llama3", factor=float(d["factor"]), low_freq_factor=float(d["low_freq_factor"]),
+                    high_freq_factor=float(d["high_freq_factor"]),
+                    original_max_seq_len=int(d["original_max_position_embeddings"]))
+    raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Folder -> config, weights, tokenizer
 # ----------------------------------------------------------------------------------------------
 
@@ -129,7 +262,7 @@ def read_config(folder: Path) -> ModelConfig:
     if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: use its text tower
         hf = dict(hf["text_config"], model_type="gemma3_text")
     try:
-        return ModelConfig.from_hf_config(hf)
+        return config_from_hf(hf)
     except (KeyError, ValueError) as e:
         raise LoadError(f"{folder}/config.json: {e}") from None
 

@@ -7,15 +7,25 @@ For a sublayer s of layer l with normalized input x = norm_s(h):
     dg/dz := sigmoid'(z)          # straight-through estimator in the backward pass
     h = h + g * f_s(x)
 
-This file holds the router module, the straight-through gate, the L1 sparsity
-loss, gate statistics, and the token-compaction helpers that turn a gate
-pattern into real savings: gather the kept rows, run the sublayer on them
-only, scatter the result back.
+Routers start open (weight 0, bias +3): the routed model is then exactly the dense model.
+A token's gate depends only on its own hidden state, so training, prefill and token-by-token
+decoding make the same decisions.
 
-Routers start open (weight 0, bias +3): the routed model is then exactly the
-dense model. `add_routers(model, route, kv)` attaches them to a loaded model.
+    add_routers(model, route, kv)       # attach open routers to a loaded model (in place)
+    decide(r, x, layer, kind)           # the one place where a sublayer's input becomes its gates
+    with forced(model, 0.5): ...        # random gates keeping half the tokens; "open": all compute
+    parameters(model)                   # what train.py trains of the routers
+    l1_loss(records), GateStats(records).density()   # the sparsity loss and the statistics
+
+Density, everywhere in this repository: the density of a sublayer is the fraction of its
+(token) slots that computed, kept / slots, counted over the forward passes you give it. A
+sublayer without a router always computes (density 1). An average over sublayers weighs each
+sublayer equally (or by a weight per kind, e.g. the FLOPs a skip saves).
 """
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -23,6 +33,8 @@ import torch.nn.functional as F
 
 ROUTES = ("sublayer", "attn", "mlp", "block")  # what gets its own gate
 KV_MODES = ("all", "kept")                     # what a skipped token leaves in the attention
+MODES = ("learned", "random", "open")          # what decides a router's gates (see Router, forced)
+ZERO = torch.zeros(())   # gates compare with a tensor: a Python 0 would be wrapped in one per call
 
 
 class Router(nn.Module):
@@ -30,6 +42,8 @@ class Router(nn.Module):
 
     mode "learned": z = w·x + b (float32, whatever the activation dtype).
     mode "random":  z ~ U(density - 1, density], so P(z > 0) = self.density — the baseline gates.
+    mode "open":    the router is not run and every token computes (see decide).
+    Set modes with `forced`, which restores them afterwards.
     """
 
     def __init__(self, dim: int, bias_init: float = 3.0):
@@ -72,6 +86,24 @@ class GateRecord:
     z: torch.Tensor      # (B, T) router logits
     keep: torch.Tensor   # (B, T) bool
 
+    def last(self) -> "GateRecord":
+        """The decisions of the last position only: (B, 1)."""
+        return GateRecord(self.layer, self.kind, self.z[:, -1:], self.keep[:, -1:])
+
+
+def decide(r: Optional[Router], x: torch.Tensor, layer: int, kind: str,
+           routers_off: bool = False) -> Optional[GateRecord]:
+    """The gates of one sublayer for its normalized input x (B, T, d).
+
+    None means every token computes: no router here, routers off for this call
+    (Model.forward(routers_off=True)), or the router forced open. A new gate rule (a fixed
+    position that always computes, an oracle) belongs here.
+    """
+    if r is None or routers_off or r.mode == "open":
+        return None
+    z = r(x)                                                             # (B, T)
+    return GateRecord(layer, kind, z, z > ZERO)
+
 
 def add_routers(model, route: str = "sublayer", kv: str = "all", bias_init: float = 3.0):
     """Attach open routers to every block of a loaded model (in place) and return it."""
@@ -98,67 +130,36 @@ def routers(model):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Token compaction
-# ----------------------------------------------------------------------------------------------
+def named_parameters(model) -> dict:
+    """{name in the model's state dict: parameter} of every router."""
+    return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, Router)
+            for p_name, p in m.named_parameters()}
 
-@dataclass
-class Packing:
-    """Where the kept tokens of a (B, T) gate pattern go in a padded (B, Tp) layout.
 
-    Kept token n sits at (b_idx[n], t_idx[n]) in the original layout and at
-    (b_idx[n], slot[n]) in the packed one; Tp = the largest per-sequence count.
-    `flat` = b_idx * T + t_idx, the row of the token in a (B*T, d) view.
+def parameters(model) -> list:
+    """Every router parameter (weights and biases)."""
+    return list(named_parameters(model).values())
+
+
+@contextmanager
+def forced(model, gates):
+    """Force the routers' gates inside the block; their modes are restored after, even on error.
+
+    gates: "open"            every routed sublayer computes for every token (routers not run);
+           a number d        random gates: each token computes with probability d;
+           {(layer, kind): "open" or d}   per sublayer; routers not named keep their mode.
     """
-    b_idx: torch.Tensor   # (N,)
-    t_idx: torch.Tensor   # (N,)
-    slot: torch.Tensor    # (N,)
-    counts: torch.Tensor  # (B,) kept tokens per sequence
-    flat: torch.Tensor    # (N,)
-    width: int            # Tp
-    sizes: list           # counts as Python ints
-
-    @property
-    def even(self) -> bool:
-        """Every sequence keeps as many tokens: no padding, the kept rows already are the layout."""
-        return min(self.sizes, default=0) == self.width
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """(B, Tp) bool: which packed slots hold a real token."""
-        return torch.arange(self.width, device=self.counts.device) < self.counts[:, None]
-
-
-def pack(keep: torch.Tensor) -> Packing:
-    """Index the kept tokens of a (B, T) bool pattern (row-major: sequence, then position)."""
-    B, T = keep.shape
-    counts = keep.sum(1)
-    sizes = counts.tolist()                                    # one device sync
-    b_idx, t_idx = keep.nonzero(as_tuple=True)
-    slot = (keep.cumsum(1) - 1)[b_idx, t_idx]
-    return Packing(b_idx, t_idx, slot, counts, b_idx * T + t_idx, max(sizes, default=0), sizes)
-
-
-def to_packed(rows: torch.Tensor, p: Packing, B: int) -> torch.Tensor:
-    """(N, ...) kept rows -> (B, Tp, ...) zero-padded per sequence."""
-    if p.even:                                                 # sequence-major rows: a reshape
-        return rows.reshape((B, p.width) + rows.shape[1:])
-    out = rows.new_zeros((B, p.width) + rows.shape[1:])
-    out[p.b_idx, p.slot] = rows
-    return out
-
-
-def from_packed(packed: torch.Tensor, p: Packing) -> torch.Tensor:
-    """(B, Tp, ...) -> (N, ...) the real rows, in the order of p."""
-    if p.even:
-        return packed.reshape((-1,) + packed.shape[2:])
-    return packed[p.b_idx, p.slot]
-
-
-def scatter_add_rows(h: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """h (B, T, d) with rows (N, d) added at the flat row indices; out of place."""
-    B, T, d = h.shape
-    return h.reshape(B * T, d).index_add(0, flat, rows.to(h.dtype)).view(B, T, d)
+    table = gates if isinstance(gates, dict) else {(l, k): gates for l, k, _ in routers(model)}
+    saved = [(r, r.mode, r.density) for _, _, r in routers(model)]
+    try:
+        for layer, kind, r in routers(model):
+            if (layer, kind) in table:
+                g = table[(layer, kind)]
+                r.mode, r.density = ("open", 1.0) if g == "open" else ("random", float(g))
+        yield model
+    finally:
+        for r, mode, density in saved:
+            r.mode, r.density = mode, density
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,13 +179,45 @@ def l1_loss(records, weights=None) -> torch.Tensor:
     return total / norm
 
 
-def gate_stats(records) -> dict:
-    """Density (fraction of kept slots) per layer and kind, and overall per kind."""
-    per = {}
-    for r in records:
-        per[(r.layer, r.kind)] = r.keep.float().mean().item()
-    out = {"per_layer": per}
-    for kind in ("attn", "mlp"):
-        vals = [v for (l, k), v in per.items() if k == kind]
-        out[kind] = sum(vals) / len(vals) if vals else 1.0
-    return out
+class GateStats:
+    """Gate decisions counted per routed sublayer, over any number of forward passes.
+
+        stats = GateStats(records)          # or GateStats() and stats.add(records) per batch
+        stats.density()                     # {(layer, kind): kept / slots}, routed sublayers
+        stats.mean("attn")                  # average over routed attention sublayers
+        stats.mean(n_layers=L)              # average over all 2L sublayers, unrouted ones at 1
+        stats.mean(weights=w)               # weighted by w[kind], e.g. the FLOPs a skip saves
+    """
+
+    def __init__(self, records=()):
+        self.kept, self.slots = defaultdict(int), defaultdict(int)
+        self.add(records)
+
+    def add(self, records) -> "GateStats":
+        for r in records:
+            self.kept[(r.layer, r.kind)] += int(r.keep.sum())
+            self.slots[(r.layer, r.kind)] += r.keep.numel()
+        return self
+
+    def density(self) -> dict:
+        """{(layer, kind): fraction of its slots that computed} for every routed sublayer seen."""
+        return {key: self.kept[key] / self.slots[key] for key in self.slots}
+
+    def per_layer(self, n_layers: int) -> list:
+        """[{"layer": i, "attn": density, "mlp": density}] for every layer; unrouted sublayers at 1."""
+        d = self.density()
+        return [{"layer": i, "attn": d.get((i, "attn"), 1.0), "mlp": d.get((i, "mlp"), 1.0)}
+                for i in range(n_layers)]
+
+    def mean(self, kind: Optional[str] = None, n_layers: Optional[int] = None, weights=None) -> float:
+        """Average density over the routed sublayers (of one kind, if given), or with n_layers
+        over all the model's sublayers with unrouted ones at 1; 1 when there are none."""
+        if n_layers is None:
+            values = list(self.density().items())
+        else:
+            values = [((row["layer"], k), row[k]) for row in self.per_layer(n_layers) for k in ("attn", "mlp")]
+        values = [(k, d) for (_, k), d in values if kind in (None, k)]
+        if not values:
+            return 1.0
+        w = {"attn": 1.0, "mlp": 1.0} if weights is None else weights
+        return sum(w[k] * d for k, d in values) / sum(w[k] for k, _ in values)

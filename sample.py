@@ -15,20 +15,20 @@ shows where the compute went:
   predicted it (dark = few, bright = many; --no_color prints the share in brackets instead);
 - the density of attention and MLP per layer, over every position the model processed;
 - tokens/s of the sparse model against the same weights run dense (LoRA merged into both,
-  routers ignored), on the same prompt for the same number of tokens.
+  routers off), on the same prompt for the same number of tokens.
 
 Every option below is --key=value (python sample.py --help lists them).
 """
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
 import load_weights
 import lora
+import router
 from configurator import configure
-from model import compute_ratio
+from flops import compute_ratio
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
@@ -70,7 +70,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def decode(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_ids=(),
-           generator=None, dense=False):
+           generator=None, routers_off=False):
     """Yield, step by step, (next ids (B, 1), gate records of the forward that predicted them).
 
     The first step prefills the whole prompt idx (B, T) (its records cover T positions), the
@@ -88,7 +88,7 @@ def decode(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, 
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
     x = idx
     for _ in range(max_new_tokens):
-        logits, records = model(x, cache=cache, dense=dense, last_only=True)    # (B, 1, V)
+        logits, records = model(x, cache=cache, routers_off=routers_off, last_only=True)    # (B, 1, V)
         x = sample_next(logits[:, -1], temperature, top_k, top_p, generator)    # (B, 1)
         if len(eos):
             x = torch.where(done, eos[0], x)
@@ -99,9 +99,9 @@ def decode(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, 
 
 
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_ids=(),
-             generator=None, dense=False):
+             generator=None, routers_off=False):
     """idx (B, T) prompt ids -> (B, T + n): the prompt and the n <= max_new_tokens new ids."""
-    steps = decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, dense)
+    steps = decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, routers_off)
     return torch.cat([idx] + [x for x, _ in steps], dim=1)
 
 
@@ -126,7 +126,7 @@ def pieces(tok, prompt_ids, new_ids):
 
 def step_share(records) -> float:
     """Share of routed sublayers the last position computed in one forward (B = 1)."""
-    return sum(bool(r.keep[0, -1]) for r in records) / max(len(records), 1)
+    return router.GateStats(r.last() for r in records).mean()
 
 
 def paint(text, share, color=True):
@@ -139,12 +139,14 @@ def paint(text, share, color=True):
     return "\n".join(f"\033[48;5;{grey};38;5;{fg}m{line}\033[0m" if line else "" for line in text.split("\n"))
 
 
-def density_table(kept, slots, n_layers) -> str:
+def density_table(stats, n_layers) -> str:
     """One line per layer: a 10-character bar and the density of attention and of the MLP."""
+    density = stats.density()
+
     def cell(layer, kind):
-        if (layer, kind) not in slots:
+        if (layer, kind) not in density:
             return f"{'not routed':<16}"
-        d = kept[(layer, kind)] / slots[(layer, kind)]
+        d = density[(layer, kind)]
         return f"{'█' * round(10 * d):·<10} {d:5.2f}"
     lines = [f"layer  {'attn':<16}  mlp"]
     lines += [f"{layer:5d}  {cell(layer, 'attn')}  {cell(layer, 'mlp')}" for layer in range(n_layers)]
@@ -157,22 +159,21 @@ def now(device):
     return time.perf_counter()
 
 
-def sample_sparse(model, tok, idx, cfg, generator, kept, slots):
+def sample_sparse(model, tok, idx, cfg, generator, stats):
     """Generate with the sparse model, print the tokens coloured by compute, then sparse vs dense speed.
 
-    kept, slots: per (layer, kind) counters of the positions processed, updated in place.
+    stats: router.GateStats of the positions processed, updated in place.
     """
     generate(model, idx, 2)                      # untimed warm-up of both paths: one-time costs
-    generate(model, idx, 2, dense=True)          # (kernel choice, allocations) are not compute
+    generate(model, idx, 2, routers_off=True)    # (kernel choice, allocations) are not compute
     t0 = now(cfg["device"])
     steps = list(decode(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
                         cfg["top_p"] if cfg["top_p"] < 1 else None, tok.eos_ids, generator))
     sparse_s = now(cfg["device"]) - t0
     new_ids = [int(x[0, 0]) for x, _ in steps]
     shares = [step_share(records) for _, records in steps]
-    for r in (r for _, records in steps for r in records):
-        kept[(r.layer, r.kind)] += int(r.keep.sum())
-        slots[(r.layer, r.kind)] += r.keep.numel()
+    for _, records in steps:
+        stats.add(records)
     color = not cfg["no_color"]
     text = "".join(paint(p, s, color) for p, s in zip(pieces(tok, idx[0].tolist(), new_ids), shares))
     print(cfg["prompt"] + text)
@@ -181,18 +182,18 @@ def sample_sparse(model, tok, idx, cfg, generator, kept, slots):
               + " ".join(paint(f" {s:.0%} ", s) for s in (0, 0.25, 0.5, 0.75, 1)))
     n = len(new_ids)
     t0 = now(cfg["device"])
-    generate(model, idx, n, dense=True)          # same prompt, same number of tokens, no EOS stop
+    generate(model, idx, n, routers_off=True)    # same prompt, same number of tokens, no EOS stop
     dense_s = now(cfg["device"]) - t0
     print(f"--- {n} tokens: sparse {n / sparse_s:.1f} tokens/s, dense {n / dense_s:.1f} tokens/s "
           f"({dense_s / sparse_s:.2f}x)")
 
 
-def print_summary(model, kept, slots, context):
-    density = {key: kept[key] / slots[key] for key in slots}
-    print(density_table(kept, slots, model.cfg.n_layers))
-    by_kind = {kind: [d for (_, k), d in density.items() if k == kind] for kind in ("attn", "mlp")}
-    parts = [f"{kind} {sum(v) / len(v):.2f}" for kind, v in by_kind.items() if v]
-    print(f"density {', '.join(parts)}; compute ratio {compute_ratio(model.cfg, context, density):.2f} "
+def print_summary(model, stats, context):
+    """Density per layer and per kind (averaged over the routed sublayers), and the compute ratio."""
+    print(density_table(stats, model.cfg.n_layers))
+    kinds = {k for _, k in stats.density()}
+    parts = [f"{kind} {stats.mean(kind):.2f}" for kind in ("attn", "mlp") if kind in kinds]
+    print(f"density {', '.join(parts)}; compute ratio {compute_ratio(model.cfg, context, stats.density()):.2f} "
           f"of the dense FLOPs at {context} tokens of context")
 
 
@@ -222,12 +223,12 @@ def main(argv):
     else:
         model, tok = load_weights.load(cfg["init"], cfg["dtype"], cfg["device"])
     idx = torch.tensor([tok.encode(cfg["prompt"])], dtype=torch.long, device=cfg["device"])   # (1, T)
-    kept, slots = defaultdict(int), defaultdict(int)
+    stats = router.GateStats()
     for i in range(cfg["num_samples"]):
         if i:
             print("-" * 40)
         if cfg["ckpt"]:
-            sample_sparse(model, tok, idx, cfg, generator, kept, slots)
+            sample_sparse(model, tok, idx, cfg, generator, stats)
             continue
         t0 = now(cfg["device"])
         out = generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
@@ -236,8 +237,8 @@ def main(argv):
         n = out.shape[1] - idx.shape[1]
         print(cfg["prompt"] + "".join(pieces(tok, idx[0].tolist(), out[0, idx.shape[1]:].tolist())))
         print(f"--- {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s")
-    if cfg["ckpt"] and slots:
-        print_summary(model, kept, slots, idx.shape[1] + cfg["max_new_tokens"])
+    if cfg["ckpt"] and stats.slots:
+        print_summary(model, stats, idx.shape[1] + cfg["max_new_tokens"])
 
 
 if __name__ == "__main__":

@@ -33,12 +33,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import lora
-import router as rt
+import router
 from configurator import configure
 from data.prepare import load_sources, tokenizer_key
 from eval import evaluate_sparse
 from load_weights import CKPT_JSON, CKPT_TENSORS, LoadError, load, read_checkpoint_meta, resolve
-from model import sublayer_flops, visible_keys
+from flops import skip_savings
+from model import softcap
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",  # base model: preset name or HF-format folder; "resume" continues out_dir
@@ -141,8 +142,7 @@ def chunk_size(vocab_size: int) -> int:
 
 def capped_logits(h, weight, cap):
     """(c, d) hidden -> (c, V) float32 logits, soft-capped as the model does."""
-    s = (h @ weight.t()).float()
-    return s if cap is None else cap * torch.tanh(s / cap)
+    return softcap((h @ weight.t()).float(), cap)
 
 
 class DistillLoss(torch.autograd.Function):
@@ -194,7 +194,7 @@ class DistillLoss(torch.autograd.Function):
 def distill_losses(model, x, ce_weight: float):
     """Mean KL and CE per token, the L1 loss, and the gate records for a (B, T) batch x."""
     with torch.no_grad(), lora.disabled(model):
-        h_t, _ = model(x, dense=True, return_hidden=True)                     # (B, T, d) teacher
+        h_t, _ = model(x, routers_off=True, return_hidden=True)                     # (B, T, d) teacher
     h_s, records = model(x, masked=True, return_hidden=True)                  # (B, T, d) student
     B, T, d = h_s.shape
     targets = x[:, 1:].reshape(-1) if ce_weight > 0 else None
@@ -206,21 +206,6 @@ def distill_losses(model, x, ce_weight: float):
     return kl / n, ce / n, records
 
 
-def flop_weights(cfg, seq_len: int) -> dict:
-    """What skipping one token saves in an attention and in an MLP sublayer (FLOPs, averaged)."""
-    layers = range(cfg.n_layers)
-    scores = sum(sublayer_flops(cfg, visible_keys(cfg, l, seq_len))["scores"] for l in layers) / cfg.n_layers
-    f = sublayer_flops(cfg, 0)
-    attn = f["q_o"] + scores + (f["kv"] if cfg.kv == "kept" else 0)
-    return {"attn": attn, "mlp": f["mlp"]}
-
-
-def weighted_density(records, weights) -> float:
-    """Fraction of the routed FLOPs that were executed in this batch."""
-    done = sum(weights[r.kind] * r.keep.float().mean().item() for r in records)
-    return done / sum(weights[r.kind] for r in records)
-
-
 @torch.no_grad()
 def sensitivity(model, x: torch.Tensor) -> dict:
     """{(layer, kind): KL(dense || dense with that one sublayer skipped for every token)} on x.
@@ -229,12 +214,11 @@ def sensitivity(model, x: torch.Tensor) -> dict:
     last MLPs); skipping a fifth of the tokens there costs more than skipping every other
     sublayer at that rate together. Measured before training, one forward per sublayer.
     """
-    ref = torch.log_softmax(model(x, dense=True)[0].float(), -1)
+    ref = torch.log_softmax(model(x, routers_off=True)[0].float(), -1)
     out = {}
-    for layer, kind, r in rt.routers(model):
-        r.mode, r.density = "random", 0.0                          # this sublayer: every gate closed
-        logp = torch.log_softmax(model(x)[0].float(), -1)
-        r.mode = "learned"
+    for layer, kind, _ in router.routers(model):
+        with router.forced(model, {(layer, kind): 0.0}):          # this sublayer: every gate closed
+            logp = torch.log_softmax(model(x)[0].float(), -1)
         out[(layer, kind)] = (ref.exp() * (ref - logp)).sum(-1).mean().item()
     return out
 
@@ -248,7 +232,7 @@ def calibrate_biases(model, sens: dict, bias: float, bias_max: float):
     """
     median = float(np.median(list(sens.values())))
     with torch.no_grad():
-        for layer, kind, r in rt.routers(model):
+        for layer, kind, r in router.routers(model):
             ratio = sens[(layer, kind)] / max(median, 1e-12)
             r.proj.bias.fill_(min(bias_max, bias * max(1.0, ratio)))
 
@@ -378,7 +362,7 @@ def build(cfg: dict):
     if cfg["seq_len"] > model.cfg.max_seq_len:
         raise ValueError(f"--seq_len={cfg['seq_len']} is over the model's context of {model.cfg.max_seq_len}")
     torch.manual_seed(cfg["seed"])                      # LoRA A init: the same on every rank
-    rt.add_routers(model, cfg["route"], cfg["kv"], cfg["router_bias"])
+    router.add_routers(model, cfg["route"], cfg["kv"], cfg["router_bias"])
     targets = [t for t in cfg["lora_targets"].split(",") if t]
     if cfg["lora_rank"] > 0:
         lora.inject(model, targets, cfg["lora_rank"], cfg["lora_alpha"])
@@ -443,7 +427,7 @@ def train(cfg: dict):
     else:
         val_windows = None
     opt = make_optimizer(model, cfg)
-    weights = flop_weights(mcfg, cfg["seq_len"]) if cfg["flop_weighted"] else {"attn": 1.0, "mlp": 1.0}
+    weights = skip_savings(mcfg, cfg["seq_len"]) if cfg["flop_weighted"] else {"attn": 1.0, "mlp": 1.0}
     controlled = any(cfg["target_density"])
     ctrl = DensityController(cfg["target_density"] if controlled else [1.0], stage_iters(cfg), cfg["anneal"],
                              cfg["l1"], cfg["lambda_gain"])
@@ -453,7 +437,7 @@ def train(cfg: dict):
         calibrate_biases(model, sens, cfg["router_bias"], cfg["router_bias_max"])
         if master:
             out_dir.mkdir(parents=True, exist_ok=True)
-            biases = {(l, k): r.proj.bias.item() for l, k, r in rt.routers(model)}
+            biases = {(l, k): r.proj.bias.item() for l, k, r in router.routers(model)}
             rows = [dict(layer=l, kind=k, kl=v, bias=biases[(l, k)]) for (l, k), v in sens.items()]
             (out_dir / "sensitivity.json").write_text(json.dumps(rows, indent=1))
     if cfg["init"] == "resume":
@@ -489,13 +473,13 @@ def train(cfg: dict):
             for _ in range(cfg["grad_accum"]):
                 x = data.batch(cfg["batch_size"] * world)[rank * cfg["batch_size"]:(rank + 1) * cfg["batch_size"]]
                 kl, ce, records = distill_losses(model, x.to(cfg["device"]), cfg["ce"])
-                l1 = rt.l1_loss(records, weights)
+                l1 = router.l1_loss(records, weights)
                 loss = kl + ctrl.lam * l1 + cfg["ce"] * ce
                 (loss / cfg["grad_accum"]).backward()
                 kl_sum += kl.item() / cfg["grad_accum"]
                 ce_sum += ce.item() / cfg["grad_accum"]
                 l1_sum += l1.item() / cfg["grad_accum"]
-                dens += weighted_density(records, weights) / cfg["grad_accum"]
+                dens += router.GateStats(records).mean(weights=weights) / cfg["grad_accum"]
             if world > 1:   # average the few trainable gradients ourselves: no DDP wrapper needed
                 for p in params:
                     dist.all_reduce(p.grad)

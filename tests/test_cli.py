@@ -127,7 +127,7 @@ def test_perplexity_convention_matches_hand_computation(tiny, text_file):
     chunks = eval_cli.windows(tok, text, SEQ_LEN)
     assert chunks.shape == (400 // SEQ_LEN, SEQ_LEN + tok.adds_bos)
     assert bool((chunks[:, 0] == 1).all()) == tok.adds_bos
-    sums, _, _ = eval_cli.evaluate(model, chunks, batch_size=3)
+    sums, _ = eval_cli.evaluate(model, chunks, batch_size=3)
     expected, count = hand_perplexity(ref, folder, text, SEQ_LEN, tok.adds_bos)
     assert sums["tokens"] == count == (400 // SEQ_LEN) * (SEQ_LEN if tok.adds_bos else SEQ_LEN - 1)
     assert math.exp(sums["nll"] / sums["tokens"]) == pytest.approx(expected, rel=1e-5)
@@ -147,7 +147,7 @@ def test_text_too_short_is_a_clear_error(tiny):
 def test_eval_cli_json_and_errors(tiny, text_file):
     _, folder, _ = tiny
     model, tok = load_weights.load(str(folder))
-    sums, _, _ = eval_cli.evaluate(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN))
+    sums, _ = eval_cli.evaluate(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN))
     rc, out, err = run_cli("eval.py", f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--json")
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
@@ -267,7 +267,7 @@ def test_eval_sparse_compact_equals_masked(tiny, ckpts, text_file):
     assert compact["density"] == pytest.approx((compact["density_attn"] + compact["density_mlp"]) / 2)
     # the dense reference is exactly the base model
     base, _ = load_weights.load(str(folder))
-    sums, _, _ = eval_cli.evaluate(base, chunks)
+    sums, _ = eval_cli.evaluate(base, chunks)
     assert compact["dense_perplexity"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-5)
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py, compact.py
 
 import router as rt
 from model import Model, ModelConfig
@@ -74,11 +73,11 @@ class GateTable:
         self.start = 0
 
 
-class TableRouter(nn.Module):
+class TableRouter(rt.Router):
     """A router whose logit is +1 where the table keeps the token and -1 where it skips it."""
 
-    def __init__(self, table: GateTable, layer: int, kind: str):
-        super().__init__()
+    def __init__(self, dim: int, table: GateTable, layer: int, kind: str):
+        super().__init__(dim)
         self.table, self.layer, self.kind = table, layer, kind
 
     def forward(self, x):
@@ -108,7 +107,7 @@ def force_gates(model: Model, route: str, kv: str, keep: dict) -> GateTable:
     rt.add_routers(model, route, kv)
     table = GateTable(keep)
     for layer, kind, _ in rt.routers(model):
-        setattr(model.layers[layer], f"{kind}_router", TableRouter(table, layer, kind))
+        setattr(model.layers[layer], f"{kind}_router", TableRouter(model.cfg.dim, table, layer, kind))
     return table
 
 
@@ -137,7 +136,7 @@ def test_compacted_logits_equal_masked_logits(family, kv, route):
     with torch.no_grad():
         masked, masked_records = model(idx, masked=True)
         compact, compact_records = model(idx)
-        dense, _ = model(idx, dense=True)
+        dense, _ = model(idx, routers_off=True)
     assert_logits_close(compact, masked)
     # the gates really change the answer, for every sequence that skipped something
     assert (compact - dense).abs().amax(dim=(1, 2)).min() > 1e-2
@@ -150,7 +149,7 @@ def test_compacted_logits_equal_masked_logits(family, kv, route):
 @pytest.mark.parametrize("kv", rt.KV_MODES)
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
 def test_long_sequences_attend_in_blocks_of_queries(family, kv, B):
-    """More kept queries than one block of _attend_blocks, a window far shorter than the sequence.
+    """More kept queries than one block of compact.attend_blocks, a window far shorter than the sequence.
     B=1: no padding, so the keys of each block are trimmed to its window (layer 0 slides)."""
     model = tiny_model(family)
     model.cfg.max_seq_len = 320
@@ -282,10 +281,9 @@ def test_random_gates_at_density_one_and_zero(kv):
     rt.add_routers(model, "sublayer", kv)
     idx = tokens(T=64)
     with torch.no_grad():
-        dense, _ = model(idx, dense=True)
+        dense, _ = model(idx, routers_off=True)
         for density in (1.0, 0.0):
-            for _, _, r in rt.routers(model):
-                r.mode, r.density = "random", density
-            logits, records = model(idx)
+            with rt.forced(model, density):
+                logits, records = model(idx)
             assert all(bool((r.keep == (density == 1.0)).all()) for r in records)
             assert torch.equal(logits, dense) == (density == 1.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from load_weights import config_from_hf
 from model import PRESETS, Model, ModelConfig
 
 # config.json of three Hub models, transformers-4 format, as published (abridged to what we read)
@@ -66,7 +67,7 @@ def resaved_by_transformers5(hf_v4: dict) -> dict:
 
 @pytest.mark.parametrize("name", HUB_V4)
 def test_transformers4_config_matches_preset(name):
-    cfg = ModelConfig.from_hf_config(HUB_V4[name])
+    cfg = config_from_hf(HUB_V4[name])
     assert architecture(cfg) == architecture(ModelConfig.from_preset(name))
 
 
@@ -79,7 +80,7 @@ def test_transformers5_config_reads_the_same(name):
         assert "layer_types" in v5               # Gemma 2/3: the pattern spelled out per layer
     if v5["model_type"] == "gemma3_text":
         assert set(v5["rope_parameters"]) == {"full_attention", "sliding_attention"}
-    assert ModelConfig.from_hf_config(v5) == ModelConfig.from_hf_config(HUB_V4[name])
+    assert config_from_hf(v5) == config_from_hf(HUB_V4[name])
 
 
 def test_gemma3_rope_bases_and_scaling():
@@ -87,7 +88,7 @@ def test_gemma3_rope_bases_and_scaling():
     v4 = dict(HUB_V4["gemma-3-1b"], rope_scaling={"factor": 8.0, "rope_type": "linear"})
     expected = dict(rope_theta=1e6, rope_local_theta=1e4, rope_scaling=dict(type="linear", factor=8.0))
     for hf in (v4, resaved_by_transformers5(v4)):
-        cfg = ModelConfig.from_hf_config(hf)
+        cfg = config_from_hf(hf)
         assert {k: getattr(cfg, k) for k in expected} == expected
 
 
@@ -100,13 +101,13 @@ TINY_GEMMA3 = {"model_type": "gemma3_text", "vocab_size": 128, "hidden_size": 64
 @pytest.mark.parametrize("key", ["sliding_window_pattern", "_sliding_window_pattern"])
 def test_gemma3_sliding_window_pattern_spellings(key):
     """Every pattern-th layer is global; both spellings of the field are read, not defaulted."""
-    cfg = ModelConfig.from_hf_config(dict(TINY_GEMMA3, **{key: 3}))
+    cfg = config_from_hf(dict(TINY_GEMMA3, **{key: 3}))
     assert cfg.layer_types == ("sliding", "sliding", "full") * 2
 
 
 def test_layer_types_win_over_pattern():
     layer_types = ["full_attention", "sliding_attention"] * 3
-    cfg = ModelConfig.from_hf_config(dict(TINY_GEMMA3, sliding_window_pattern=6, layer_types=layer_types))
+    cfg = config_from_hf(dict(TINY_GEMMA3, sliding_window_pattern=6, layer_types=layer_types))
     assert cfg.layer_types == ("full", "sliding") * 3
 
 
@@ -117,23 +118,23 @@ def test_layer_types_win_over_pattern():
 def test_missing_rope_theta_is_an_error():
     v4 = {k: v for k, v in HUB_V4["llama-3.2-1b"].items() if k != "rope_theta"}
     with pytest.raises(ValueError, match="rope_theta"):
-        ModelConfig.from_hf_config(v4)
+        config_from_hf(v4)
     v5 = resaved_by_transformers5(HUB_V4["llama-3.2-1b"])
     del v5["rope_parameters"]["rope_theta"]
     with pytest.raises(ValueError, match="rope_theta"):
-        ModelConfig.from_hf_config(v5)
+        config_from_hf(v5)
 
 
 def test_missing_gemma3_local_rope_base_is_an_error():
     # transformers would use 10000 here; falling back to the global 1e6 gives wrong positions silently
     hf = {k: v for k, v in TINY_GEMMA3.items() if k != "rope_local_base_freq"}
     with pytest.raises(ValueError, match="rope_local_base_freq"):
-        ModelConfig.from_hf_config(hf)
+        config_from_hf(hf)
 
 
 def test_unsupported_model_type_is_an_error():
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
-        ModelConfig.from_hf_config({"model_type": "gpt2"})
+        config_from_hf({"model_type": "gpt2"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,5 +177,5 @@ def test_preset_matches_real_checkpoint(preset, folder):
     path = CHECKPOINTS / folder / "config.json"
     if not path.is_file():
         pytest.skip(f"{path} not found: build it with `bash ../shared/tools/make_real_checkpoints.sh checkpoints`")
-    cfg = ModelConfig.from_hf_config(json.loads(path.read_text()))
+    cfg = config_from_hf(json.loads(path.read_text()))
     assert architecture(cfg) == architecture(ModelConfig.from_preset(preset))

@@ -1,4 +1,4 @@
-"""The FLOP model (model.sublayer_flops, visible_keys, compute_ratio) against a direct count.
+"""The FLOP model (flops.sublayer_flops, visible_keys, compute_ratio) against a direct count.
 
     python -m pytest tests/test_flops.py -q
 
@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py
 
 import router as rt
-from model import Model, ModelConfig, attention_mask, compute_ratio, sublayer_flops, visible_keys
+from flops import compute_ratio, sublayer_flops, visible_keys
+from model import Model, ModelConfig, attention_mask
 
 LLAMA = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48, max_seq_len=64)
 # soft-capped attention runs as explicit matmuls, which FlopCounterMode does count
@@ -94,7 +95,7 @@ LAYER_MODULE = re.compile(r"Model\.layers\.(\d+)\.(.+)$")
 def counted_flops(model, idx, dense=False):
     """FlopCounterMode totals: {(layer, part): flops, "head": flops, "scores": flops}."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(idx, dense=dense)
+        model(idx, routers_off=dense)
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     out = defaultdict(int)
     for name, flops in counts.items():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from load_weights import load_model
+from load_weights import config_from_hf, load_model
 from model import Model, ModelConfig, attention_mask, rope_cos_sin, rope_inv_freq
 
 SEQ = 24       # longer than the sliding window of 8 below
@@ -136,7 +136,7 @@ def test_rope_matches_transformers(name):
     init = LlamaRotaryEmbedding.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
     expected, _ = init(hf, device="cpu")
 
-    cfg = ModelConfig.from_hf_config(hf.to_dict())
+    cfg = config_from_hf(hf.to_dict())
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     assert_close(inv_freq, expected, rtol=1e-6, atol=0)
 
@@ -155,7 +155,7 @@ def test_gemma3_rope_matches_transformers():
                                            "sliding_attention": dict(rope_type="default", rope_theta=1e4)})
     reference = Gemma3RotaryEmbedding(hf)
     with torch.device("meta"):                             # no weights needed, only the config
-        model = Model(ModelConfig.from_hf_config(hf.to_dict()))
+        model = Model(config_from_hf(hf.to_dict()))
     assert_close(model.inv_freq(False, "cpu"), reference.full_attention_inv_freq, rtol=1e-6, atol=0)
     assert_close(model.inv_freq(True, "cpu"), reference.sliding_attention_inv_freq, rtol=1e-6, atol=0)
 

@@ -304,20 +304,20 @@ def test_gate_stats_match_counts():
                record(0, "mlp", [[1, 1, 1, 1], [1, 1, 1, 1]]),       # 8 of 8
                record(1, "attn", [[-1, -1, 1, -1], [-1, 1, -1, -1]]), # 2 of 8
                record(1, "mlp", [[1, 1, -1, 1], [1, -1, 1, 1]])]      # 6 of 8
-    stats = rt.gate_stats(records)
-    assert stats["per_layer"] == {(0, "attn"): 4 / 8, (0, "mlp"): 1.0, (1, "attn"): 2 / 8, (1, "mlp"): 6 / 8}
-    assert stats["attn"] == pytest.approx((4 + 2) / 16)
-    assert stats["mlp"] == pytest.approx((8 + 6) / 16)
+    stats = rt.GateStats(records)
+    assert stats.density() == {(0, "attn"): 4 / 8, (0, "mlp"): 1.0, (1, "attn"): 2 / 8, (1, "mlp"): 6 / 8}
+    assert stats.mean("attn") == pytest.approx((4 + 2) / 16)
+    assert stats.mean("mlp") == pytest.approx((8 + 6) / 16)
 
 
 def test_gate_stats_of_a_forward_pass():
     model = rt.add_routers(tiny_model(), "attn", "all")
     random_routers(model, seed=8)
     _, records = model(tokens())
-    stats = rt.gate_stats(records)
+    stats = rt.GateStats(records)
     kept = sum(int((r.z > 0).sum()) for r in records)
-    assert stats["attn"] == pytest.approx(kept / (2 * 2 * 12))
-    assert stats["mlp"] == 1.0                 # not routed: always computed
+    assert stats.mean("attn") == pytest.approx(kept / (2 * 2 * 12))
+    assert stats.mean("mlp") == 1.0                 # not routed: always computed
 
 
 @pytest.mark.parametrize("route, kv, message", [("layer", "all", "unknown route 'layer'"),

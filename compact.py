@@ -1,0 +1,254 @@
+"""compact.py — token compaction: a skipped sublayer is not computed, not just multiplied by 0.
+
+This is the part of nanoskip that turns skipped tokens into saved time. model.py's `Block`
+asks its routers which tokens compute a sublayer (a (B, T) bool `keep`), then calls here:
+
+    kept_rows(f, h, x, keep)      # MLP: gather the kept rows of the whole batch, run f on
+                                  # them only, scatter-add the result back into h
+    attention(a, out, h, x, keep, ...)   # attention of the kept tokens only
+
+The MLP is row-wise, so compacting it is a gather and a scatter. Attention is not: a kept
+query must still see the keys it saw in the dense model, at the rotary positions it had.
+Two modes say what a skipped token leaves behind (ModelConfig.kv):
+
+- kv="all" (the paper's): every token still writes K and V (the KV cache stays complete);
+  only kept tokens make a query, scores and an output projection. Queries attend in blocks
+  of 128 over only the keys they can reach (`attend_blocks`).
+- kv="kept" (Mixture-of-Depths style): a skipped token is absent from the sublayer, as
+  query and as key; each layer's cache grows only by what that layer kept (`attend_kept`).
+
+Kept tokens of each sequence are packed side by side, padded to the longest count
+(`pack`, `to_packed`, `from_packed`): queries of different sequences never meet, so a
+(B, Tp) layout keeps the batched kernels and wastes only the padding.
+
+Also here: the KV cache (`KVCache`, one `LayerCache` per layer, written by position), whose
+per-sequence fill levels exist because a kv="kept" layer stores only the tokens it kept.
+
+This file imports nothing of the project: model.py imports it. `a` is model.Attention.
+Shapes: B batch, T tokens in this call, N kept tokens, Tp = the most kept by one sequence,
+S cached tokens, d model width, H query heads, Hkv key/value heads, D head dim.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather and scatter
+# ----------------------------------------------------------------------------------------------
+
+def count(keep: torch.Tensor) -> int:
+    """How many tokens compute (one device sync; a single decoded token needs no sum)."""
+    return int(keep.item()) if keep.numel() == 1 else int(keep.sum())
+
+
+def scatter_add_rows(h: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """h (B, T, d) with rows (N, d) added at the flat row indices; out of place."""
+    B, T, d = h.shape
+    return h.reshape(B * T, d).index_add(0, flat, rows.to(h.dtype)).view(B, T, d)
+
+
+def kept_rows(f, h, x, keep):
+    """h + f(x) where keep is True, h elsewhere, running the row-wise f on the kept rows only.
+
+    f: (..., d) -> (..., d); h, x (B, T, d); keep (B, T) bool.
+    """
+    n = count(keep)
+    if n == keep.numel():                                     # all of them: no gather
+        return h + f(x)
+    if n == 0:
+        return h                                              # weights not touched
+    flat = keep.flatten().nonzero().squeeze(1)                # (N,) rows of kept tokens
+    return scatter_add_rows(h, flat, f(x.flatten(0, 1)[flat]))
+
+
+@dataclass
+class Packing:
+    """Where the kept tokens of a (B, T) gate pattern go in a padded (B, Tp) layout.
+
+    Kept token n sits at (b_idx[n], t_idx[n]) in the original layout and at
+    (b_idx[n], slot[n]) in the packed one; Tp = the largest per-sequence count.
+    `flat` = b_idx * T + t_idx, the row of the token in a (B*T, d) view.
+    """
+    b_idx: torch.Tensor   # (N,)
+    t_idx: torch.Tensor   # (N,)
+    slot: torch.Tensor    # (N,)
+    counts: torch.Tensor  # (B,) kept tokens per sequence
+    flat: torch.Tensor    # (N,)
+    width: int            # Tp
+    sizes: list           # counts as Python ints
+
+    @property
+    def even(self) -> bool:
+        """Every sequence keeps as many tokens: no padding, the kept rows already are the layout."""
+        return min(self.sizes, default=0) == self.width
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, Tp) bool: which packed slots hold a real token."""
+        return torch.arange(self.width, device=self.counts.device) < self.counts[:, None]
+
+
+def pack(keep: torch.Tensor) -> Packing:
+    """Index the kept tokens of a (B, T) bool pattern (row-major: sequence, then position)."""
+    B, T = keep.shape
+    counts = keep.sum(1)
+    sizes = counts.tolist()                                    # one device sync
+    b_idx, t_idx = keep.nonzero(as_tuple=True)
+    slot = (keep.cumsum(1) - 1)[b_idx, t_idx]
+    return Packing(b_idx, t_idx, slot, counts, b_idx * T + t_idx, max(sizes, default=0), sizes)
+
+
+def to_packed(rows: torch.Tensor, p: Packing, B: int) -> torch.Tensor:
+    """(N, ...) kept rows -> (B, Tp, ...) zero-padded per sequence."""
+    if p.even:                                                 # sequence-major rows: a reshape
+        return rows.reshape((B, p.width) + rows.shape[1:])
+    out = rows.new_zeros((B, p.width) + rows.shape[1:])
+    out[p.b_idx, p.slot] = rows
+    return out
+
+
+def from_packed(packed: torch.Tensor, p: Packing) -> torch.Tensor:
+    """(B, Tp, ...) -> (N, ...) the real rows, in the order of p."""
+    if p.even:
+        return packed.reshape((-1,) + packed.shape[2:])
+    return packed[p.b_idx, p.slot]
+
+
+# ----------------------------------------------------------------------------------------------
+# Compacted attention
+# ----------------------------------------------------------------------------------------------
+
+def attention(a, out, h, x, keep, cos, sin, pos, cache, kv: str):
+    """h + out(attention output) for the tokens keep marks; h unchanged for the others.
+
+    a: the layer's Attention; out: what follows its output projection (Gemma 2/3's post-norm);
+    h, x (B, T, d); keep, pos (B, T); cos, sin (1, T, D); cache: the layer's LayerCache or None.
+    """
+    B, T, _ = x.shape
+    n = count(keep)
+    if n == B * T:                                              # everyone computes: plain attention
+        return h + out(a(x, cos, sin, pos, cache))
+    if kv == "all":   # every token writes K/V; only kept tokens ask (query, scores, output projection)
+        k, v = a.project_kv(x, cos, sin)                        # (B, Hkv, T, D)
+        if cache is not None:
+            cache.append(k, v, pos)
+            k, v, _, _ = cache.view()                           # key s is the token at position s
+    if n == 0:
+        return h                                                # nobody asks: no q, no wo
+    p = pack(keep)
+    xp = to_packed(x.flatten(0, 1)[p.flat], p, B)               # (B, Tp, d)
+    q_pos = to_packed(pos[0][p.t_idx], p, B)                    # (B, Tp) original positions
+    cos_p, sin_p = to_packed(cos[0][p.t_idx], p, B), to_packed(sin[0][p.t_idx], p, B)
+    q = a.project_q(xp, cos_p, sin_p)                           # (B, H, Tp, D)
+    if kv == "all":
+        y = attend_blocks(a, q, k, v, q_pos, p)                 # (B, Tp, H*D)
+    else:
+        y = attend_kept(a, xp, q, q_pos, cos_p, sin_p, p, cache)
+    return scatter_add_rows(h, p.flat, out(a.wo(from_packed(y, p))))   # (N, d) added back
+
+
+def attend_blocks(a, q, k, v, q_pos, p: Packing, block: int = 128):
+    """kv="all": packed queries q (B, H, Tp, D) over keys k, v (B, Hkv, S, D) that sit at
+    their positions (key s is the token at position s, cached or not).
+
+    A block of queries needs only the keys from its earliest window start to its last
+    position, so the work follows the visible pairs, not the whole (Tp x S) rectangle
+    that one masked call would compute.
+    """
+    ys = []
+    for i in range(0, q.shape[2], block):
+        qp = q_pos[:, i:i + block]                                    # (B, Tb) (padding: 0)
+        hi = int(qp.max()) + 1
+        lo = 0 if a.window is None else max(0, int(qp.min()) - a.window + 1)
+        k_pos = torch.arange(lo, hi, device=q.device).expand(q.shape[0], -1)
+        mask = a.mask(qp, k_pos)                                      # (B, 1, Tb, hi - lo)
+        if not p.even:
+            mask |= ~p.valid[:, None, i:i + block, None]              # padded queries: no all-masked rows
+        ys.append(a.attend(q[:, :, i:i + block], k[:, :, lo:hi], v[:, :, lo:hi], mask))
+    return torch.cat(ys, dim=1)
+
+
+def attend_kept(a, xp, q, q_pos, cos_p, sin_p, p: Packing, cache):
+    """kv="kept": skipped tokens are absent, so the keys are the kept tokens, packed like the
+    queries q (B, H, Tp, D) (and, with a cache, the kept tokens of earlier calls)."""
+    k, v = a.project_kv(xp, cos_p, sin_p)                             # (B, Hkv, Tp, D)
+    if cache is None and a.window is None and a.softcap is None:
+        # Keys are the queries, in order: the causal triangle over the kept tokens. A real
+        # query never sees the padding, which comes after it.
+        return a.attend(q, k, v, None, causal=True)
+    if cache is None:
+        k_pos, k_valid = q_pos, None if p.even else p.valid
+    else:
+        cache.append(k, v, q_pos, p)
+        k, v, k_pos, k_valid = cache.view()                           # (B, Hkv, S, D) ...
+    mask = a.mask(q_pos, k_pos, k_valid)                              # (B, 1, Tp, S)
+    if not p.even:
+        mask |= ~p.valid[:, None, :, None]                            # padded queries: no all-masked rows
+    return a.attend(q, k, v, mask)                                    # (B, Tp, H*D)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+class LayerCache:
+    """K/V cache of one layer, written by position like gpt-fast's static cache.
+
+    Every sequence has its own fill level, so a kv="kept" layer stores only the tokens
+    that layer kept: k, v (B, Hkv, S, D); pos (B, S) original positions; lengths, the
+    filled slots per sequence, as Python ints (reading them costs no device sync).
+    """
+
+    def __init__(self, B, Hkv, S, D, dtype, device):
+        self.k = torch.zeros(B, Hkv, S, D, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(B, S, dtype=torch.long, device=device)
+        self.lengths = [0] * B
+
+    def append(self, k, v, pos, p: Optional[Packing] = None):
+        """Write new k, v (B, Hkv, T, D) at positions pos (B, T); with p, only its valid slots."""
+        B, _, T, _ = k.shape
+        even = min(self.lengths) == max(self.lengths)
+        if p is None and not even:
+            # kv="kept" layers fill unevenly: write each sequence at its own level
+            p = pack(torch.ones(B, T, dtype=torch.bool, device=k.device))
+        if p is None:  # every sequence writes all T tokens at the same level
+            start = self.lengths[0]
+            if start + T > self.k.shape[2]:
+                raise ValueError(f"KV cache full: {start} + {T} tokens > its {self.k.shape[2]} slots")
+            self.k[:, :, start:start + T] = k
+            self.v[:, :, start:start + T] = v
+            self.pos[:, start:start + T] = pos
+            self.lengths = [n + T for n in self.lengths]
+            return
+        lengths = [n + c for n, c in zip(self.lengths, p.sizes)]
+        if max(lengths) > self.k.shape[2]:
+            raise ValueError(f"KV cache full: it has {self.k.shape[2]} slots")
+        dst = torch.tensor(self.lengths, device=k.device)[p.b_idx] + p.slot    # (N,) where each token goes
+        self.k[p.b_idx, :, dst] = k[p.b_idx, :, p.slot]
+        self.v[p.b_idx, :, dst] = v[p.b_idx, :, p.slot]
+        self.pos[p.b_idx, dst] = pos[p.b_idx, p.slot]
+        self.lengths = lengths
+
+    def view(self):
+        """Filled part: k, v (B, Hkv, S', D), pos (B, S') with S' the longest fill, and
+        valid (B, S') bool, or None when every sequence fills all S' slots."""
+        n = max(self.lengths)
+        valid = None
+        if min(self.lengths) < n:
+            valid = torch.arange(n, device=self.pos.device) < torch.tensor(self.lengths, device=self.pos.device)[:, None]
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n], valid
+
+
+class KVCache:
+    """One LayerCache per layer, plus how many positions every sequence has seen."""
+
+    def __init__(self, cfg, batch_size: int, max_len: int, dtype, device):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"{max_len} tokens exceed the model's context of {cfg.max_seq_len}: "
+                             "use a shorter prompt or fewer new tokens")
+        self.layers = [LayerCache(batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+                       for _ in range(cfg.n_layers)]
+        self.seen = 0
