@@ -8,7 +8,8 @@ One convention, so numbers compare across the repository's tools:
 - tokenize the whole text without special tokens and cut it into consecutive windows of
   seq_len tokens, dropping the incomplete tail;
 - prepend BOS to each window exactly when the tokenizer's own post-processor adds one
-  (Gemma's does, SmolLM2's does not): the model sees text the way it was trained to;
+  (Gemma's does, SmolLM2's does not): the model sees text the way it was trained to
+  (data/prepare.py; train.py's windows follow the same convention);
 - score every token that has a predecessor in its window: seq_len per window with BOS,
   seq_len - 1 without;
 - perplexity = exp(mean negative log-likelihood over the scored tokens).
@@ -44,6 +45,7 @@ import load_weights
 import lora
 import router
 from configurator import configure
+from data.prepare import consecutive_windows
 from flops import compute_ratio
 
 DEFAULTS = dict(
@@ -66,18 +68,8 @@ HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, n
 
 def windows(tok, text: str, seq_len: int, max_chunks: int = 0) -> torch.Tensor:
     """The text as (N, seq_len [+ 1 with BOS]) token ids, following the convention above."""
-    ids = tok.encode(text, special=False)
-    n = len(ids) // seq_len
-    if max_chunks:
-        n = min(n, max_chunks)
-    scored = seq_len if tok.adds_bos else seq_len - 1
-    if n == 0 or scored < 1:
-        raise ValueError(f"the text has {len(ids)} tokens, not enough for one window of --seq_len={seq_len} "
-                         f"that scores a token: use a longer text or a smaller --seq_len")
-    chunks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    if tok.adds_bos:
-        chunks = torch.cat([torch.full((n, 1), tok.bos_id, dtype=torch.long), chunks], dim=1)
-    return chunks
+    bos = tok.bos_id if tok.adds_bos else None
+    return consecutive_windows(tok.encode(text, special=False), seq_len, bos, max_chunks)
 
 
 class Stopwatch:

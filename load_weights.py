@@ -21,8 +21,11 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+import lora
+import router
 from model import PRESETS, Model, ModelConfig, gemma3_layer_types
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -386,11 +389,44 @@ def load(name_or_dir: str, dtype="float32", device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# A sparse checkpoint of train.py: base model + routers + LoRA
+# A sparse checkpoint of train.py: base model + routers + LoRA, written and read here
 # ----------------------------------------------------------------------------------------------
 
 CKPT_JSON = "ckpt.json"                 # config, base model reference, training state
 CKPT_TENSORS = "trained.safetensors"    # only what was trained: routers and LoRA A/B
+CKPT_OPTIM = "optim.safetensors"        # AdamW moments and RNG states, to resume training
+
+
+def trained_parameters(model) -> dict:
+    """{name: parameter} of what training changes (routers and LoRA), in the model's order."""
+    ours = {id(p) for p in router.parameters(model) + lora.parameters(model)}
+    return {n: p for n, p in model.named_parameters() if id(p) in ours}
+
+
+def write_atomic(path: Path, write):
+    """write(tmp) then rename: an interrupted save never leaves a half-written file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
+    """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
+    (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    it = str(state["iter"])
+    params = trained_parameters(model)
+    tensors = {n: p.detach().contiguous() for n, p in params.items()}
+    write_atomic(out_dir / CKPT_TENSORS, lambda f: save_file(tensors, str(f), metadata={"iter": it}))
+    names = {p: n for n, p in params.items()}
+    optim = {"rng.torch": torch.get_rng_state(), "rng.data": state.pop("data_rng")}
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            optim[f"{names[p]}.{k}"] = v.detach().reshape(-1) if k == "step" else v.detach().contiguous()
+    write_atomic(out_dir / CKPT_OPTIM, lambda f: save_file(optim, str(f), metadata={"iter": it}))
+    meta = dict(meta, train_state=state)
+    write_atomic(out_dir / CKPT_JSON, lambda f: f.write_text(json.dumps(meta, indent=1)))
 
 
 def read_checkpoint_meta(out_dir) -> dict:
@@ -399,6 +435,34 @@ def read_checkpoint_meta(out_dir) -> dict:
         raise LoadError(f"no checkpoint in {out_dir} ({CKPT_JSON} missing): train one with "
                         f"`python train.py --out_dir={out_dir}`")
     return json.loads(path.read_text())
+
+
+def load_trained(model, out_dir):
+    """Copy trained.safetensors into a model that has its routers and LoRA already attached."""
+    device = model.tok_emb.weight.device
+    tensors = load_file(str(Path(out_dir) / CKPT_TENSORS), device=str(device))
+    missing = set(trained_parameters(model)) - set(tensors)
+    if missing:
+        raise LoadError(f"{out_dir}/{CKPT_TENSORS} lacks {sorted(missing)[:3]}...: "
+                        "the file is incomplete or was written by another configuration; train again or restore it")
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise LoadError(f"{out_dir}/{CKPT_TENSORS} holds tensors this model lacks "
+                        f"({result.unexpected_keys[:3]}...): the checkpoint does not match ckpt.json")
+
+
+def load_checkpoint(out_dir, model, opt) -> dict:
+    """Resume training: trained tensors, AdamW moments and RNG; returns the JSON training state."""
+    state = read_checkpoint_meta(out_dir)["train_state"]
+    load_trained(model, out_dir)
+    optim = load_file(str(Path(out_dir) / CKPT_OPTIM))
+    for n, p in trained_parameters(model).items():
+        if f"{n}.exp_avg" in optim:
+            opt.state[p] = {"step": optim[f"{n}.step"].reshape(()), "exp_avg": optim[f"{n}.exp_avg"],
+                            "exp_avg_sq": optim[f"{n}.exp_avg_sq"]}
+    torch.set_rng_state(optim["rng.torch"])
+    state["data_rng"] = optim["rng.data"]
+    return state
 
 
 def check_same_base(trained_cfg: dict, base: ModelConfig, base_name: str):
@@ -417,9 +481,6 @@ def _jsonable(x):
 
 def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
     """(model, tokenizer, meta) of a train.py checkpoint: base weights + routers + LoRA."""
-    import lora
-    import router
-    from safetensors.torch import load_file
     meta = read_checkpoint_meta(out_dir)
     base = base or meta["base"]
     model, tok = load(base, dtype, device)
@@ -427,14 +488,6 @@ def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
     router.add_routers(model, meta["model_config"]["route"], meta["model_config"]["kv"])
     if meta["lora"]["rank"] > 0:
         lora.inject(model, meta["lora"]["targets"], meta["lora"]["rank"], meta["lora"]["alpha"])
-    tensors = load_file(str(Path(out_dir) / CKPT_TENSORS), device=str(device))
-    result = model.load_state_dict(tensors, strict=False)
-    trained = {k for k in model.state_dict() if "_router." in k or k.endswith((".A", ".B"))}
-    if trained - set(tensors):
-        raise LoadError(f"{out_dir}/{CKPT_TENSORS} lacks {sorted(trained - set(tensors))[:3]}...: "
-                        "the file is incomplete; train again or restore it")
-    if result.unexpected_keys:
-        raise LoadError(f"{out_dir}/{CKPT_TENSORS} holds tensors this model lacks "
-                        f"({result.unexpected_keys[:3]}...): the checkpoint does not match ckpt.json")
+    load_trained(model, out_dir)
     model.requires_grad_(False).eval()
     return model, tok, meta

@@ -9,7 +9,7 @@ then give the dense model, with no second copy in memory.
     inject(model, targets=("wq", "wv"), rank=16, alpha=32)   # in place
     with disabled(model): ...                                  # base model
     merge(model)                                               # fold B A into W for inference
-    lora_state(model)                                          # only the adapter tensors
+    parameters(model)                                          # only the adapter tensors (A, B)
 """
 import math
 from contextlib import contextmanager
@@ -97,6 +97,12 @@ def merge(model):
     return model
 
 
-def lora_state(model) -> dict:
-    """Only the adapter tensors, under their names in the model's state dict."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith(".A") or k.endswith(".B")}
+def named_parameters(model) -> dict:
+    """{name in the model's state dict: tensor} of every adapter's A and B."""
+    return {f"{name}.{ab}": getattr(m, ab) for name, m in model.named_modules() if isinstance(m, LoRALinear)
+            for ab in ("A", "B")}
+
+
+def parameters(model) -> list:
+    """Every adapter's A and B: what train.py trains besides the routers."""
+    return list(named_parameters(model).values())

@@ -1,4 +1,4 @@
-"""data/prepare.py — text files -> token memmaps that train.py samples windows from.
+"""data/prepare.py — text files -> token memmaps, and the windows of tokens the model reads.
 
 train.py calls `load_sources` itself, so the main job needs no data step; run this file
 only to re-make the held-out split of the shipped corpus:
@@ -10,6 +10,11 @@ with the base model's tokenizer, without special tokens, into a flat uint32 arra
 data/cache/<key>.bin (nanoGPT style). The key hashes the file's bytes and the tokenizer, so a
 changed file or another model gets its own cache. Files are written to a temporary name and
 renamed, so an interrupted run never leaves a half-written cache behind.
+
+Windows, one convention for training (train.py) and evaluation (eval.py): a window is seq_len
+text tokens, with BOS in front exactly when the tokenizer's own post-processor adds one
+(Gemma's does, SmolLM2's does not), so the model sees text the way it was trained to. A window
+is therefore seq_len + 1 tokens long with BOS, seq_len without.
 """
 import hashlib
 import json
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
@@ -84,6 +90,68 @@ def tokenizer_key(folder: Path) -> str:
 def load_sources(spec: str, tokenizer, tok_key: str) -> dict:
     """{file stem: uint32 token array} for every file named by spec."""
     return {p.stem: tokenize_cached(p, tokenizer, tok_key) for p in list_files(spec)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows (the convention in the docstring above)
+# ----------------------------------------------------------------------------------------------
+
+def with_bos(x: torch.Tensor, bos_id) -> torch.Tensor:
+    """(N, seq_len) text tokens -> (N, seq_len + 1) with BOS in front; unchanged when bos_id is None."""
+    if bos_id is None:
+        return x
+    return torch.cat([torch.full((len(x), 1), bos_id, dtype=torch.long), x], dim=1)
+
+
+def consecutive_windows(ids: list, seq_len: int, bos_id, max_chunks: int = 0) -> torch.Tensor:
+    """A text's ids cut into consecutive windows, the incomplete tail dropped (eval.py)."""
+    n = len(ids) // seq_len
+    if max_chunks:
+        n = min(n, max_chunks)
+    scored = seq_len if bos_id is not None else seq_len - 1    # tokens with a predecessor in the window
+    if n == 0 or scored < 1:
+        raise ValueError(f"the text has {len(ids)} tokens, not enough for one window of --seq_len={seq_len} "
+                         f"that scores a token: use a longer text or a smaller --seq_len")
+    return with_bos(torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len), bos_id)
+
+
+def _rows(toks: np.ndarray, starts, seq_len: int) -> list:
+    return [torch.from_numpy(toks[s:s + seq_len].astype(np.int64)) for s in starts]
+
+
+def spread_windows(sources: dict, seq_len: int, bos_id, count: int) -> torch.Tensor:
+    """`count` fixed windows spread evenly over the held-out sources (train.py's periodic eval)."""
+    rows = []
+    for toks in sources.values():
+        n = max(1, count // len(sources))
+        rows += _rows(toks, np.linspace(0, len(toks) - seq_len - 1, n).astype(int), seq_len)
+    return with_bos(torch.stack(rows), bos_id)
+
+
+class RandomWindows:
+    """Samples training windows (train.py). Each row picks a source uniformly, then a start.
+
+    A source with few tokens (Python docs) weighs as much as a large one (Shakespeare), so the
+    routers do not learn the statistics of one text only.
+    """
+
+    def __init__(self, sources: dict, seq_len: int, bos_id, seed: int):
+        self.seq_len, self.bos = seq_len, bos_id
+        for name, toks in sources.items():
+            if len(toks) <= seq_len:
+                raise ValueError(f"text {name!r} has {len(toks)} tokens, fewer than one window of "
+                                 f"{seq_len}: give more text or lower --seq_len")
+        self.sources = list(sources.values())
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        """(batch_size, seq_len [+ 1 with BOS]) token ids."""
+        rows = []
+        for _ in range(batch_size):
+            toks = self.sources[int(torch.randint(len(self.sources), (1,), generator=self.gen))]
+            start = int(torch.randint(len(toks) - self.seq_len, (1,), generator=self.gen))
+            rows += _rows(toks, [start], self.seq_len)
+        return with_bos(torch.stack(rows), self.bos)
 
 
 def split_corpus(src: Path, corpus=HERE / "corpus", heldout=HERE / "heldout"):

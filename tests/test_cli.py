@@ -69,7 +69,7 @@ def make_checkpoint(out_dir: Path, base: Path, lora_std=0.0, route="sublayer", k
             r.proj.bias.zero_()
         for m in lora.adapters(model):
             m.B.copy_(lora_std * torch.randn(m.B.shape, generator=g))
-    trained = {k: v.contiguous() for k, v in model.state_dict().items() if "_router." in k or k.endswith((".A", ".B"))}
+    trained = {k: v.detach().contiguous() for k, v in load_weights.trained_parameters(model).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(trained, str(out_dir / load_weights.CKPT_TENSORS))
     meta = dict(base=str(base), model_config=model.cfg.to_dict(),

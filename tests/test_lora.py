@@ -1,4 +1,4 @@
-"""Unit tests of lora.py: inject, the zero start, disabled(), merge, lora_state, what trains, bfloat16.
+"""Unit tests of lora.py: inject, the zero start, disabled(), merge, named_parameters, what trains, bfloat16.
 
     python -m pytest tests/test_lora.py -q
 
@@ -116,10 +116,10 @@ def test_merge_equals_unmerged_and_counts_the_update_once():
     assert torch.equal(logits(model), merged)
 
 
-def test_lora_state_holds_only_the_adapter_tensors():
+def test_named_parameters_are_only_the_adapter_tensors():
     import router
     model = router.add_routers(lora_model(("wq", "down")), "sublayer", "all")
-    state = lora.lora_state(model)
+    state = {n: p.detach() for n, p in lora.named_parameters(model).items()}
     expected = {f"layers.{i}.{path}.{ab}" for i in range(2) for path in ("attn.wq", "mlp.down") for ab in "AB"}
     assert set(state) == expected
     params = dict(model.named_parameters())
