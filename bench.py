@@ -166,19 +166,19 @@ def row(model, mode, gates, B, seq_len, queries, dense_s, sparse_s, records) -> 
                 efficiency=speedup * ratio)
 
 
-def bench_gates(model, cfg, gates: str, ids: torch.Tensor) -> list:
+def bench_gates(model, config, gates: str, ids: torch.Tensor) -> list:
     """Prefill and decode rows for the gates the model has now."""
     out = []
-    for spec in cfg["prefill"]:
+    for spec in config["prefill"]:
         B, T = parse_shape(spec)
         idx = ids[: B * T].view(B, T)
         d, s, recs = interleaved(lambda: prefill_run(model, idx, True), lambda: prefill_run(model, idx, False),
-                                 cfg["repeat"])
+                                 config["repeat"])
         out.append(row(model, "prefill", gates, B, T, None, d, s, recs))
         print_row(out[-1])
-    B, P, n = cfg["decode_batch"], cfg["prompt_len"], cfg["new_tokens"]
+    B, P, n = config["decode_batch"], config["prompt_len"], config["new_tokens"]
     prompt = ids[: B * P].view(B, P)
-    d, s, recs = decode_runs(model, prompt, n, cfg["repeat"])
+    d, s, recs = decode_runs(model, prompt, n, config["repeat"])
     out.append(row(model, "decode", gates, B, P + n, n, d, s, recs))
     print_row(out[-1])
     return out
@@ -203,7 +203,7 @@ HEADER = (f"{'mode':8s} {'kv':5s} {'gates':8s} {'density':>7s} {'batch x seq_len
 # Ours against transformers
 # ----------------------------------------------------------------------------------------------
 
-def bench_vs_hf(model, folder, cfg, ids) -> list:
+def bench_vs_hf(model, folder, config, ids) -> list:
     """Our dense forward and cached greedy generation against transformers on the same weights."""
     try:
         from transformers import AutoModelForCausalLM
@@ -211,7 +211,7 @@ def bench_vs_hf(model, folder, cfg, ids) -> list:
         raise ValueError("--vs_hf needs transformers: pip install transformers") from None
     import sample
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.tok_emb.weight.dtype).eval()
-    T, P, n = cfg["hf_seq_len"], cfg["hf_prompt_len"], cfg["hf_new_tokens"]
+    T, P, n = config["hf_seq_len"], config["hf_prompt_len"], config["hf_new_tokens"]
     idx, prompt = ids[:T][None], ids[:P][None]
 
     @torch.no_grad()
@@ -227,7 +227,7 @@ def bench_vs_hf(model, folder, cfg, ids) -> list:
         return clock() - t0, []
 
     out = []
-    hf_s, ours_s, _ = interleaved(hf_forward, ours_forward, cfg["repeat"])
+    hf_s, ours_s, _ = interleaved(hf_forward, ours_forward, config["repeat"])
     out.append(dict(mode="prefill", batch=1, seq_len=T, ours_s=ours_s, hf_s=hf_s, speedup=hf_s / ours_s))
     print_row(out[-1])
 
@@ -245,7 +245,7 @@ def bench_vs_hf(model, folder, cfg, ids) -> list:
                                    min_new_tokens=n, do_sample=False, use_cache=True)[0, P:]
         return clock() - t0, []
 
-    hf_s, ours_s, _ = interleaved(hf_generate, ours_generate, cfg["repeat"])
+    hf_s, ours_s, _ = interleaved(hf_generate, ours_generate, config["repeat"])
     out.append(dict(mode="decode", batch=1, seq_len=P + n, new_tokens=n, ours_s=ours_s, hf_s=hf_s,
                     speedup=hf_s / ours_s, same_tokens=bool(torch.equal(tokens["ours"], tokens["hf"]))))
     print_row(out[-1])
@@ -254,67 +254,67 @@ def bench_vs_hf(model, folder, cfg, ids) -> list:
 
 # ----------------------------------------------------------------------------------------------
 
-def check(cfg):
-    if cfg["repeat"] < 1 or cfg["threads"] < 1:
+def check(config):
+    if config["repeat"] < 1 or config["threads"] < 1:
         raise ValueError("--repeat and --threads must be at least 1")
-    for d in cfg["densities"]:
+    for d in config["densities"]:
         if not 0.0 < d <= 1.0:
             raise ValueError(f"--densities: {d} is not in (0, 1]")
-    for kv in cfg["kv"]:
+    for kv in config["kv"]:
         if kv not in router.KV_MODES:
             raise ValueError(f"--kv: unknown mode {kv!r}; choose from {', '.join(router.KV_MODES)}")
-    if cfg["clock"] not in ("wall", "cpu"):
-        raise ValueError(f"--clock={cfg['clock']}: choose wall or cpu")
-    if cfg["route"] not in router.ROUTES:
-        raise ValueError(f"--route: unknown route {cfg['route']!r}; choose from {', '.join(router.ROUTES)}")
-    for spec in cfg["prefill"]:
+    if config["clock"] not in ("wall", "cpu"):
+        raise ValueError(f"--clock={config['clock']}: choose wall or cpu")
+    if config["route"] not in router.ROUTES:
+        raise ValueError(f"--route: unknown route {config['route']!r}; choose from {', '.join(router.ROUTES)}")
+    for spec in config["prefill"]:
         parse_shape(spec)
-    if min(cfg["prompt_len"], cfg["new_tokens"], cfg["decode_batch"], cfg["hf_seq_len"], cfg["hf_prompt_len"],
-           cfg["hf_new_tokens"]) < 1:
+    if min(config["prompt_len"], config["new_tokens"], config["decode_batch"], config["hf_seq_len"], config["hf_prompt_len"],
+           config["hf_new_tokens"]) < 1:
         raise ValueError("--prompt_len, --new_tokens, --decode_batch and the --hf_* sizes must be at least 1")
 
 
-def check_context(model, cfg):
-    longest = max([parse_shape(s)[1] for s in cfg["prefill"]] + [cfg["prompt_len"] + cfg["new_tokens"]])
-    if cfg["vs_hf"]:
-        longest = max(cfg["hf_seq_len"], cfg["hf_prompt_len"] + cfg["hf_new_tokens"])
+def check_context(model, config):
+    longest = max([parse_shape(s)[1] for s in config["prefill"]] + [config["prompt_len"] + config["new_tokens"]])
+    if config["vs_hf"]:
+        longest = max(config["hf_seq_len"], config["hf_prompt_len"] + config["hf_new_tokens"])
     if longest > model.cfg.max_seq_len:
         raise ValueError(f"{longest} tokens exceed the model's context of {model.cfg.max_seq_len}: "
                          "lower --prefill, --prompt_len or --new_tokens")
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
-    check(cfg)
-    torch.set_num_threads(cfg["threads"])
+    config = configure(DEFAULTS, argv)
+    check(config)
+    torch.set_num_threads(config["threads"])
     global clock
-    clock = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
-    torch.manual_seed(cfg["seed"])
-    base = load_weights.read_checkpoint_meta(cfg["ckpt"])["base"] if cfg["ckpt"] else cfg["init"]
-    model, tok = load_weights.load(base, cfg["dtype"])
+    clock = time.process_time if config["clock"] == "cpu" else time.perf_counter
+    torch.manual_seed(config["seed"])
+    base = load_weights.read_checkpoint_meta(config["ckpt"])["base"] if config["ckpt"] else config["init"]
+    model, tok = load_weights.load(base, config["dtype"])
     model.requires_grad_(False).eval()
-    check_context(model, cfg)
-    need = max([b * t for b, t in map(parse_shape, cfg["prefill"])]
-               + [cfg["decode_batch"] * cfg["prompt_len"], cfg["hf_seq_len"], cfg["hf_prompt_len"]])
-    ids = token_ids(tok, cfg["text"], need)
-    print(f"{base}: {cfg['dtype']}, {cfg['threads']} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
-          f"{cfg['clock']} clock, median of {cfg['repeat']}")
-    if cfg["vs_hf"]:
-        rows = bench_vs_hf(model, load_weights.resolve(base), cfg, ids)
+    check_context(model, config)
+    need = max([b * t for b, t in map(parse_shape, config["prefill"])]
+               + [config["decode_batch"] * config["prompt_len"], config["hf_seq_len"], config["hf_prompt_len"]])
+    ids = token_ids(tok, config["text"], need)
+    print(f"{base}: {config['dtype']}, {config['threads']} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+          f"{config['clock']} clock, median of {config['repeat']}")
+    if config["vs_hf"]:
+        rows = bench_vs_hf(model, load_weights.resolve(base), config, ids)
     else:
         print(HEADER)
         rows = []
-        for kv in cfg["kv"]:
-            router.add_routers(model, cfg["route"], kv)
-            for density in cfg["densities"]:
+        for kv in config["kv"]:
+            router.add_routers(model, config["route"], kv)
+            for density in config["densities"]:
                 with router.forced(model, density):
-                    rows += bench_gates(model, cfg, "random", ids)
-        if cfg["ckpt"]:
-            model, tok, meta = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"])
+                    rows += bench_gates(model, config, "random", ids)
+        if config["ckpt"]:
+            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"])
             lora.merge(model)                        # W += scale * B A: adapters cost nothing
-            print(f"learned gates of {cfg['ckpt']} (LoRA merged into the weights)")
-            rows += bench_gates(model, cfg, "learned", ids)
-    if cfg["json"]:
+            print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
+            rows += bench_gates(model, config, "learned", ids)
+    if config["json"]:
         print(json.dumps(rows))
 
 

@@ -149,6 +149,16 @@ def attention(a, out, h, x, keep, cos, sin, pos, cache, kv: str):
     return scatter_add_rows(h, p.flat, out(a.wo(from_packed(y, p))))   # (N, d) added back
 
 
+def attend_cache(a, q, k, v, pos, cache):
+    """Every token of this call asks: write its k, v (B, Hkv, T, D) at positions pos (B, T) to
+    the layer's cache, then attend over everything cached."""
+    cache.append(k, v, pos)
+    k, v, k_pos, k_valid = cache.view()                               # (B, Hkv, S, D) ...
+    if q.shape[2] == 1 and a.window is None and k_valid is None:
+        return a.attend(q, k, v, None)       # one new token and every cached key is visible
+    return a.attend(q, k, v, a.mask(pos, k_pos, k_valid))
+
+
 def attend_blocks(a, q, k, v, q_pos, p: Packing, block: int = 128):
     """kv="all": packed queries q (B, H, Tp, D) over keys k, v (B, Hkv, S, D) that sit at
     their positions (key s is the token at position s, cached or not).

@@ -200,19 +200,19 @@ def density_svg(per_layer, title: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 
-def check(cfg):
-    if not cfg["text"]:
+def check(config):
+    if not config["text"]:
         raise ValueError("no text to score: pass --text=FILE")
-    if cfg["seq_len"] < 1 or cfg["batch_size"] < 1 or cfg["max_chunks"] < 0:
+    if config["seq_len"] < 1 or config["batch_size"] < 1 or config["max_chunks"] < 0:
         raise ValueError("--seq_len and --batch_size must be at least 1, --max_chunks at least 0")
-    if cfg["path"] not in ("compact", "masked"):
-        raise ValueError(f"--path must be compact or masked, got {cfg['path']!r}")
-    if cfg["gates"] not in ("learned", "random", "open"):
-        raise ValueError(f"--gates must be learned, random or open, got {cfg['gates']!r}")
-    if cfg["plot"] and not cfg["ckpt"]:
+    if config["path"] not in ("compact", "masked"):
+        raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
+    if config["gates"] not in ("learned", "random", "open"):
+        raise ValueError(f"--gates must be learned, random or open, got {config['gates']!r}")
+    if config["plot"] and not config["ckpt"]:
         raise ValueError("--plot draws the densities of a sparse model: pass --ckpt=OUT_DIR too")
-    if torch.device(cfg["device"]).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg['device']} but no CUDA GPU is visible: use --device=cpu")
+    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
 
 
 def read_text(path):
@@ -224,43 +224,43 @@ def read_text(path):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
-    check(cfg)
-    text = read_text(cfg["text"])
-    if cfg["ckpt"]:
-        model, tok, meta = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"], cfg["device"])
+    config = configure(DEFAULTS, argv)
+    check(config)
+    text = read_text(config["text"])
+    if config["ckpt"]:
+        model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"])
         name = meta["base"]
     else:
-        model, tok = load_weights.load(cfg["init"], cfg["dtype"], cfg["device"])
-        name = cfg["init"]
-    chunks = windows(tok, text, cfg["seq_len"], cfg["max_chunks"])
-    out = dict(model=name, ckpt=cfg["ckpt"] or None, text=cfg["text"], seq_len=cfg["seq_len"],
+        model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
+        name = config["init"]
+    chunks = windows(tok, text, config["seq_len"], config["max_chunks"])
+    out = dict(model=name, ckpt=config["ckpt"] or None, text=config["text"], seq_len=config["seq_len"],
                windows=len(chunks), bos=tok.adds_bos)
-    print(f"{name}: {len(chunks)} windows of {cfg['seq_len']} tokens{' + BOS' if tok.adds_bos else ''}")
-    if not cfg["ckpt"]:
-        sums, _ = evaluate(model, chunks, cfg["batch_size"])
+    print(f"{name}: {len(chunks)} windows of {config['seq_len']} tokens{' + BOS' if tok.adds_bos else ''}")
+    if not config["ckpt"]:
+        sums, _ = evaluate(model, chunks, config["batch_size"])
         n = sums["tokens"]
         out.update(perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n), seconds=sums["model_s"])
         print(f"perplexity {out['perplexity']:.4f} over {out['tokens']} scored tokens")
     else:
-        out.update(path=cfg["path"], gates=cfg["gates"], route=model.cfg.route, kv=model.cfg.kv)
-        out.update(evaluate_sparse(model, chunks, cfg["seq_len"], cfg["batch_size"], cfg["path"], cfg["gates"],
-                                   cfg["seed"]))
+        out.update(path=config["path"], gates=config["gates"], route=model.cfg.route, kv=model.cfg.kv)
+        out.update(evaluate_sparse(model, chunks, config["seq_len"], config["batch_size"], config["path"], config["gates"],
+                                   config["seed"]))
         print(f"perplexity {out['perplexity']:.4f} (dense {out['dense_perplexity']:.4f}) over {out['tokens']} "
               f"scored tokens; KL to dense {out['kl_to_dense']:.4f}; top-1 agreement {out['top1_agreement']:.1%}")
-        print(f"gates {cfg['gates']}, path {cfg['path']}: density {out['density']:.3f} (attn "
+        print(f"gates {config['gates']}, path {config['path']}: density {out['density']:.3f} (attn "
               f"{out['density_attn']:.3f}, mlp {out['density_mlp']:.3f}), compute ratio {out['compute_ratio']:.3f}")
         print(f"sparse pass {out['sparse_s']:.2f} s, dense pass {out['dense_s']:.2f} s, "
               f"speedup {out['speedup']:.2f}x")
-        if cfg["plot"]:
+        if config["plot"]:
             title = f"{name}: density {out['density']:.2f}, compute ratio {out['compute_ratio']:.2f}"
             try:
-                with open(cfg["plot"], "w") as f:
+                with open(config["plot"], "w") as f:
                     f.write(density_svg(out["per_layer"], title))
             except OSError as e:
-                raise ValueError(f"cannot write --plot={cfg['plot']} ({e}): pick a writable path") from None
-            print(f"wrote {cfg['plot']}")
-    if cfg["json"]:
+                raise ValueError(f"cannot write --plot={config['plot']} ({e}): pick a writable path") from None
+            print(f"wrote {config['plot']}")
+    if config["json"]:
         print(json.dumps(out))
 
 

@@ -5,19 +5,16 @@ A block is two sublayers, each "norm -> gate -> f -> residual add":
     h = h + g_attn * post_norm(attention(attn_norm(h)))
     h = h + g_mlp  * post_norm(mlp(mlp_norm(h)))
 
-For a dense model the gates g are 1 and the post-norms exist only in Gemma 2/3.
-Every family difference (Gemma's (1 + w) norms, embedding scale, GeGLU vs SwiGLU,
-sandwich norms, q/k norms, soft-capping, sliding windows, two rope bases, llama3
-rope scaling, qkv bias, tied head) is a field of `ModelConfig`; there is one block.
-load_weights.py builds a `ModelConfig` from a Hugging Face config.json.
+For a dense model the gates g are 1 and the post-norms exist only in Gemma 2/3. Every family
+difference (Gemma's (1 + w) norms, embedding scale, GeGLU vs SwiGLU, sandwich norms, q/k norms,
+soft-capping, sliding windows, two rope bases, llama3 rope scaling, qkv bias, tied head) is a
+field of `ModelConfig` (load_weights.py reads it from a config.json); there is one block.
 
-The gates g come from router.py (one router per sublayer, attached by router.add_routers).
-Two forward paths give the same answer for the same gates:
+The gates come from router.py. Two forward paths give the same answer for the same gates:
 - masked (training): every sublayer runs on every token and is multiplied by the
   straight-through gate, so routers get a gradient;
-- compacted (inference): each sublayer runs on the kept tokens only (compact.py gathers
-  them and scatters the result back), with an optional KV cache.
-Without routers (or with Model.forward(routers_off=True)) both are the plain dense model.
+- compacted (inference): each sublayer runs on the kept tokens only (compact.py), with an
+  optional KV cache. Without routers (or with routers_off=True) both are the dense model.
 
 Shapes: B batch, T tokens in this call, S cached tokens, d model width,
 H query heads, Hkv key/value heads, D head dim, V vocabulary.
@@ -80,12 +77,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_preset(cls, name: str) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
 
 
 def gemma3_layer_types(n_layers, pattern):
@@ -152,11 +143,9 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * w, normalized in float32.
-
-    LLaMA casts back to the activation dtype, then multiplies by w. Gemma stores w as an
-    offset (initialized at 0) and multiplies by (1 + w) in float32 before casting back.
-    """
+    """x / rms(x) * w, normalized in float32. LLaMA casts back to the activation dtype, then
+    multiplies by w; Gemma stores w as an offset (initialized at 0) and multiplies by (1 + w)
+    in float32 before casting back."""
 
     def __init__(self, dim: int, eps: float, offset: bool):
         super().__init__()
@@ -209,10 +198,8 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-
-ACTIVATIONS = {"silu": F.silu,                                          # SwiGLU (LLaMA)
-               "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}   # GeGLU (Gemma, whatever
-                                                                        # an old config.json says)
+# SwiGLU (LLaMA) and GeGLU (Gemma: tanh-GELU, whatever an old config.json says in hidden_act)
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
 
 
 def softcap(x, cap: Optional[float]):
@@ -239,9 +226,8 @@ class MLP(nn.Module):
 def attention_mask(q_pos, k_pos, window: Optional[int], k_valid=None):
     """(B, 1, Tq, Tk) bool: key visible to query iff causal, inside the window, and valid.
 
-    Positions are the tokens' original positions, so a window is measured in real tokens
-    even when skipped tokens are missing from the keys.
-    q_pos (B, Tq), k_pos (B, Tk), k_valid (B, Tk) or None.
+    q_pos (B, Tq), k_pos (B, Tk): the tokens' original positions, so a window is measured in
+    real tokens even when skipped tokens are missing from the keys; k_valid (B, Tk) or None.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]             # (B, Tq, 1), (B, 1, Tk)
     mask = k <= q                                            # (B, Tq, Tk) causal
@@ -253,11 +239,8 @@ def attention_mask(q_pos, k_pos, window: Optional[int], k_valid=None):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped K/V heads (MHA, GQA, MQA).
-
-    forward() is plain causal self-attention of every token (with a KV cache when given);
-    compact.py uses the pieces (project_q, project_kv, mask, attend) for the kept tokens only.
-    """
+    """Multi-head attention with grouped K/V heads (MHA, GQA, MQA). forward() is plain causal
+    self-attention of every token; compact.py uses its pieces for the kept tokens only."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -275,19 +258,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos, cache=None, key_ok=None):
         """x (B, T, d) -> (B, T, d): every token attends to the keys before it (and itself).
-
         cos, sin (1, T, D); pos (B, T) positions; cache: this layer's compact.LayerCache, which
-        the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept").
-        """
+        the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept")."""
         q = self.project_q(x, cos, sin)                                   # (B, H, T, D)
         k, v = self.project_kv(x, cos, sin)                               # (B, Hkv, T, D)
-        if cache is None:
-            return self.wo(self.attend_self(q, k, v, pos, key_ok))
-        cache.append(k, v, pos)
-        k, v, k_pos, k_valid = cache.view()                               # (B, Hkv, S, D) ...
-        if q.shape[2] == 1 and self.window is None and k_valid is None:
-            return self.wo(self.attend(q, k, v, None))   # one new token and every cached key is visible
-        return self.wo(self.attend(q, k, v, self.mask(pos, k_pos, k_valid)))
+        if cache is not None:
+            return self.wo(compact.attend_cache(self, q, k, v, pos, cache))
+        if key_ok is None and self.window is None and self.softcap is None:
+            return self.wo(self.attend(q, k, v, None, causal=True))      # the fused causal kernel
+        mask = self.mask(pos, pos)                                        # (B, 1, T, T)
+        return self.wo(self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None]))
 
     def project_q(self, x, cos, sin):
         """x (B, T, d) -> q (B, H, T, D), normed and rotated."""
@@ -330,14 +310,6 @@ class Attention(nn.Module):
             y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return y.transpose(1, 2).reshape(B, Tq, self.H * self.D)
 
-    def attend_self(self, q, k, v, pos, key_ok=None):
-        """Tokens attend to the keys of this same call (no cache): causal, windowed, and where
-        key_ok (B, T, T) allows. Only causality left: the fused causal kernel, no mask built."""
-        if key_ok is None and self.window is None and self.softcap is None:
-            return self.attend(q, k, v, None, causal=True)
-        mask = self.mask(pos, pos)                                        # (B, 1, T, T)
-        return self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None])
-
 
 class Block(nn.Module):
     """norm -> gate -> attention -> norm -> gate -> MLP. Routers are attached by router.add_routers."""
@@ -349,8 +321,7 @@ class Block(nn.Module):
         post_norm = norm if cfg.sandwich_norm else nn.Identity            # Gemma 2/3 only
         self.attn_norm, self.attn, self.attn_post_norm = norm(), Attention(cfg, layer), post_norm()
         self.mlp_norm, self.mlp, self.mlp_post_norm = norm(), MLP(cfg), post_norm()
-        self.attn_router: Optional[router.Router] = None
-        self.mlp_router: Optional[router.Router] = None
+        self.attn_router = self.mlp_router = None                        # router.Router, or None
 
     def forward(self, h, ctx: "Context"):
         x = self.attn_norm(h)                                             # (B, T, d)
@@ -425,11 +396,9 @@ class Model(nn.Module):
 
     def inv_freq(self, sliding: bool, device):
         """Rotary inverse frequencies of full or sliding layers, made once per device."""
-        key = (sliding, str(device))
+        key, cfg = (sliding, str(device)), self.cfg
         if key not in self._inv_freq:
-            cfg = self.cfg
-            if sliding and cfg.rope_local_theta is not None:
-                # Gemma 3: sliding layers use their own base and no scaling
+            if sliding and cfg.rope_local_theta is not None:   # Gemma 3: their own base, no scaling
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, None)
             else:
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)

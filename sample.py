@@ -159,31 +159,31 @@ def now(device):
     return time.perf_counter()
 
 
-def sample_sparse(model, tok, idx, cfg, generator, stats):
+def sample_sparse(model, tok, idx, config, generator, stats):
     """Generate with the sparse model, print the tokens coloured by compute, then sparse vs dense speed.
 
     stats: router.GateStats of the positions processed, updated in place.
     """
     generate(model, idx, 2)                      # untimed warm-up of both paths: one-time costs
     generate(model, idx, 2, routers_off=True)    # (kernel choice, allocations) are not compute
-    t0 = now(cfg["device"])
-    steps = list(decode(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
-                        cfg["top_p"] if cfg["top_p"] < 1 else None, tok.eos_ids, generator))
-    sparse_s = now(cfg["device"]) - t0
+    t0 = now(config["device"])
+    steps = list(decode(model, idx, config["max_new_tokens"], config["temperature"], config["top_k"] or None,
+                        config["top_p"] if config["top_p"] < 1 else None, tok.eos_ids, generator))
+    sparse_s = now(config["device"]) - t0
     new_ids = [int(x[0, 0]) for x, _ in steps]
     shares = [step_share(records) for _, records in steps]
     for _, records in steps:
         stats.add(records)
-    color = not cfg["no_color"]
+    color = not config["no_color"]
     text = "".join(paint(p, s, color) for p, s in zip(pieces(tok, idx[0].tolist(), new_ids), shares))
-    print(cfg["prompt"] + text)
+    print(config["prompt"] + text)
     if color:
         print("share of routed sublayers run to predict each token: "
               + " ".join(paint(f" {s:.0%} ", s) for s in (0, 0.25, 0.5, 0.75, 1)))
     n = len(new_ids)
-    t0 = now(cfg["device"])
+    t0 = now(config["device"])
     generate(model, idx, n, routers_off=True)    # same prompt, same number of tokens, no EOS stop
-    dense_s = now(cfg["device"]) - t0
+    dense_s = now(config["device"]) - t0
     print(f"--- {n} tokens: sparse {n / sparse_s:.1f} tokens/s, dense {n / dense_s:.1f} tokens/s "
           f"({dense_s / sparse_s:.2f}x)")
 
@@ -199,46 +199,46 @@ def print_summary(model, stats, context):
 
 # ----------------------------------------------------------------------------------------------
 
-def check(cfg):
-    if cfg["temperature"] < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
-    if cfg["top_k"] < 0:
-        raise ValueError(f"--top_k must be >= 0 (0 = off), got {cfg['top_k']}")
-    if not 0 < cfg["top_p"] <= 1:
-        raise ValueError(f"--top_p must be in (0, 1] (1 = off), got {cfg['top_p']}")
-    if cfg["max_new_tokens"] < 1 or cfg["num_samples"] < 1:
+def check(config):
+    if config["temperature"] < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {config['temperature']}")
+    if config["top_k"] < 0:
+        raise ValueError(f"--top_k must be >= 0 (0 = off), got {config['top_k']}")
+    if not 0 < config["top_p"] <= 1:
+        raise ValueError(f"--top_p must be in (0, 1] (1 = off), got {config['top_p']}")
+    if config["max_new_tokens"] < 1 or config["num_samples"] < 1:
         raise ValueError("--max_new_tokens and --num_samples must be at least 1")
-    if torch.device(cfg["device"]).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg['device']} but no CUDA GPU is visible: use --device=cpu")
+    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
-    check(cfg)
-    torch.manual_seed(cfg["seed"])
-    generator = torch.Generator(cfg["device"]).manual_seed(cfg["seed"])
-    if cfg["ckpt"]:
-        model, tok, _ = load_weights.load_sparse(cfg["ckpt"], cfg["dtype"], cfg["device"])
+    config = configure(DEFAULTS, argv)
+    check(config)
+    torch.manual_seed(config["seed"])
+    generator = torch.Generator(config["device"]).manual_seed(config["seed"])
+    if config["ckpt"]:
+        model, tok, _ = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"])
         lora.merge(model)    # W += scale * B A: at inference the adapters cost nothing
     else:
-        model, tok = load_weights.load(cfg["init"], cfg["dtype"], cfg["device"])
-    idx = torch.tensor([tok.encode(cfg["prompt"])], dtype=torch.long, device=cfg["device"])   # (1, T)
+        model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
+    idx = torch.tensor([tok.encode(config["prompt"])], dtype=torch.long, device=config["device"])   # (1, T)
     stats = router.GateStats()
-    for i in range(cfg["num_samples"]):
+    for i in range(config["num_samples"]):
         if i:
             print("-" * 40)
-        if cfg["ckpt"]:
-            sample_sparse(model, tok, idx, cfg, generator, stats)
+        if config["ckpt"]:
+            sample_sparse(model, tok, idx, config, generator, stats)
             continue
-        t0 = now(cfg["device"])
-        out = generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
-                       cfg["top_p"] if cfg["top_p"] < 1 else None, tok.eos_ids, generator)
-        seconds = now(cfg["device"]) - t0
+        t0 = now(config["device"])
+        out = generate(model, idx, config["max_new_tokens"], config["temperature"], config["top_k"] or None,
+                       config["top_p"] if config["top_p"] < 1 else None, tok.eos_ids, generator)
+        seconds = now(config["device"]) - t0
         n = out.shape[1] - idx.shape[1]
-        print(cfg["prompt"] + "".join(pieces(tok, idx[0].tolist(), out[0, idx.shape[1]:].tolist())))
+        print(config["prompt"] + "".join(pieces(tok, idx[0].tolist(), out[0, idx.shape[1]:].tolist())))
         print(f"--- {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s")
-    if cfg["ckpt"] and stats.slots:
-        print_summary(model, stats, idx.shape[1] + cfg["max_new_tokens"])
+    if config["ckpt"] and stats.slots:
+        print_summary(model, stats, idx.shape[1] + config["max_new_tokens"])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ import torch
 # multi-threaded op (a (2, 64) matmul went from 0.1 ms to 20 ms): one thread, always.
 torch.set_num_threads(1)
 
-# Two layers, width 64: small enough to run in well under a second, big enough that
+# The unit tests' tiny model, in ModelConfig fields (LLaMA-style; a test adds the fields of
+# the family it needs): two layers, grouped K/V heads, a head_dim unlike width / heads.
+TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=64)
+
+# The same for transformers' configs. Two layers, width 64: small enough to run in well under a second, big enough that
 # grouped heads, a head_dim unlike width/heads, and a second layer all exist.
 TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

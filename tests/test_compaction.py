@@ -21,11 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py, compact.py
 
-import router as rt
+import router
+from conftest import TINY as BASE
 from model import Model, ModelConfig
-
-BASE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
-            max_seq_len=64)
 _GEMMA = dict(norm_eps=1e-6, norm_offset=True, act="gelu_tanh", embed_scale=True)
 FAMILIES = {
     # grouped K/V heads, llama3 rope scaling, untied head
@@ -73,7 +71,7 @@ class GateTable:
         self.start = 0
 
 
-class TableRouter(rt.Router):
+class TableRouter(router.Router):
     """A router whose logit is +1 where the table keeps the token and -1 where it skips it."""
 
     def __init__(self, dim: int, table: GateTable, layer: int, kind: str):
@@ -104,9 +102,9 @@ def mixed_table(n_layers: int, B=BATCH, T=SEQ, seed=3) -> dict:
 
 def force_gates(model: Model, route: str, kv: str, keep: dict) -> GateTable:
     """Attach routers for `route` and `kv`, then replace each by a TableRouter reading `keep`."""
-    rt.add_routers(model, route, kv)
+    router.add_routers(model, route, kv)
     table = GateTable(keep)
-    for layer, kind, _ in rt.routers(model):
+    for layer, kind, _ in router.routers(model):
         setattr(model.layers[layer], f"{kind}_router", TableRouter(model.cfg.dim, table, layer, kind))
     return table
 
@@ -125,8 +123,8 @@ def test_mixed_table_has_every_kind_of_sequence():
         assert counts.max() == SEQ and counts.min() == 0 and ((counts > 0) & (counts < SEQ)).any()
 
 
-@pytest.mark.parametrize("route", rt.ROUTES)
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("route", router.ROUTES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compacted_logits_equal_masked_logits(family, kv, route):
     model = tiny_model(family)
@@ -146,7 +144,7 @@ def test_compacted_logits_equal_masked_logits(family, kv, route):
 
 
 @pytest.mark.parametrize("B", [3, 1])
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
 def test_long_sequences_attend_in_blocks_of_queries(family, kv, B):
     """More kept queries than one block of compact.attend_blocks, a window far shorter than the sequence.
@@ -199,7 +197,7 @@ def greedy_with_cache(model, table, prompt, n_new):
 
 
 @pytest.mark.parametrize("B", [1, 2])
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_greedy_decoding_equals_recomputation(family, kv, B):
     model = tiny_model(family)
@@ -216,7 +214,7 @@ def test_cached_greedy_decoding_equals_recomputation(family, kv, B):
         assert lc.lengths == (kept if kv == "kept" else torch.full((B,), SEQ - 1)).tolist()
 
 
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
 def test_chunked_prefill_with_cache_equals_one_pass(family, kv):
     """Several tokens per call on top of a cache (uneven kv="kept" fills, windows over the cache)."""
@@ -246,7 +244,7 @@ def fired(modules: dict) -> dict:
 
 
 @pytest.mark.parametrize("with_cache", [False, True], ids=["prefill", "decode"])
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 def test_a_sublayer_every_token_skips_is_not_run(kv, with_cache):
     model = tiny_model("gemma3")
     keep = mixed_table(model.cfg.n_layers)
@@ -274,16 +272,16 @@ def test_a_sublayer_every_token_skips_is_not_run(kv, with_cache):
     assert calls["other_mlp"] != []
 
 
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 def test_random_gates_at_density_one_and_zero(kv):
     """bench.py's forced gates: density 1 keeps every token (the dense model), density 0 none."""
     model = tiny_model("llama_gqa")
-    rt.add_routers(model, "sublayer", kv)
+    router.add_routers(model, "sublayer", kv)
     idx = tokens(T=64)
     with torch.no_grad():
         dense, _ = model(idx, routers_off=True)
         for density in (1.0, 0.0):
-            with rt.forced(model, density):
+            with router.forced(model, density):
                 logits, records = model(idx)
             assert all(bool((r.keep == (density == 1.0)).all()) for r in records)
             assert torch.equal(logits, dense) == (density == 1.0)

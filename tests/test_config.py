@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from load_weights import config_from_hf
+from load_weights import config_from_hf, resolve
 from model import PRESETS, Model, ModelConfig
 
 # config.json of three Hub models, transformers-4 format, as published (abridged to what we read)
@@ -68,7 +68,7 @@ def resaved_by_transformers5(hf_v4: dict) -> dict:
 @pytest.mark.parametrize("name", HUB_V4)
 def test_transformers4_config_matches_preset(name):
     cfg = config_from_hf(HUB_V4[name])
-    assert architecture(cfg) == architecture(ModelConfig.from_preset(name))
+    assert architecture(cfg) == architecture(ModelConfig(**PRESETS[name]))
 
 
 @pytest.mark.parametrize("name", HUB_V4)
@@ -156,7 +156,7 @@ def test_every_preset_has_a_known_size():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_builds(name):
-    cfg = ModelConfig.from_preset(name)
+    cfg = ModelConfig(**PRESETS[name])
     assert cfg.hf_repo
     with torch.device("meta"):                     # shapes only, no memory
         model = Model(cfg)
@@ -164,8 +164,8 @@ def test_every_preset_builds(name):
 
 
 def test_unknown_preset_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown preset 'llama-9'; known presets: .*smollm2-135m"):
-        ModelConfig.from_preset("llama-9")
+    with pytest.raises(ValueError, match=r"unknown model 'llama-9': pass a folder or one of the presets .*smollm2-135m"):
+        resolve("llama-9")
 
 
 CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", Path(__file__).parent.parent / "checkpoints"))
@@ -178,4 +178,4 @@ def test_preset_matches_real_checkpoint(preset, folder):
     if not path.is_file():
         pytest.skip(f"{path} not found: build it with `bash ../shared/tools/make_real_checkpoints.sh checkpoints`")
     cfg = config_from_hf(json.loads(path.read_text()))
-    assert architecture(cfg) == architecture(ModelConfig.from_preset(preset))
+    assert architecture(cfg) == architecture(ModelConfig(**PRESETS[preset]))

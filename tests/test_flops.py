@@ -30,11 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py
 
-import router as rt
+import router
 from flops import compute_ratio, sublayer_flops, visible_keys
+from conftest import TINY as LLAMA
 from model import Model, ModelConfig, attention_mask
-
-LLAMA = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48, max_seq_len=64)
 # soft-capped attention runs as explicit matmuls, which FlopCounterMode does count
 GEMMA2 = dict(LLAMA, norm_offset=True, act="gelu_tanh", embed_scale=True, sandwich_norm=True, query_scale=8.0,
               attn_softcap=2.0, final_softcap=5.0, sliding_window=5, layer_types=("sliding", "full"))
@@ -42,7 +41,7 @@ FAMILIES = {"llama": LLAMA, "gemma2": GEMMA2}
 B, T = 2, 24
 
 
-class TableRouter(rt.Router):
+class TableRouter(router.Router):
     """A real router (so that its FLOPs are spent and counted) whose decision is overruled
     by a (B, T) table: logit +1 where the table keeps the token, -1 where it skips it."""
 
@@ -80,8 +79,8 @@ def gate_tables(n_layers, density, symmetric, seed=0):
 def model_with_gates(family, kv, tables):
     torch.manual_seed(0)
     model = Model(ModelConfig(**FAMILIES[family])).eval()
-    rt.add_routers(model, "sublayer", kv)
-    for layer, kind, _ in rt.routers(model):
+    router.add_routers(model, "sublayer", kv)
+    for layer, kind, _ in router.routers(model):
         setattr(model.layers[layer], f"{kind}_router", TableRouter(model.cfg.dim, tables[(layer, kind)]))
     return model
 
@@ -142,7 +141,7 @@ def tokens():
 
 
 @pytest.mark.parametrize("density", [1.0, 0.5])
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_linear_flops_match_a_direct_count(family, kv, density):
     tables = gate_tables(2, density, symmetric=False)
@@ -171,7 +170,7 @@ def test_visible_keys_counts_the_visible_pairs(family):
             assert visible_keys(cfg, layer, T, queries=n) * n == pairs
 
 
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 def test_explicit_attention_computes_a_rectangle(kv):
     """The soft-capped kernel's matmuls: 4·H·D per (query, key) pair of the rectangle it is given.
 
@@ -208,7 +207,7 @@ def direct_ratio(model, kv, tables):
 
 
 @pytest.mark.parametrize("density", [1.0, 0.75, 0.5, 0.25])
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 def test_compute_ratio_equals_the_direct_count(kv, density):
     tables = gate_tables(2, density, symmetric=True)
     model = model_with_gates("llama", kv, tables)
@@ -219,7 +218,7 @@ def test_compute_ratio_equals_the_direct_count(kv, density):
         assert want < 1
 
 
-@pytest.mark.parametrize("kv", rt.KV_MODES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
 def test_compute_ratio_with_windows_and_random_gates(kv):
     tables = gate_tables(2, 0.5, symmetric=False, seed=3)
     model = model_with_gates("gemma2", kv, tables)

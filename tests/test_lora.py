@@ -9,9 +9,8 @@ import torch
 import torch.nn as nn
 
 import lora
+from conftest import TINY
 from model import Model, ModelConfig
-
-TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48, max_seq_len=32)
 
 
 def base_model(seed=0, dtype=torch.float32) -> Model:

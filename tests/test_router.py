@@ -15,11 +15,9 @@ import math
 import pytest
 import torch
 
-import router as rt
+import router
+from conftest import TINY as LLAMA
 from model import Model, ModelConfig
-
-LLAMA = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
-             max_seq_len=64)
 # Every Gemma trap at once: (1 + w) norms, embedding scale, GeGLU, sandwich and q/k norms,
 # attention and final soft-capping, a sliding layer with its own rope base.
 GEMMA = dict(LLAMA, norm_eps=1e-6, norm_offset=True, act="gelu_tanh", embed_scale=True, sandwich_norm=True,
@@ -46,7 +44,7 @@ def random_routers(model, seed=1, scale=1.0):
     """Give every router random weights and bias 0: about half the tokens skip each sublayer."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, _, r in rt.routers(model):
+        for _, _, r in router.routers(model):
             r.proj.weight.copy_(torch.randn(r.proj.weight.shape, generator=g) * scale)
             r.proj.bias.zero_()
 
@@ -69,8 +67,8 @@ def capture(module, pre=False):
 # Open routers are the dense model; each route gates what it names
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kv", rt.KV_MODES)
-@pytest.mark.parametrize("route", rt.ROUTES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("route", router.ROUTES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_open_routers_give_the_dense_model(family, route, kv):
     model = tiny_model(family)
@@ -78,9 +76,9 @@ def test_open_routers_give_the_dense_model(family, route, kv):
     with torch.no_grad():
         dense, records = model(idx)
         assert records == []
-        rt.add_routers(model, route, kv)
+        router.add_routers(model, route, kv)
         assert (model.cfg.route, model.cfg.kv) == (route, kv)
-        for _, _, r in rt.routers(model):
+        for _, _, r in router.routers(model):
             assert r.proj.weight.abs().max() == 0 and torch.all(r.proj.bias == 3.0)
         masked, _ = model(idx, masked=True)
         compact, _ = model(idx)
@@ -91,10 +89,10 @@ def test_open_routers_give_the_dense_model(family, route, kv):
     torch.testing.assert_close(torch.cat(steps, 1), dense)
 
 
-@pytest.mark.parametrize("route", rt.ROUTES)
+@pytest.mark.parametrize("route", router.ROUTES)
 def test_routes_attach_routers_where_they_should(route):
-    model = rt.add_routers(tiny_model(), route, "all")
-    owned = {(layer, kind) for layer, kind, _ in rt.routers(model)}
+    model = router.add_routers(tiny_model(), route, "all")
+    owned = {(layer, kind) for layer, kind, _ in router.routers(model)}
     assert owned == {(layer, kind) for layer in range(2) for kind in OWNS_ROUTER[route]}
     random_routers(model)
     _, records = model(tokens(), masked=True)
@@ -106,7 +104,7 @@ def test_routes_attach_routers_where_they_should(route):
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "compact"])
-@pytest.mark.parametrize("route", rt.ROUTES)
+@pytest.mark.parametrize("route", router.ROUTES)
 def test_closed_routers_remove_exactly_the_routed_sublayers(route, masked):
     """Every router shut: the model equals the dense model with the gated sublayers' outputs zeroed."""
     model = tiny_model("gemma")
@@ -117,7 +115,7 @@ def test_closed_routers_remove_exactly_the_routed_sublayers(route, masked):
                 block.attn.wo.weight.zero_()
             if "mlp" in GATED[route]:
                 block.mlp.down.weight.zero_()
-    rt.add_routers(model, route, "all", bias_init=-3.0)
+    router.add_routers(model, route, "all", bias_init=-3.0)
     idx = tokens()
     with torch.no_grad():
         expected, _ = reference(idx)
@@ -133,18 +131,18 @@ def test_closed_routers_remove_exactly_the_routed_sublayers(route, masked):
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
 def test_gate_is_hard_and_router_gets_straight_through_gradient(kind):
     """One sublayer h_out = h_in + g * f(x), g = 1[z > 0]: check h_out and dL/dz, dL/dw, dL/db by hand."""
-    model = rt.add_routers(tiny_model(), "sublayer", "all")
+    model = router.add_routers(tiny_model(), "sublayer", "all")
     block = model.layers[0]
-    router = getattr(block, f"{kind}_router")
+    r = getattr(block, f"{kind}_router")
     with torch.no_grad():
-        router.proj.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
-        router.proj.bias.zero_()
+        r.proj.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+        r.proj.bias.zero_()
     # h_in enters the sublayer's norm; f(x) leaves attn.wo / mlp; h_out enters the next norm
     h_in = capture(block.attn_norm if kind == "attn" else block.mlp_norm, pre=True)
     f_x = capture(block.attn.wo if kind == "attn" else block.mlp)
     h_out = capture(block.mlp_norm if kind == "attn" else model.layers[1].attn_norm, pre=True)
     x_z = []
-    router.register_forward_hook(lambda m, args, z: x_z.append((args[0], z)))
+    r.register_forward_hook(lambda m, args, z: x_z.append((args[0], z)))
 
     logits, _ = model(tokens(), masked=True)
     (x, z), = x_z
@@ -167,13 +165,13 @@ def test_gate_is_hard_and_router_gets_straight_through_gradient(kind):
         assert dz[b, t].abs() > 1e-6
         torch.testing.assert_close(z.grad[b, t], dz[b, t])
     torch.testing.assert_close(z.grad, dz)
-    torch.testing.assert_close(router.proj.weight.grad, (dz[..., None] * x.detach()).sum((0, 1))[None])
-    torch.testing.assert_close(router.proj.bias.grad, dz.sum()[None])
+    torch.testing.assert_close(r.proj.weight.grad, (dz[..., None] * x.detach()).sum((0, 1))[None])
+    torch.testing.assert_close(r.proj.bias.grad, dz.sum()[None])
 
 
 def test_hard_gate_values_are_exactly_zero_or_one():
     z = torch.linspace(-6, 6, 10001, requires_grad=True)
-    g = rt.hard_gate(z)
+    g = router.hard_gate(z)
     assert torch.equal(g, (z > 0).float())
     g.sum().backward()
     s = torch.sigmoid(z.detach())
@@ -213,7 +211,7 @@ def attention_without(x, keep, attn, theta):
 
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "compact"])
 def test_kv_kept_equals_attention_with_skipped_tokens_deleted(masked):
-    model = rt.add_routers(tiny_model(n_layers=1), "attn", "kept")
+    model = router.add_routers(tiny_model(n_layers=1), "attn", "kept")
     random_routers(model, seed=5)
     block = model.layers[0]
     h_in, x_in, h_mid = capture(block.attn_norm, pre=True), capture(block.attn_norm), capture(block.mlp_norm, pre=True)
@@ -230,7 +228,7 @@ def test_kv_kept_equals_attention_with_skipped_tokens_deleted(masked):
 
 def test_kv_kept_skipped_tokens_reach_no_kept_token():
     """d(logits of kept tokens) / d(embeddings of skipped tokens) is exactly 0 in the masked path."""
-    model = rt.add_routers(tiny_model(n_layers=1), "attn", "kept")
+    model = router.add_routers(tiny_model(n_layers=1), "attn", "kept")
     random_routers(model, seed=5)
     emb = capture(model.tok_emb)
     logits, records = model(tokens(T=16), masked=True)
@@ -247,11 +245,11 @@ def test_kv_kept_skipped_tokens_reach_no_kept_token():
     assert emb[1].grad[~keep].abs().max() > 0
 
 
-@pytest.mark.parametrize("kv", rt.KV_MODES)
-@pytest.mark.parametrize("route", rt.ROUTES)
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("route", router.ROUTES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_masked_and_compacted_paths_agree_with_random_gates(family, route, kv):
-    model = rt.add_routers(tiny_model(family), route, kv)
+    model = router.add_routers(tiny_model(family), route, kv)
     random_routers(model, seed=6)
     idx = tokens(T=16)
     with torch.no_grad():
@@ -271,7 +269,7 @@ def test_masked_and_compacted_paths_agree_with_random_gates(family, route, kv):
 
 def record(layer, kind, z):
     z = torch.tensor(z, dtype=torch.float32)
-    return rt.GateRecord(layer, kind, z, z > 0)
+    return router.GateRecord(layer, kind, z, z > 0)
 
 
 def test_l1_loss_by_hand():
@@ -280,22 +278,22 @@ def test_l1_loss_by_hand():
                record(0, "mlp", [[L3, L3], [L3, L3]]),          # 3/4
                record(1, "attn", [[-L3, -L3], [-L3, -L3]]),     # 1/4
                record(1, "mlp", [[L3, 0.0], [-L3, L3]])]        # 9/16
-    torch.testing.assert_close(rt.l1_loss(records), torch.tensor((1 / 2 + 3 / 4 + 1 / 4 + 9 / 16) / 4))
+    torch.testing.assert_close(router.l1_loss(records), torch.tensor((1 / 2 + 3 / 4 + 1 / 4 + 9 / 16) / 4))
     wa, wm = 0.2, 0.8
     weighted = (wa * (1 / 2 + 1 / 4) + wm * (3 / 4 + 9 / 16)) / (2 * wa + 2 * wm)
-    torch.testing.assert_close(rt.l1_loss(records, {"attn": wa, "mlp": wm}), torch.tensor(weighted))
+    torch.testing.assert_close(router.l1_loss(records, {"attn": wa, "mlp": wm}), torch.tensor(weighted))
 
 
 def test_l1_loss_of_a_forward_pass_and_its_gradient():
-    model = rt.add_routers(tiny_model(), "sublayer", "all")
+    model = router.add_routers(tiny_model(), "sublayer", "all")
     random_routers(model, seed=7)
     _, records = model(tokens(), masked=True)
     assert len(records) == 4
     expected = torch.stack([torch.sigmoid(r.z) for r in records]).mean()   # same T for all
-    loss = rt.l1_loss(records)
+    loss = router.l1_loss(records)
     torch.testing.assert_close(loss, expected)
     loss.backward()
-    for _, _, r in rt.routers(model):
+    for _, _, r in router.routers(model):
         assert r.proj.bias.grad.item() > 0     # pushing every logit down lowers the loss
 
 
@@ -304,17 +302,17 @@ def test_gate_stats_match_counts():
                record(0, "mlp", [[1, 1, 1, 1], [1, 1, 1, 1]]),       # 8 of 8
                record(1, "attn", [[-1, -1, 1, -1], [-1, 1, -1, -1]]), # 2 of 8
                record(1, "mlp", [[1, 1, -1, 1], [1, -1, 1, 1]])]      # 6 of 8
-    stats = rt.GateStats(records)
+    stats = router.GateStats(records)
     assert stats.density() == {(0, "attn"): 4 / 8, (0, "mlp"): 1.0, (1, "attn"): 2 / 8, (1, "mlp"): 6 / 8}
     assert stats.mean("attn") == pytest.approx((4 + 2) / 16)
     assert stats.mean("mlp") == pytest.approx((8 + 6) / 16)
 
 
 def test_gate_stats_of_a_forward_pass():
-    model = rt.add_routers(tiny_model(), "attn", "all")
+    model = router.add_routers(tiny_model(), "attn", "all")
     random_routers(model, seed=8)
     _, records = model(tokens())
-    stats = rt.GateStats(records)
+    stats = router.GateStats(records)
     kept = sum(int((r.z > 0).sum()) for r in records)
     assert stats.mean("attn") == pytest.approx(kept / (2 * 2 * 12))
     assert stats.mean("mlp") == 1.0                 # not routed: always computed
@@ -325,6 +323,6 @@ def test_gate_stats_of_a_forward_pass():
 def test_add_routers_rejects_unknown_modes(route, kv, message):
     model = tiny_model()
     with pytest.raises(ValueError, match=message) as err:
-        rt.add_routers(model, route, kv)
+        router.add_routers(model, route, kv)
     assert "choose one of" in str(err.value)
-    assert model.cfg.route == "none" and rt.routers(model) == []   # nothing half-done
+    assert model.cfg.route == "none" and router.routers(model) == []   # nothing half-done
