@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 ROUTES = ("sublayer", "attn", "mlp", "block")  # what gets its own gate
 KV_MODES = ("all", "kept")                     # what a skipped token leaves in the attention
-MODES = ("learned", "random", "open")          # what decides a router's gates (see Router, forced)
 ZERO = torch.zeros(())   # gates compare with a tensor: a Python 0 would be wrapped in one per call
 
 
@@ -150,16 +149,25 @@ def forced(model, gates):
            {(layer, kind): "open" or d}   per sublayer; routers not named keep their mode.
     """
     table = gates if isinstance(gates, dict) else {(l, k): gates for l, k, _ in routers(model)}
+    modes = {key: _forced_mode(g) for key, g in table.items()}              # check all before changing any
     saved = [(r, r.mode, r.density) for _, _, r in routers(model)]
     try:
         for layer, kind, r in routers(model):
-            if (layer, kind) in table:
-                g = table[(layer, kind)]
-                r.mode, r.density = ("open", 1.0) if g == "open" else ("random", float(g))
+            if (layer, kind) in modes:
+                r.mode, r.density = modes[(layer, kind)]
         yield model
     finally:
         for r, mode, density in saved:
             r.mode, r.density = mode, density
+
+
+def _forced_mode(g):
+    """(Router.mode, Router.density) for one entry of forced()'s gates."""
+    if g == "open":
+        return "open", 1.0
+    if isinstance(g, (int, float)) and 0 <= g <= 1:
+        return "random", float(g)
+    raise ValueError(f"cannot force gates to {g!r}: use 'open' or a density in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -326,3 +326,17 @@ def test_add_routers_rejects_unknown_modes(route, kv, message):
         router.add_routers(model, route, kv)
     assert "choose one of" in str(err.value)
     assert model.cfg.route == "none" and router.routers(model) == []   # nothing half-done
+
+
+def test_forced_gates_are_restored_even_on_error():
+    model = router.add_routers(tiny_model(), "sublayer", "all")
+    with pytest.raises(KeyError):
+        with router.forced(model, {(0, "attn"): 0.0, (1, "mlp"): "open"}):
+            modes = [(layer, kind, r.mode, r.density) for layer, kind, r in router.routers(model)]
+            assert modes == [(0, "attn", "random", 0.0), (0, "mlp", "learned", 1.0),
+                             (1, "attn", "learned", 1.0), (1, "mlp", "open", 1.0)]
+            raise KeyError("inside the block")
+    assert all(r.mode == "learned" for _, _, r in router.routers(model))
+    with pytest.raises(ValueError, match="cannot force gates to 'peek'"):
+        with router.forced(model, "peek"):
+            pass
