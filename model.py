@@ -366,7 +366,7 @@ class Block(nn.Module):
 
 def gated(h, y, g: Optional[router.GateRecord]):
     """Masked path: h + gate * y, the gate hard forward and straight-through backward."""
-    return h + y if g is None else h + router.hard_gate(g.z).to(y.dtype)[..., None] * y
+    return h + y if g is None else h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
 
 
 @dataclass

@@ -68,10 +68,11 @@ class Router(nn.Module):
         return F.linear(x.reshape(B * T, d).float(), w, b).view(B, T)     # 2-D input: one addmm
 
 
-def hard_gate(z: torch.Tensor) -> torch.Tensor:
-    """1[z > 0] in the forward pass, sigmoid'(z) as its gradient (straight-through)."""
+def hard_gate(z: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1[z > 0] (or the decision keep, when a rule in `decide` overrode z) in the forward pass,
+    sigmoid'(z) as its gradient (straight-through)."""
     soft = torch.sigmoid(z)
-    hard = (z > 0).to(z.dtype)
+    hard = (z > 0 if keep is None else keep).to(z.dtype)
     # (soft - soft.detach()) is exactly 0, so the gate is exactly 0 or 1; hard + soft - soft
     # would round (1 + s) first and give 1 +- 6e-8 for most z
     return hard + (soft - soft.detach())
@@ -95,8 +96,9 @@ def decide(r: Optional[Router], x: torch.Tensor, layer: int, kind: str,
     """The gates of one sublayer for its normalized input x (B, T, d).
 
     None means every token computes: no router here, routers off for this call
-    (Model.forward(routers_off=True)), or the router forced open. A new gate rule (a fixed
-    position that always computes, an oracle) belongs here.
+    (Model.forward(routers_off=True)), or the router forced open. A new gate rule (a position
+    that always computes: Block.gate has the positions in ctx.pos; an oracle) belongs here and
+    changes keep: both forward paths follow keep, and the router's gradient stays sigmoid'(z).
     """
     if r is None or routers_off or r.mode == "open":
         return None

@@ -155,7 +155,7 @@ def distill_losses(model, x, ce_weight: float):
     """Mean KL and CE per token, the L1 loss, and the gate records for a (B, T) batch x."""
     with torch.no_grad(), lora.disabled(model):
         h_t, _ = model(x, routers_off=True, return_hidden=True)           # (B, T, d) teacher
-    h_s, records = model(x, masked=True, return_hidden=True)                  # (B, T, d) student
+    h_s, records = model(x, masked=True, return_hidden=True)          # (B, T, d) student
     B, T, d = h_s.shape
     targets = x[:, 1:].reshape(-1) if ce_weight > 0 else None
     # CE needs a next token: with ce > 0 both losses cover the positions that have one (all but

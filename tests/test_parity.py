@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from load_weights import config_from_hf, load_model
-from model import Model, ModelConfig, attention_mask, rope_cos_sin, rope_inv_freq
+from model import Model, attention_mask, rope_cos_sin, rope_inv_freq
 
 SEQ = 24       # longer than the sliding window of 8 below
 WINDOW = 8
