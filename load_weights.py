@@ -10,7 +10,13 @@ accept the licence on the model's page first).
 
 The model is built on the `meta` device (no memory), then its tensors are read one by one
 from the safetensors file(s) and assigned, so peak memory stays near one copy of the weights.
-Weights keep their Hugging Face names on disk; HF_NAMES below maps them onto ours.
+
+Everything this project knows about Hugging Face's formats is here: HF_NAMES maps their
+tensor names onto ours (weights keep their names on disk), and HF_FAMILIES says what each
+config.json `model_type` means for ModelConfig (`config_from_hf`, transformers 4 and 5 formats).
+
+The last section writes and reads train.py's sparse checkpoints (only the routers and LoRA,
+plus ckpt.json): save_checkpoint / load_checkpoint to resume training, load_sparse to use one.
 """
 import json
 import os
@@ -135,20 +141,22 @@ class HFFamily:
     sliding: Optional[str] = None               # layers that slide when config.json has no layer_types:
                                                 # "alternate" (even layers), "pattern" (all but every
                                                 # n-th), "all" (when a sliding_window is set)
+    window_switch: Optional[str] = None         # a config.json bool without which sliding_window is off
+    local_rope: bool = False                    # sliding layers have their own rotary base
 
 
 _GEMMA_HF = dict(norm_offset=True, act="gelu_tanh", embed_scale=True, norm_eps=1e-6, tie_embeddings=True)
 HF_FAMILIES = {
     "llama": HFFamily(),
     "mistral": HFFamily(sliding="all"),
-    "qwen2": HFFamily(dict(qkv_bias=True), sliding="all"),       # window only with use_sliding_window
+    "qwen2": HFFamily(dict(qkv_bias=True), sliding="all", window_switch="use_sliding_window"),
     "gemma": HFFamily(_GEMMA_HF),
     "gemma2": HFFamily(dict(_GEMMA_HF, sandwich_norm=True),
                        dict(query_scale="query_pre_attn_scalar", attn_softcap="attn_logit_softcapping",
                             final_softcap="final_logit_softcapping"), sliding="alternate"),
     "gemma3_text": HFFamily(dict(_GEMMA_HF, sandwich_norm=True, qk_norm=True),
                             dict(query_scale="query_pre_attn_scalar", final_softcap="final_logit_softcapping"),
-                            sliding="pattern"),
+                            sliding="pattern", local_rope=True),
 }
 
 
@@ -166,8 +174,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     family = HF_FAMILIES[mt]
     fixed = family.fixed
     n_heads, dim, n_layers = _need(hf, "num_attention_heads"), _need(hf, "hidden_size"), _need(hf, "num_hidden_layers")
-    theta, scaling, local_theta = _rope_params(hf)
-    window, layer_types = _windows(hf, family.sliding, n_layers)
+    theta, scaling, local_theta = _rope_params(hf, family.local_rope)
+    window, layer_types = _windows(hf, family, n_layers)
     eos = hf.get("eos_token_id")
     read = {name: hf.get(key) for name, key in family.keys.items()}
     if "query_scale" in read:
@@ -189,10 +197,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
     })
 
 
-def _windows(hf: dict, sliding: Optional[str], n_layers: int):
+def _windows(hf: dict, family: HFFamily, n_layers: int):
     """(sliding_window, layer_types): the window only where some layer slides."""
-    window = hf.get("sliding_window")
-    if hf["model_type"] == "qwen2" and not hf.get("use_sliding_window", False):
+    window, sliding = hf.get("sliding_window"), family.sliding
+    if family.window_switch is not None and not hf.get(family.window_switch, False):
         window = None
     if hf.get("layer_types") is not None:
         names = {"sliding_attention": "sliding", "full_attention": "full"}
@@ -213,7 +221,7 @@ def _windows(hf: dict, sliding: Optional[str], n_layers: int):
     return (window if layer_types is not None else None), layer_types
 
 
-def _rope_params(hf: dict):
+def _rope_params(hf: dict, local_rope: bool):
     """(theta, scaling) of full-attention layers and theta of sliding layers, from either format.
 
     transformers 4 writes top-level rope_theta / rope_scaling (and Gemma 3 rope_local_base_freq);
@@ -223,7 +231,7 @@ def _rope_params(hf: dict):
     rp = hf.get("rope_parameters")
     if rp is not None:
         if "full_attention" in rp:   # one entry per layer type
-            if hf.get("model_type") == "gemma3_text" and "sliding_attention" not in rp:
+            if local_rope and "sliding_attention" not in rp:
                 raise ValueError("config.json rope_parameters has no 'sliding_attention' entry, "
                                  "which gives Gemma 3's sliding layers their rotary base")
             full, local = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
@@ -233,7 +241,7 @@ def _rope_params(hf: dict):
             raise ValueError("config.json rope_parameters has no 'rope_theta'")
         return float(full["rope_theta"]), _scaling(full), float(local.get("rope_theta", full["rope_theta"]))
     theta = float(_need(hf, "rope_theta"))
-    if hf.get("model_type") == "gemma3_text":   # sliding layers have their own base (10k vs 1M)
+    if local_rope:   # Gemma 3: sliding layers have their own base (10k vs 1M)
         local = float(_need(hf, "rope_local_base_freq"))
     else:
         local = theta
