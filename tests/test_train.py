@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import load_weights
 import train
 from conftest import tiny_model_folder
+from data.prepare import RandomWindows, consecutive_windows, spread_windows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,6 +101,18 @@ def test_controller_raises_lambda_above_target_and_lowers_it_below():
     high = c.lam
     c.update(20, density=0.4)
     assert c.lam < high
+
+
+def test_training_and_eval_windows_count_bos_the_same_way():
+    """seq_len text tokens per window, BOS in front when the tokenizer adds one (eval.py's convention)."""
+    toks = np.arange(3, 103, dtype=np.uint32)
+    for bos in (None, 1):
+        windows = [RandomWindows({"t": toks}, 16, bos, seed=0).batch(3), spread_windows({"t": toks}, 16, bos, 2),
+                   consecutive_windows(toks.tolist(), 16, bos)]
+        for x in windows:
+            assert x.shape[1] == 16 + (bos is not None) and x.dtype == torch.long
+            assert (x[:, 0] == 1).all() == (bos is not None)
+            assert (x[:, 1:].diff(dim=1) == 1).all()            # consecutive text tokens
 
 
 # --- runs -----------------------------------------------------------------------------------------
