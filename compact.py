@@ -11,7 +11,7 @@ The MLP is row-wise, so compacting it is a gather and a scatter. Attention is no
 query must still see the keys it saw in the dense model, at the rotary positions it had.
 Two modes say what a skipped token leaves behind (ModelConfig.kv):
 
-- kv="all" (the paper's): every token still writes K and V (the KV cache stays complete);
+- kv="all" (the default): every token still writes K and V (the KV cache stays complete);
   only kept tokens make a query, scores and an output projection. Queries attend in blocks
   of 128 over only the keys they can reach (`attend_blocks`).
 - kv="kept" (Mixture-of-Depths style): a skipped token is absent from the sublayer, as
