@@ -476,7 +476,7 @@ def load_checkpoint(out_dir, model, opt) -> dict:
 def check_same_base(trained_cfg: dict, base: ModelConfig, base_name: str):
     """A checkpoint only fits the base model it was trained on."""
     ours = base.to_dict()
-    diff = [k for k in ours if k not in ("route", "kv", "hf_repo") and k in trained_cfg
+    diff = [k for k in ours if k not in ("route", "kv", "sinks", "hf_repo") and k in trained_cfg
             and _jsonable(trained_cfg[k]) != _jsonable(ours[k])]
     if diff:
         raise LoadError(f"the checkpoint was trained on a different base model than {base_name} "
@@ -493,7 +493,8 @@ def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
     base = base or meta["base"]
     model, tok = load(base, dtype, device)
     check_same_base(meta["model_config"], model.cfg, base)
-    router.add_routers(model, meta["model_config"]["route"], meta["model_config"]["kv"])
+    router.add_routers(model, meta["model_config"]["route"], meta["model_config"]["kv"],
+                       sinks=meta["model_config"].get("sinks", True))
     if meta["lora"]["rank"] > 0:
         lora.inject(model, meta["lora"]["targets"], meta["lora"]["rank"], meta["lora"]["alpha"])
     load_trained(model, out_dir)

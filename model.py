@@ -64,6 +64,7 @@ class ModelConfig:
     # Routing (the sparse model); set by router.add_routers
     route: str = "none"               # "none" (dense), "sublayer", "attn", "mlp" or "block"
     kv: str = "all"                   # "all": skipped tokens still write K/V; "kept": they are absent
+    sinks: bool = True                # position 0 and every BOS token always compute (router.sink_tokens)
 
     def __post_init__(self):
         if self.layer_types is not None:
@@ -337,7 +338,7 @@ class Block(nn.Module):
             g = None if attn_gate is None else router.GateRecord(self.layer, "mlp", attn_gate.z, attn_gate.keep)
         else:
             r = self.attn_router if kind == "attn" else self.mlp_router
-            g = router.decide(r, x, self.layer, kind, ctx.routers_off)
+            g = router.decide(r, x, self.layer, kind, ctx.routers_off, ctx.sink, ctx.masked)
         if g is not None:
             ctx.records.append(g)
         return g
@@ -366,7 +367,11 @@ class Block(nn.Module):
 
 def gated(h, y, g: Optional[router.GateRecord]):
     """Masked path: h + gate * y, the gate hard forward and straight-through backward."""
-    return h + y if g is None else h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
+    if g is None:
+        return h + y
+    if g.z is None:                                                       # a peek gate: decided from y
+        router.peek_decide(g, h, y)
+    return h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
 
 
 @dataclass
@@ -378,6 +383,7 @@ class Context:
     masked: bool                 # the training path
     routers_off: bool            # every token computes every sublayer
     records: list                # router.GateRecord of every routed sublayer, in order
+    sink: Optional[torch.Tensor] = None   # (B, T) bool tokens that always compute, or None
 
 
 class Model(nn.Module):
@@ -430,7 +436,9 @@ class Model(nn.Module):
         if self.cfg.embed_scale:
             h = h * torch.tensor(self.cfg.dim ** 0.5, dtype=h.dtype)     # in the activation dtype
         rope = {s: rope_cos_sin(self.inv_freq(s, idx.device), pos, h.dtype) for s in (False, True)}
-        ctx = Context(pos, rope, cache, masked, routers_off, [])
+        routed = not routers_off and self.cfg.route != "none"
+        sink = router.sink_tokens(idx, start, self.cfg.bos_id) if routed and self.cfg.sinks else None
+        ctx = Context(pos, rope, cache, masked, routers_off, [], sink)
         for block in self.layers:
             if self.grad_checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, ctx, use_reentrant=False)

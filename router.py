@@ -11,9 +11,18 @@ Routers start open (weight 0, bias +3): the routed model is then exactly the den
 A token's gate depends only on its own hidden state, so training, prefill and token-by-token
 decoding make the same decisions.
 
+Attention sinks always compute. Every later token attends heavily to the first one (and to a
+BOS token wherever it stands); skipping a sublayer there costs far more than anywhere else (in
+SmolLM2-135M, learned gates at compute ratio 0.92 gave 3.7x the dense perplexity when position
+0 could skip and 1.6x when it could not). So `decide` pins the logit of those tokens to
+SINK_LOGIT whatever the mode: kept in both forward paths, in decoding, under random gates, and
+counted as computed by the statistics and the FLOP model; sigmoid'(SINK_LOGIT) ~ 0 gives their
+router no gradient.
+
     add_routers(model, route, kv)       # attach open routers to a loaded model (in place)
     decide(r, x, layer, kind)           # the one place where a sublayer's input becomes its gates
     with forced(model, 0.5): ...        # random gates keeping half the tokens; "open": all compute
+    with forced(model, peek_gates(model, tau, costs)): ...   # the training-free reference rule
     parameters(model)                   # what train.py trains of the routers
     l1_loss(records), GateStats(records).density()   # the sparsity loss and the statistics
 
@@ -22,6 +31,7 @@ Density, everywhere in this repository: the density of a sublayer is the fractio
 sublayer without a router always computes (density 1). An average over sublayers weighs each
 sublayer equally (or by a weight per kind, e.g. the FLOPs a skip saves).
 """
+import math
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +44,7 @@ import torch.nn.functional as F
 ROUTES = ("sublayer", "attn", "mlp", "block")  # what gets its own gate
 KV_MODES = ("all", "kept")                     # what a skipped token leaves in the attention
 ZERO = torch.zeros(())   # gates compare with a tensor: a Python 0 would be wrapped in one per call
+SINK_LOGIT = 30.0        # the logit of a token that always computes: sigmoid = 1, sigmoid' ~ 1e-13
 
 
 class Router(nn.Module):
@@ -42,6 +53,8 @@ class Router(nn.Module):
     mode "learned": z = w·x + b (float32, whatever the activation dtype).
     mode "random":  z ~ U(density - 1, density], so P(z > 0) = self.density — the baseline gates.
     mode "open":    the router is not run and every token computes (see decide).
+    mode "peek":    the router is not run; the gate is decided from the sublayer's own output
+                    (see peek_decide): the training-free reference, which saves nothing.
     Set modes with `forced`, which restores them afterwards.
     """
 
@@ -50,7 +63,8 @@ class Router(nn.Module):
         self.proj = nn.Linear(dim, 1)
         self.bias_init = bias_init
         self.mode = "learned"
-        self.density = 1.0
+        self.density = 1.0         # mode "random": the share of tokens kept
+        self.threshold = 0.0       # mode "peek": keep iff log(|f(x)| / |h|) > threshold
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -85,6 +99,7 @@ class GateRecord:
     kind: str            # "attn" or "mlp" (a "block" gate is recorded as "attn" and "mlp")
     z: torch.Tensor      # (B, T) router logits
     keep: torch.Tensor   # (B, T) bool
+    threshold: float = 0.0   # peek gates only: see peek_decide
 
     def last(self) -> "GateRecord":
         """The decisions of the last position only: (B, 1)."""
@@ -92,27 +107,60 @@ class GateRecord:
 
 
 def decide(r: Optional[Router], x: torch.Tensor, layer: int, kind: str,
-           routers_off: bool = False) -> Optional[GateRecord]:
+           routers_off: bool = False, sink: Optional[torch.Tensor] = None,
+           masked: bool = False) -> Optional[GateRecord]:
     """The gates of one sublayer for its normalized input x (B, T, d).
 
     None means every token computes: no router here, routers off for this call
-    (Model.forward(routers_off=True)), or the router forced open. A new gate rule (a position
-    that always computes: Block.gate has the positions in ctx.pos; an oracle) belongs here and
-    changes keep: both forward paths follow keep, and the router's gradient stays sigmoid'(z).
+    (Model.forward(routers_off=True)), or the router forced open. sink (B, T) bool, or None when
+    the call has none: tokens that always compute (position 0, BOS; see the top of this file).
+    A peek gate is decided later, from the sublayer's output (peek_decide), so only on the
+    masked path, which computes that output for every token.
     """
     if r is None or routers_off or r.mode == "open":
         return None
+    if r.mode == "peek":
+        if not masked:
+            raise ValueError("peek gates decide from the sublayer's output: run them on the masked "
+                             "path (Model.forward(masked=True), eval.py --path=masked)")
+        return GateRecord(layer, kind, None, sink, r.threshold)
     z = r(x)                                                             # (B, T)
+    if sink is not None:
+        z = z.masked_fill(sink, SINK_LOGIT)
     return GateRecord(layer, kind, z, z > ZERO)
 
 
-def add_routers(model, route: str = "sublayer", kv: str = "all", bias_init: float = 3.0):
-    """Attach open routers to every block of a loaded model (in place) and return it."""
+def sink_tokens(idx, start: int, bos_id: Optional[int]):
+    """(B, T) bool: the attention sinks among tokens idx (B, T) starting at position start —
+    position 0 and every BOS token — which compute every sublayer; None when there are none."""
+    sink = idx == bos_id if bos_id is not None else torch.zeros_like(idx, dtype=torch.bool)
+    if start == 0:
+        sink[:, 0] = True
+    return sink if bool(sink.any()) else None
+
+
+def peek_decide(g: GateRecord, h: torch.Tensor, y: torch.Tensor):
+    """Fill in a peek gate from the residual h (B, T, d) and the sublayer's output y (B, T, d).
+
+    The rule: keep a token iff |y| / |h| — how much the sublayer would move its residual stream —
+    is above the sublayer's threshold (peek_gates sets one global threshold on that ratio per
+    FLOP the sublayer costs). It needs f(x) to decide, so it saves nothing: it is the reference
+    for how good per-token decisions can be before any training.
+    """
+    z = (y.float().norm(dim=-1).log() - h.float().norm(dim=-1).log()) - g.threshold   # (B, T)
+    if g.keep is not None:                                               # the sinks
+        z = z.masked_fill(g.keep, SINK_LOGIT)
+    g.z, g.keep = z, z > ZERO
+
+
+def add_routers(model, route: str = "sublayer", kv: str = "all", bias_init: float = 3.0, sinks: bool = True):
+    """Attach open routers to every block of a loaded model (in place) and return it.
+    sinks=False lets position 0 and BOS skip like any token (for ablations and tests)."""
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: choose one of {', '.join(ROUTES)}")
     if kv not in KV_MODES:
         raise ValueError(f"unknown kv mode {kv!r}: choose one of {', '.join(KV_MODES)}")
-    model.cfg.route, model.cfg.kv = route, kv
+    model.cfg.route, model.cfg.kv, model.cfg.sinks = route, kv, sinks
     device = model.tok_emb.weight.device
     for block in model.layers:
         block.attn_router = Router(model.cfg.dim, bias_init).to(device) if route in ("sublayer", "attn", "block") else None
@@ -148,28 +196,41 @@ def forced(model, gates):
 
     gates: "open"            every routed sublayer computes for every token (routers not run);
            a number d        random gates: each token computes with probability d;
-           {(layer, kind): "open" or d}   per sublayer; routers not named keep their mode.
+           ("peek", t)       peek gates with threshold t (see peek_decide, peek_gates);
+           {(layer, kind): any of these}   per sublayer; routers not named keep their mode.
     """
     table = gates if isinstance(gates, dict) else {(l, k): gates for l, k, _ in routers(model)}
     modes = {key: _forced_mode(g) for key, g in table.items()}              # check all before changing any
-    saved = [(r, r.mode, r.density) for _, _, r in routers(model)]
+    saved = [(r, r.mode, r.density, r.threshold) for _, _, r in routers(model)]
     try:
         for layer, kind, r in routers(model):
             if (layer, kind) in modes:
-                r.mode, r.density = modes[(layer, kind)]
+                r.mode, r.density, r.threshold = modes[(layer, kind)]
         yield model
     finally:
-        for r, mode, density in saved:
-            r.mode, r.density = mode, density
+        for r, mode, density, threshold in saved:
+            r.mode, r.density, r.threshold = mode, density, threshold
 
 
 def _forced_mode(g):
-    """(Router.mode, Router.density) for one entry of forced()'s gates."""
-    if g == "open":
-        return "open", 1.0
+    """(Router.mode, Router.density, Router.threshold) for one entry of forced()'s gates."""
+    if isinstance(g, str) and g == "open":
+        return "open", 1.0, 0.0
+    if isinstance(g, tuple) and len(g) == 2 and g[0] == "peek" and isinstance(g[1], (int, float)):
+        return "peek", 1.0, float(g[1])
     if isinstance(g, (int, float)) and 0 <= g <= 1:
-        return "random", float(g)
-    raise ValueError(f"cannot force gates to {g!r}: use 'open' or a density in [0, 1]")
+        return "random", float(g), 0.0
+    raise ValueError(f"cannot force gates to {g!r}: use 'open', a density in [0, 1] or ('peek', threshold)")
+
+
+def peek_gates(model, log_threshold: float, savings: dict) -> dict:
+    """forced()'s table for the peek rule with one global threshold: a token computes a sublayer
+    iff |f(x)| / |h| per FLOP that skipping it would save is above exp(log_threshold).
+
+    savings: {"attn": FLOPs, "mlp": FLOPs} a skip saves (flops.skip_savings), so one threshold
+    spends compute where it moves the residual stream most per FLOP.
+    """
+    return {(l, k): ("peek", log_threshold + math.log(savings[k])) for l, k, _ in routers(model)}
 
 
 # ----------------------------------------------------------------------------------------------

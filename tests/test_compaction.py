@@ -87,8 +87,9 @@ class TableRouter(router.Router):
 
 
 def mixed_table(n_layers: int, B=BATCH, T=SEQ, seed=3) -> dict:
-    """Per (layer, kind): one sequence keeps every token, one keeps none, the others a random
-    density; which sequence plays which role changes from sublayer to sublayer."""
+    """Per (layer, kind): one sequence keeps every token, one only its sink (position 0 always
+    computes), the others a random density; which sequence plays which role changes from
+    sublayer to sublayer."""
     g = torch.Generator().manual_seed(seed)
     keep = {}
     for i, (layer, kind) in enumerate((l, k) for l in range(n_layers) for k in ("attn", "mlp")):
@@ -96,6 +97,7 @@ def mixed_table(n_layers: int, B=BATCH, T=SEQ, seed=3) -> dict:
         table = torch.rand(B, T, generator=g) < density                 # (B, T)
         table[i % B] = True
         table[(i + 1) % B] = False
+        table[:, 0] = True
         keep[(layer, kind)] = table
     return keep
 
@@ -120,7 +122,7 @@ def assert_logits_close(a, b):
 def test_mixed_table_has_every_kind_of_sequence():
     for t in mixed_table(2).values():
         counts = t.sum(1)
-        assert counts.max() == SEQ and counts.min() == 0 and ((counts > 0) & (counts < SEQ)).any()
+        assert counts.max() == SEQ and counts.min() == 1 and ((counts > 1) & (counts < SEQ)).any()
 
 
 @pytest.mark.parametrize("route", router.ROUTES)
@@ -243,9 +245,11 @@ def fired(modules: dict) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("with_cache", [False, True], ids=["prefill", "decode"])
+@pytest.mark.parametrize("chunk", [SEQ - 1, 1], ids=["prefill", "decode"])
 @pytest.mark.parametrize("kv", router.KV_MODES)
-def test_a_sublayer_every_token_skips_is_not_run(kv, with_cache):
+def test_a_sublayer_every_token_skips_is_not_run(kv, chunk):
+    """After the sink (position 0, which always computes), a call of `chunk` tokens that all
+    skip a sublayer leaves its weights untouched."""
     model = tiny_model("gemma3")
     keep = mixed_table(model.cfg.n_layers)
     keep[(0, "attn")][:] = False
@@ -256,15 +260,12 @@ def test_a_sublayer_every_token_skips_is_not_run(kv, with_cache):
                        mlp=block.mlp, mlp_post=block.mlp_post_norm, other_mlp=model.layers[1].mlp))
     idx = tokens()
     with torch.no_grad():
-        if with_cache:
-            cache = model.new_cache(BATCH, SEQ)
-            model(idx[:, :-1], cache=cache)
-            for c in calls.values():
-                c.clear()
-            table.start = SEQ - 1
-            model(idx[:, -1:], cache=cache)
-        else:
-            model(idx)
+        cache = model.new_cache(BATCH, SEQ)
+        model(idx[:, :SEQ - chunk], cache=cache)
+        for c in calls.values():
+            c.clear()
+        table.start = SEQ - chunk
+        model(idx[:, SEQ - chunk:], cache=cache)
     for name in ("wq", "wo", "q_norm", "post", "mlp", "mlp_post"):
         assert calls[name] == [], f"{name} ran for a sublayer every token skips"
     # in kv="all" the skipped tokens still write K and V; in kv="kept" they are absent
@@ -274,7 +275,8 @@ def test_a_sublayer_every_token_skips_is_not_run(kv, with_cache):
 
 @pytest.mark.parametrize("kv", router.KV_MODES)
 def test_random_gates_at_density_one_and_zero(kv):
-    """bench.py's forced gates: density 1 keeps every token (the dense model), density 0 none."""
+    """bench.py's forced gates: density 1 keeps every token (the dense model), density 0 none
+    but the sink at position 0."""
     model = tiny_model("llama_gqa")
     router.add_routers(model, "sublayer", kv)
     idx = tokens(T=64)
@@ -283,5 +285,5 @@ def test_random_gates_at_density_one_and_zero(kv):
         for density in (1.0, 0.0):
             with router.forced(model, density):
                 logits, records = model(idx)
-            assert all(bool((r.keep == (density == 1.0)).all()) for r in records)
+            assert all(bool(r.keep[:, 0].all() and (r.keep[:, 1:] == (density == 1.0)).all()) for r in records)
             assert torch.equal(logits, dense) == (density == 1.0)

@@ -79,7 +79,7 @@ def gate_tables(n_layers, density, symmetric, seed=0):
 def model_with_gates(family, kv, tables):
     torch.manual_seed(0)
     model = Model(ModelConfig(**FAMILIES[family])).eval()
-    router.add_routers(model, "sublayer", kv)
+    router.add_routers(model, "sublayer", kv, sinks=False)             # the tables say who computes
     for layer, kind, _ in router.routers(model):
         setattr(model.layers[layer], f"{kind}_router", TableRouter(model.cfg.dim, tables[(layer, kind)]))
     return model

@@ -103,25 +103,101 @@ def test_routes_attach_routers_where_they_should(route):
             assert by_key[(layer, "mlp")].z is by_key[(layer, "attn")].z
 
 
+def zero_after_first_token(module):
+    """Make module's output 0 at every position but 0 (the attention sink), via a forward hook."""
+    def hook(m, args, out):
+        out = out.clone()
+        out[:, 1:] = 0
+        return out
+    module.register_forward_hook(hook)
+
+
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "compact"])
 @pytest.mark.parametrize("route", router.ROUTES)
 def test_closed_routers_remove_exactly_the_routed_sublayers(route, masked):
-    """Every router shut: the model equals the dense model with the gated sublayers' outputs zeroed."""
+    """Every router shut: the model equals the dense model with the gated sublayers' outputs
+    zeroed for every token but the sink at position 0, which always computes."""
     model = tiny_model("gemma")
     reference = tiny_model("gemma")
-    with torch.no_grad():
-        for block in reference.layers:
-            if "attn" in GATED[route]:
-                block.attn.wo.weight.zero_()
-            if "mlp" in GATED[route]:
-                block.mlp.down.weight.zero_()
+    for block in reference.layers:
+        if "attn" in GATED[route]:
+            zero_after_first_token(block.attn.wo)
+        if "mlp" in GATED[route]:
+            zero_after_first_token(block.mlp.down)
     router.add_routers(model, route, "all", bias_init=-3.0)
     idx = tokens()
     with torch.no_grad():
         expected, _ = reference(idx)
         logits, records = model(idx, masked=masked)
-    assert all(not r.keep.any() for r in records)
+    assert all(r.keep[:, 0].all() and not r.keep[:, 1:].any() for r in records)
     torch.testing.assert_close(logits, expected)
+
+
+def test_sinks_compute_under_every_gate_mode_and_only_sinks_get_no_gradient():
+    """Position 0 and every BOS token compute whatever the router says — learned, random at
+    density 0, in prefill and in decoding — and their router logits carry no gradient."""
+    model = tiny_model(bos_id=5)
+    router.add_routers(model, "sublayer", "all", bias_init=-3.0)
+    idx = tokens(T=10)
+    idx[0, 4] = 5                                                        # a BOS in the middle
+    idx[1] = torch.where(idx[1] == 5, 6, idx[1])                         # and none in row 1
+    sink = torch.zeros_like(idx, dtype=torch.bool)
+    sink[:, 0], sink[0, 4] = True, True
+    for gates in ({}, 0.0):
+        with router.forced(model, gates), torch.no_grad():
+            _, records = model(idx)
+        assert all(torch.equal(r.keep, sink) for r in records)
+    cache = model.new_cache(2, 12)                                       # decoding: token by token
+    with torch.no_grad():
+        for t in range(idx.shape[1]):
+            _, records = model(idx[:, t:t + 1], cache=cache)
+            assert all(torch.equal(r.keep, sink[:, t:t + 1]) for r in records)
+    _, records = model(idx, masked=True)
+    router.l1_loss(records).backward()
+    r = router.routers(model)[0][2]
+    z_grad = torch.autograd.grad(router.l1_loss(model(idx, masked=True)[1]), r.proj.bias)[0]
+    assert z_grad.abs() > 0                                              # the other tokens still learn
+    assert router.sink_tokens(idx[:, 1:], start=1, bos_id=5)[0, 3]       # BOS away from position 0
+    assert router.sink_tokens(idx[1:, 1:], start=1, bos_id=5) is None    # nothing to protect
+
+
+def test_sink_logit_has_no_gradient():
+    z = torch.tensor([router.SINK_LOGIT, 0.0], requires_grad=True)
+    router.hard_gate(z).sum().backward()
+    assert z.grad[0] < 1e-12 and z.grad[1] == 0.25
+
+
+def test_peek_gates_follow_the_rule_by_hand():
+    """Peek: a token computes a sublayer iff log(|f(x)| / |h|) > the sublayer's threshold, with
+    f(x) and h taken from the dense pass where every earlier sublayer computed the same way."""
+    model = tiny_model()
+    router.add_routers(model, "mlp", "all")
+    idx = tokens()
+    block = model.layers[0]
+    seen = capture(block.mlp)
+    inputs = capture(block.mlp_norm, pre=True)
+    with torch.no_grad():
+        model(idx, routers_off=True)                                     # the dense pass: f(x) and h
+    log_ratio = (seen[0].norm(dim=-1) / inputs[0].norm(dim=-1)).log()    # (B, T) log(|f(x)| / |h|)
+    threshold = float(log_ratio[:, 1:].median())                         # half of the tokens keep
+    with router.forced(model, {(0, "mlp"): ("peek", threshold), (1, "mlp"): "open"}), torch.no_grad():
+        _, records = model(idx, masked=True)
+    expected = log_ratio > threshold
+    expected[:, 0] = True                                                # the sink
+    assert 0 < expected[:, 1:].float().mean() < 1                        # the rule has work to do
+    assert torch.equal(records[0].keep, expected)
+    with router.forced(model, ("peek", 0.0)), pytest.raises(ValueError, match="masked path"):
+        model(idx)
+
+
+def test_peek_gates_table_spends_one_threshold_per_flop():
+    model = tiny_model()
+    router.add_routers(model)
+    table = router.peek_gates(model, -2.0, {"attn": math.e, "mlp": math.e ** 3})
+    assert table[(0, "attn")] == ("peek", pytest.approx(-1.0)) and table[(1, "mlp")] == ("peek", pytest.approx(1.0))
+    with pytest.raises(ValueError, match="peek"):
+        with router.forced(model, ("peek", "high")):
+            pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +228,7 @@ def test_gate_is_hard_and_router_gets_straight_through_gradient(kind):
     loss.backward()
 
     keep = z > 0
+    keep[:, 0] = True                                                  # the sink computes whatever z says
     assert keep.any() and (~keep).any(), "the test needs kept and skipped tokens"
     # forward: the sublayer output is added exactly once or not at all
     h_in, f, out = h_in[0].detach(), f_x[0].detach(), h_out[0].detach()
@@ -160,7 +237,8 @@ def test_gate_is_hard_and_router_gets_straight_through_gradient(kind):
     # backward: dL/dz = sigmoid'(z) * <dL/dh_out, f(x)> per token, then the chain rule through z = w.x + b
     s = torch.sigmoid(z.detach())
     dz = s * (1 - s) * (h_out[0].grad * f).sum(-1)                      # (B, T)
-    for token in (keep.nonzero()[0], (~keep).nonzero()[0]):            # one kept, one skipped
+    dz[:, 0] = 0                                                       # the sink's logit is pinned
+    for token in (keep[:, 1:].nonzero()[0] + torch.tensor([0, 1]), (~keep).nonzero()[0]):   # one kept, one skipped
         b, t = token.tolist()
         assert dz[b, t].abs() > 1e-6
         torch.testing.assert_close(z.grad[b, t], dz[b, t])
