@@ -23,13 +23,20 @@ counts as computed) per layer, per kind and overall, the compute ratio of the FL
   learned  the checkpoint's routers (default);
   random   every router keeps a random share of tokens equal to the density its learned gates
            show on this same text: the baseline a learned router has to beat;
-  open     every gate open, LoRA on: what the adapters alone do.
+  open     every gate open, LoRA on: what the adapters alone do;
+  peek     the training-free reference: the base weights (LoRA off, routers ignored), and a
+           token computes a sublayer iff |f(x)| / |h| per FLOP a skip there saves is above
+           one global threshold, chosen so that the compute ratio on this text is
+           --target_compute (+-0.005). It computes f(x) to decide, so it saves nothing: it
+           shows how good per-token decisions can be before any training. Without --ckpt it
+           attaches routers to every sublayer of the --init model.
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
 the compacted one; both must give the same numbers.
 
 Every option below is --key=value (python eval.py --help lists them). --json prints the
 results as one JSON object on the last line.
 """
+import contextlib
 import json
 import math
 import sys
@@ -46,7 +53,7 @@ import lora
 import router
 from configurator import configure
 from data.prepare import consecutive_windows
-from flops import compute_ratio
+from flops import compute_ratio, skip_savings
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
@@ -58,7 +65,8 @@ DEFAULTS = dict(
     dtype="float32",                # float32 | bfloat16 | float16
     device="cpu",                   # cpu | cuda | cuda:1 | mps
     path="compact",                 # --ckpt: compact (skipped work removed) | masked (training path)
-    gates="learned",                # --ckpt: learned | random | open (see above)
+    gates="learned",                # --ckpt: learned | random | open | peek (see above)
+    target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random
     json=False,                     # print the results as one JSON object on the last line
     plot="",                        # --ckpt: write density per layer to this .svg file
@@ -140,16 +148,61 @@ def evaluate(model, chunks, batch_size=4, compare=False, path="compact"):
     return sums, stats
 
 
-def evaluate_sparse(model, chunks, seq_len, batch_size=4, path="compact", gates="learned", seed=1337) -> dict:
+@torch.no_grad()
+def gate_stats(model, chunks, batch_size=4, path="compact") -> router.GateStats:
+    """The gate decisions of the model on the windows chunks (N, L), without scoring them."""
+    stats = router.GateStats()
+    for batch in chunks.to(model.tok_emb.weight.device).split(batch_size):
+        stats.add(model(batch[:, :-1], masked=path == "masked", return_hidden=True)[1])
+    return stats
+
+
+def peek_threshold(model, chunks, seq_len, target: float, batch_size=4, tol=0.004) -> dict:
+    """forced()'s table of peek gates whose compute ratio on chunks is target +- tol.
+
+    The compute ratio falls as the global log threshold rises; regula falsi (Illinois) finds it
+    in a few passes, each a masked forward over the windows with the base weights.
+    """
+    savings = skip_savings(model.cfg, seq_len)
+
+    def excess(t):                                       # compute ratio at threshold t, minus target
+        with router.forced(model, router.peek_gates(model, t, savings)), lora.disabled(model):
+            return compute_ratio(model.cfg, seq_len, gate_stats(model, chunks, batch_size, "masked").density()) - target
+
+    lo, hi = -40.0, 10.0                                 # every token computes / only the sinks do
+    f_lo, f_hi = excess(lo), excess(hi)
+    if f_lo < 0 or f_hi > 0:
+        raise ValueError(f"--target_compute={target} is outside what peek gates reach on this text "
+                         f"({f_hi + target:.3f} to {f_lo + target:.3f})")
+    side = 0
+    for _ in range(40):
+        t = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)      # where the chord crosses zero
+        f = excess(t)
+        if abs(f) <= tol:
+            return router.peek_gates(model, t, savings)
+        if f > 0:
+            lo, f_lo = t, f
+            f_hi, side = (f_hi / 2, 1) if side == 1 else (f_hi, 1)     # Illinois: halve the stale end
+        else:
+            hi, f_hi = t, f
+            f_lo, side = (f_lo / 2, -1) if side == -1 else (f_lo, -1)
+    raise ValueError(f"no peek threshold reaches --target_compute={target} within {tol}")
+
+
+def evaluate_sparse(model, chunks, seq_len, batch_size=4, path="compact", gates="learned", seed=1337,
+                    target_compute=0.9) -> dict:
     """The sparse model against its base model on the same windows (see the docstring on top).
 
     Densities count a sublayer without a router as computed (1), per layer and in the averages.
     """
     if gates == "random":
         # the densities the learned routers show on this text, then coin flips at those rates
-        gates = evaluate(model, chunks, batch_size, path=path)[1].density()
+        gates = gate_stats(model, chunks, batch_size, path).density()
+    adapters_off = lora.disabled(model) if gates == "peek" else contextlib.nullcontext()
+    if gates == "peek":
+        gates, path = peek_threshold(model, chunks, seq_len, target_compute, batch_size), "masked"
     torch.manual_seed(seed)
-    with router.forced(model, {} if gates == "learned" else gates):
+    with router.forced(model, {} if gates == "learned" else gates), adapters_off:
         sums, stats = evaluate(model, chunks, batch_size, compare=True, path=path)
     n, L = sums["tokens"], model.cfg.n_layers
     return dict(
@@ -207,8 +260,10 @@ def check(config):
         raise ValueError("--seq_len and --batch_size must be at least 1, --max_chunks at least 0")
     if config["path"] not in ("compact", "masked"):
         raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
-    if config["gates"] not in ("learned", "random", "open"):
-        raise ValueError(f"--gates must be learned, random or open, got {config['gates']!r}")
+    if config["gates"] not in ("learned", "random", "open", "peek"):
+        raise ValueError(f"--gates must be learned, random, open or peek, got {config['gates']!r}")
+    if not 0 < config["target_compute"] <= 1:
+        raise ValueError(f"--target_compute must be in (0, 1], got {config['target_compute']}")
     if config["plot"] and not config["ckpt"]:
         raise ValueError("--plot draws the densities of a sparse model: pass --ckpt=OUT_DIR too")
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
@@ -233,22 +288,25 @@ def main(argv):
     else:
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
         name = config["init"]
+        if config["gates"] == "peek":                  # the reference needs a gate on every sublayer
+            router.add_routers(model)
     chunks = windows(tok, text, config["seq_len"], config["max_chunks"])
     out = dict(model=name, ckpt=config["ckpt"] or None, text=config["text"], seq_len=config["seq_len"],
                windows=len(chunks), bos=tok.adds_bos)
     print(f"{name}: {len(chunks)} windows of {config['seq_len']} tokens{' + BOS' if tok.adds_bos else ''}")
-    if not config["ckpt"]:
+    if not config["ckpt"] and config["gates"] != "peek":
         sums, _ = evaluate(model, chunks, config["batch_size"])
         n = sums["tokens"]
         out.update(perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n), seconds=sums["model_s"])
         print(f"perplexity {out['perplexity']:.4f} over {out['tokens']} scored tokens")
     else:
-        out.update(path=config["path"], gates=config["gates"], route=model.cfg.route, kv=model.cfg.kv)
+        path = "masked" if config["gates"] == "peek" else config["path"]         # peek decides from f(x)
+        out.update(path=path, gates=config["gates"], route=model.cfg.route, kv=model.cfg.kv)
         out.update(evaluate_sparse(model, chunks, config["seq_len"], config["batch_size"], config["path"], config["gates"],
-                                   config["seed"]))
+                                   config["seed"], config["target_compute"]))
         print(f"perplexity {out['perplexity']:.4f} (dense {out['dense_perplexity']:.4f}) over {out['tokens']} "
               f"scored tokens; KL to dense {out['kl_to_dense']:.4f}; top-1 agreement {out['top1_agreement']:.1%}")
-        print(f"gates {config['gates']}, path {config['path']}: density {out['density']:.3f} (attn "
+        print(f"gates {config['gates']}, path {path}: density {out['density']:.3f} (attn "
               f"{out['density_attn']:.3f}, mlp {out['density_mlp']:.3f}), compute ratio {out['compute_ratio']:.3f}")
         print(f"sparse pass {out['sparse_s']:.2f} s, dense pass {out['dense_s']:.2f} s, "
               f"speedup {out['speedup']:.2f}x")

@@ -295,6 +295,24 @@ def test_gates_random_match_learned_densities(ckpts, text_file):
     assert all(r.mode == "learned" for _, _, r in router.routers(model))   # restored afterwards
 
 
+def test_gates_peek_lands_on_the_target_compute_with_the_base_weights(ckpts, text_file):
+    """--gates=peek: compute ratio within 0.005 of the target; the base weights decide and answer,
+    so two checkpoints of one base (different routers and adapters) give the same numbers."""
+    results = []
+    for ckpt in ckpts:
+        model, tok, _ = load_weights.load_sparse(ckpt)
+        chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
+        results.append(eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.8))
+        assert all(r.mode == "learned" for _, _, r in router.routers(model))   # restored afterwards
+        assert all(m.enabled for m in lora.adapters(model))
+    a, b = results
+    assert a["compute_ratio"] == pytest.approx(0.8, abs=0.005)
+    assert a["perplexity"] == b["perplexity"] and a["kl_to_dense"] == b["kl_to_dense"] > 0
+    assert a["dense_perplexity"] == b["dense_perplexity"]
+    with pytest.raises(ValueError, match="outside what peek gates reach"):
+        eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.01)
+
+
 @torch.no_grad()
 def test_decode_records_are_the_gates_of_a_full_forward(ckpts):
     """The share shown for each generated token = the gates of the position that predicted it,
@@ -328,5 +346,5 @@ def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
     assert "sparse" in out and "dense" in out and "layer" in out and "compute ratio" in out
     sample.main([f"--ckpt={ckpts[1]}", "--prompt=the cat", "--max_new_tokens=4"])
     assert "\033[48;5;" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--gates must be learned, random or open, got 'lerned'"):
+    with pytest.raises(ValueError, match="--gates must be learned, random, open or peek, got 'lerned'"):
         eval_cli.main([f"--ckpt={ckpts[1]}", f"--text={text_file}", "--gates=lerned"])
