@@ -367,11 +367,9 @@ class Block(nn.Module):
 
 def gated(h, y, g: Optional[router.GateRecord]):
     """Masked path: h + gate * y, the gate hard forward and straight-through backward."""
-    if g is None:
-        return h + y
-    if g.z is None:                                                       # a peek gate: decided from y
+    if g is not None and g.z is None:                                     # a peek gate: decided from y
         router.peek_decide(g, h, y)
-    return h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
+    return h + y if g is None else h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
 
 
 @dataclass
@@ -404,11 +402,9 @@ class Model(nn.Module):
         """Rotary inverse frequencies of full or sliding layers, made once per device."""
         key, cfg = (sliding, str(device)), self.cfg
         if key not in self._inv_freq:
-            if sliding and cfg.rope_local_theta is not None:   # Gemma 3: their own base, no scaling
-                inv = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, None)
-            else:
-                inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-            self._inv_freq[key] = inv.to(device)
+            local = sliding and cfg.rope_local_theta is not None      # Gemma 3: their own base, no scaling
+            theta, scaling = (cfg.rope_local_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
+            self._inv_freq[key] = rope_inv_freq(cfg.head_dim, theta, scaling).to(device)
         return self._inv_freq[key]
 
     def logits(self, hidden):
@@ -436,9 +432,8 @@ class Model(nn.Module):
         if self.cfg.embed_scale:
             h = h * torch.tensor(self.cfg.dim ** 0.5, dtype=h.dtype)     # in the activation dtype
         rope = {s: rope_cos_sin(self.inv_freq(s, idx.device), pos, h.dtype) for s in (False, True)}
-        routed = not routers_off and self.cfg.route != "none"
-        sink = router.sink_tokens(idx, start, self.cfg.bos_id) if routed and self.cfg.sinks else None
-        ctx = Context(pos, rope, cache, masked, routers_off, [], sink)
+        ctx = Context(pos, rope, cache, masked, routers_off, [],
+                      None if routers_off else router.sink_tokens(idx, start, self.cfg))
         for block in self.layers:
             if self.grad_checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, ctx, use_reentrant=False)
@@ -446,9 +441,7 @@ class Model(nn.Module):
                 h = block(h, ctx)
         if cache is not None:
             cache.seen += T
-        h = self.norm(h)
-        if last_only:
-            h = h[:, -1:]
+        h = self.norm(h[:, -1:] if last_only else h)                     # norm is per token
         return (h if return_hidden else self.logits(h)), ctx.records
 
     def new_cache(self, batch_size: int, max_len: int) -> compact.KVCache:

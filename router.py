@@ -130,10 +130,13 @@ def decide(r: Optional[Router], x: torch.Tensor, layer: int, kind: str,
     return GateRecord(layer, kind, z, z > ZERO)
 
 
-def sink_tokens(idx, start: int, bos_id: Optional[int]):
+def sink_tokens(idx, start: int, cfg):
     """(B, T) bool: the attention sinks among tokens idx (B, T) starting at position start —
-    position 0 and every BOS token — which compute every sublayer; None when there are none."""
-    sink = idx == bos_id if bos_id is not None else torch.zeros_like(idx, dtype=torch.bool)
+    position 0 and every BOS token — which compute every sublayer; None when there are none
+    (or the model has no routers, or cfg.sinks is off)."""
+    if cfg.route == "none" or not cfg.sinks:
+        return None
+    sink = idx == cfg.bos_id if cfg.bos_id is not None else torch.zeros_like(idx, dtype=torch.bool)
     if start == 0:
         sink[:, 0] = True
     return sink if bool(sink.any()) else None

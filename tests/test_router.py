@@ -157,8 +157,8 @@ def test_sinks_compute_under_every_gate_mode_and_only_sinks_get_no_gradient():
     r = router.routers(model)[0][2]
     z_grad = torch.autograd.grad(router.l1_loss(model(idx, masked=True)[1]), r.proj.bias)[0]
     assert z_grad.abs() > 0                                              # the other tokens still learn
-    assert router.sink_tokens(idx[:, 1:], start=1, bos_id=5)[0, 3]       # BOS away from position 0
-    assert router.sink_tokens(idx[1:, 1:], start=1, bos_id=5) is None    # nothing to protect
+    assert router.sink_tokens(idx[:, 1:], 1, model.cfg)[0, 3]            # BOS away from position 0
+    assert router.sink_tokens(idx[1:, 1:], 1, model.cfg) is None         # nothing to protect
 
 
 def test_sink_logit_has_no_gradient():
