@@ -10,17 +10,17 @@ What one step does:
   teacher = the same weights with LoRA off and the routers off, under no_grad (no second copy);
   student = LoRA on, hard per-token gates, masked path (every sublayer runs, the gate multiplies,
             so each router gets its straight-through gradient);
-  loss    = KL(teacher || student) + lambda * L1 (+ ce * next-token cross-entropy).
-L1 is the mean of sigmoid(z) over tokens and routed sublayers, weighted by each sublayer's FLOPs
-so that the pressure lands where compute is. lambda is not hand-tuned: a controller moves it so the
-FLOP-weighted density follows a target that slides from 1.0 down to --target_density over the first
---anneal fraction of the run, then holds it (see DensityController for why). Several targets
-(--target_density=0.9,0.8,0.7) split the run into stages, one per target, each sliding from the
-previous one; every stage but the last leaves a checkpoint in out_dir/stage<k>/: one run, several
-operating points.
+  loss    = KL(teacher || student) (+ ce * next-token cross-entropy, + l1 * FLOP-weighted L1).
+How much is skipped is not left to a loss weight: the routers start fitted to the training-free
+"peek" rule at the first target density (fit_routers), and after every step a controller shifts
+all router biases by one common amount, so the FLOP-weighted density stays at --target_density
+while the KL decides which tokens and which sublayers keep their compute. Several targets
+(--target_density=0.95,0.9,0.85) split the run into stages, one per target, each sliding from the
+previous one over its first --anneal fraction; every stage but the last leaves a checkpoint in
+out_dir/stage<k>/: one run, several operating points.
 
-The run: setup() (model, data windows from data/prepare.py, optimizer), calibrate() (router
-biases from each sublayer's sensitivity), then train_step() per iteration, held_out() every
+The run: setup() (model, data windows from data/prepare.py, optimizer), init_routers() (the
+peek-rule fit), then train_step() per iteration, held_out() every
 eval_interval, and a checkpoint (load_weights.save_checkpoint) at the end of every stage, of the
 run, or on Ctrl-C.
 """
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -60,7 +59,7 @@ DEFAULTS = dict(
     grad_accum=1,
     # optimizer
     lr=2e-3,                       # LoRA adapters
-    router_lr=3e-2,                # router biases (weights: router_lr / sqrt(d)); gates must move early
+    router_lr=3e-3,                # router biases (weights: router_lr / sqrt(d))
     warmup_iters=10,
     min_lr_frac=0.1,
     grad_clip=1.0,
@@ -70,15 +69,13 @@ DEFAULTS = dict(
     lora_targets="wq,wk,wv,wo,gate,up,down",
     route="sublayer",              # sublayer | attn | mlp | block
     kv="all",                      # all | kept
-    router_bias=0.3,               # routers start open (z = +bias for every token), close to the edge
-    router_bias_max=4.0,           # ... except sensitive sublayers, which start up to this far from it
-    calibrate=True,                # measure each sublayer's sensitivity first and set its bias from it
+    fit_windows=8,                 # training windows the routers are fitted on before training
     # sparsity
-    target_density=(0.87,),        # FLOP-weighted fraction of routed work to keep (one per stage); 0 = fixed lambda
-    l1=0.05,                       # lambda: the starting value, or the fixed one when target_density=0
-    anneal=0.6,                    # fraction of each stage over which its target slides down
-    lambda_gain=1.0,               # controller: log(lambda) += gain * (density - target) per step
-    flop_weighted=True,            # weight L1 by each sublayer's FLOPs
+    target_density=(0.87,),        # FLOP-weighted fraction of routed work to keep (one per stage)
+    anneal=0.1,                    # fraction of each later stage over which its target slides down
+    density_gain=2.0,              # controller: every router bias -= gain * (density - target) per step
+    flop_weighted=True,            # density weighted by the FLOPs each skip saves
+    l1=0.0,                        # weight of an L1 push on sigmoid(z) (0: the controller alone sets the density)
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
     eval_interval=50,
@@ -168,51 +165,101 @@ def distill_losses(model, x, ce_weight: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# Calibration: where skipping hurts, measured before training
+# The routers' start: fitted to the peek rule before any training
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sensitivity(model, x: torch.Tensor) -> dict:
-    """{(layer, kind): KL(dense || dense with that one sublayer skipped for every token)} on x.
-
-    A few sublayers carry the model (in SmolLM2-135M: layer 0's MLP, layer 1's attention, the
-    last MLPs); skipping a fifth of the tokens there costs more than skipping every other
-    sublayer at that rate together. Measured before training, one forward per sublayer.
-    """
-    ref = torch.log_softmax(model(x, routers_off=True)[0].float(), -1)
-    out = {}
+def residual_moves(model, x: torch.Tensor) -> dict:
+    """{(layer, kind): (inputs (N, d), log(|f(x)| / |h|) (N,))} of every routed sublayer of the
+    dense model (LoRA off, routers off) on tokens x (B, T): what its router sees, and how far the
+    sublayer's output f(x) moves the residual stream h. The sink at position 0 is left out."""
+    seen, hooks = {}, []
     for layer, kind, _ in router.routers(model):
-        with router.forced(model, {(layer, kind): 0.0}):          # this sublayer: every gate closed
-            logp = torch.log_softmax(model(x)[0].float(), -1)
-        out[(layer, kind)] = (ref.exp() * (ref - logp)).sum(-1).mean().item()
-    return out
+        block, key = model.layers[layer], (layer, kind)
+        norm, post = (block.attn_norm, block.attn_post_norm) if kind == "attn" else (block.mlp_norm, block.mlp_post_norm)
+        hooks.append(norm.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(key, [args[0], out])))
+        hooks.append(post.register_forward_hook(lambda m, args, out, key=key: seen[key].append(out)))
+    try:
+        with lora.disabled(model):
+            model(x, routers_off=True, return_hidden=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    moves = {}
+    for key, (h, inputs, y) in seen.items():                          # each (B, T, d)
+        ratio = y.float().norm(dim=-1).log() - h.float().norm(dim=-1).log()   # (B, T)
+        moves[key] = inputs[:, 1:].flatten(0, 1).float(), ratio[:, 1:].flatten()
+    return moves
 
 
-def calibrate_biases(model, sens: dict, bias: float, bias_max: float):
-    """Start each router at bias * (its sensitivity / the median one), clipped to [bias, bias_max].
+def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
+    """Fit every router, by ridge regression on the dense model, to predict its sublayer's
+    log(|f(x)| / |h|) from its input x, minus the log of the FLOPs a skip there saves.
 
-    Adam moves every bias by about the same step whatever its gradient, so without this the L1
-    push closes the few vital sublayers as early as the many cheap ones, and the KL explodes
-    before the routers can learn which is which. Every gate still starts open (KL = 0).
+    A router then opens where the training-free peek rule (eval.py --gates=peek) would compute:
+    one threshold on "how much the token's stream moves per FLOP" across all sublayers, which also
+    decides how much each sublayer skips. Fitted in seconds from forward passes alone (the normal
+    equations, (d + 1)^2 numbers per router), it starts training from a reasonable allocation
+    instead of every gate open. set_density then picks the common threshold.
     """
-    median = float(np.median(list(sens.values())))
+    gram, moment = {}, {}
+    for x in batches:
+        for key, (inputs, target) in residual_moves(model, x).items():
+            xa = torch.cat([inputs, torch.ones(len(inputs), 1, device=inputs.device)], 1).double()   # (N, d + 1)
+            gram[key] = gram.get(key, 0) + xa.T @ xa
+            moment[key] = moment.get(key, 0) + xa.T @ target.double()
     with torch.no_grad():
         for layer, kind, r in router.routers(model):
-            ratio = sens[(layer, kind)] / max(median, 1e-12)
-            r.proj.bias.fill_(min(bias_max, bias * max(1.0, ratio)))
+            A = gram[(layer, kind)]
+            penalty = ridge * A.diagonal()[:-1].mean() * torch.eye(len(A), dtype=A.dtype, device=A.device)
+            penalty[-1, -1] = 0                                           # the intercept is not shrunk
+            w = torch.linalg.solve(A + penalty, moment[(layer, kind)])    # (d + 1,)
+            r.proj.weight.copy_(w[:-1][None])
+            r.proj.bias.fill_(float(w[-1]) - math.log(savings[kind]))
 
 
-def calibrate(run: "Run"):
-    """Measure every sublayer's sensitivity on one training window, start its router from it,
-    and keep the numbers in out_dir/sensitivity.json."""
+def shift_routers(model, step: float):
+    """Move every router's threshold by one common step (positive: fewer tokens compute)."""
+    with torch.no_grad():
+        for _, _, r in router.routers(model):
+            r.proj.bias -= step
+
+
+@torch.no_grad()
+def set_density(model, batches, weights: dict, target: float, tol: float = 2e-3):
+    """Shift all routers by the one amount that makes their FLOP-weighted density on batches
+    `target` (bisection: density falls as the shift grows)."""
+    def density():
+        stats = router.GateStats()
+        for x in batches:
+            stats.add(model(x, return_hidden=True)[1])
+        return stats.mean(weights=weights)
+
+    lo, hi, moved = -50.0, 50.0, 0.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        shift_routers(model, mid - moved)
+        moved = mid
+        d = density()
+        if abs(d - target) <= tol:
+            break
+        lo, hi = (mid, hi) if d > target else (lo, mid)
+    return d
+
+
+def init_routers(run: "Run"):
+    """Fit the routers to the peek rule on --fit_windows training windows, then set their common
+    threshold so that the first target density holds there; write out_dir/routers_init.json."""
     config, model = run.config, run.model
-    sens = sensitivity(model, run.data.batch(1).to(config["device"]))
-    calibrate_biases(model, sens, config["router_bias"], config["router_bias_max"])
+    windows = run.data.batch(config["fit_windows"]).to(config["device"])     # the same on every rank
+    batches = windows.split(config["batch_size"])
+    fit_routers(model, batches, run.savings)
+    density = set_density(model, batches, run.weights, config["target_density"][0])
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        biases = {(l, k): r.proj.bias.item() for l, k, r in router.routers(model)}
-        rows = [dict(layer=l, kind=k, kl=v, bias=biases[(l, k)]) for (l, k), v in sens.items()]
-        (run.out_dir / "sensitivity.json").write_text(json.dumps(rows, indent=1))
+        rows = [dict(layer=l, kind=k, bias=r.proj.bias.item(), weight_norm=r.proj.weight.norm().item())
+                for l, k, r in router.routers(model)]
+        (run.out_dir / "routers_init.json").write_text(json.dumps(dict(density=density, routers=rows), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,32 +267,29 @@ def calibrate(run: "Run"):
 # ----------------------------------------------------------------------------------------------
 
 class DensityController:
-    """Moves lambda so the measured density follows a target sliding from 1.0 to the final one.
+    """Holds the measured FLOP-weighted density at a target by shifting every router's bias by one
+    common amount after each step: bias -= gain * (density - target).
 
-    A fixed lambda either does nothing or collapses the gates, depending on the model; a controller
-    that aims at the final target from step 0 overshoots, because gates answer lambda with a lag of
-    many steps. Sliding the target down slowly keeps the tracking error small, and correcting
-    log(lambda) in proportion to the error lets lambda fall as fast as it rose.
+    A shift of the biases moves the density at once (in the same step), where a loss weight on an
+    L1 term moves it only after many Adam steps and so lags, then overshoots (the λ controller this
+    replaced oscillated between 0.70 and 0.93 on SmolLM2-135M). The KL alone then decides which
+    tokens and which sublayers keep their compute: a router whose sublayer matters more to the KL
+    rises against the common shift. In a later stage the target slides from the previous one over
+    the stage's first --anneal fraction.
     """
 
-    def __init__(self, targets, stage_iters: int, anneal: float, lam: float, gain: float):
+    def __init__(self, targets, stage_iters: int, anneal: float, gain: float):
         self.targets, self.stage_iters, self.gain = list(targets), max(1, stage_iters), gain
         self.anneal_iters = max(1, int(anneal * self.stage_iters))
-        self.log_lam = math.log(lam)
-
-    @property
-    def lam(self) -> float:
-        return math.exp(self.log_lam)
 
     def target(self, it: int) -> float:
         stage = min(it // self.stage_iters, len(self.targets) - 1)
-        start = 1.0 if stage == 0 else self.targets[stage - 1]
+        start = self.targets[max(0, stage - 1)]
         frac = min(1.0, (it - stage * self.stage_iters) / self.anneal_iters)
         return start + (self.targets[stage] - start) * frac
 
-    def update(self, it: int, density: float):
-        self.log_lam += self.gain * (density - self.target(it))
-        self.log_lam = min(max(self.log_lam, math.log(1e-4)), math.log(1e3))
+    def update(self, model, it: int, density: float):
+        shift_routers(model, self.gain * (density - self.target(it)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +341,7 @@ def build(config: dict):
         raise ValueError(f"--seq_len={config['seq_len']}{' + BOS' if tok.adds_bos else ''} is over the "
                          f"model's context of {model.cfg.max_seq_len}")
     torch.manual_seed(config["seed"])                      # LoRA A init: the same on every rank
-    router.add_routers(model, config["route"], config["kv"], config["router_bias"])
+    router.add_routers(model, config["route"], config["kv"])
     if config["lora_rank"] > 0:
         lora.inject(model, lora_targets(config), config["lora_rank"], config["lora_alpha"])
     for p in trained_parameters(model).values():
@@ -347,8 +391,8 @@ class Run:
     val: Optional[torch.Tensor]   # (N, L) fixed held-out windows, or None: no periodic eval
     opt: torch.optim.Optimizer
     ctrl: "DensityController"
-    controlled: bool              # lambda follows the target density (else it stays at --l1)
-    weights: dict                 # {"attn": w, "mlp": w}: what a skip weighs in the L1 and the density
+    savings: dict                 # {"attn": FLOPs, "mlp": FLOPs} one skip saves
+    weights: dict                 # what a skip weighs in the density: savings, or 1 (--flop_weighted=False)
     meta: dict                    # what ckpt.json records besides the training state
     rank: int
     world: int
@@ -357,7 +401,7 @@ class Run:
 
 
 def setup(config: dict) -> Run:
-    """Model, data, optimizer and controller of a run (not yet calibrated or resumed)."""
+    """Model, data, optimizer and controller of a run (routers not yet fitted, nothing resumed)."""
     rank, world = setup_distributed(config)
     model, tok, folder = build(config)
     bos, key = (tok.bos_id if tok.adds_bos else None), tokenizer_key(folder)
@@ -367,27 +411,26 @@ def setup(config: dict) -> Run:
         val = spread_windows(load_sources(config["val_data"], tok, key), config["seq_len"], bos,
                              config["eval_batches"] * config["batch_size"])
     window = config["seq_len"] + (bos is not None)
-    weights = skip_savings(model.cfg, window) if config["flop_weighted"] else {"attn": 1.0, "mlp": 1.0}
-    controlled = any(config["target_density"])
-    ctrl = DensityController(config["target_density"] if controlled else [1.0], stage_iters(config),
-                             config["anneal"], config["l1"], config["lambda_gain"])
+    savings = skip_savings(model.cfg, window)
+    weights = savings if config["flop_weighted"] else {"attn": 1.0, "mlp": 1.0}
+    ctrl = DensityController(config["target_density"], stage_iters(config), config["anneal"], config["density_gain"])
     meta = dict(base=config["base"], model_config=model.cfg.to_dict(),
                 lora=dict(rank=config["lora_rank"], alpha=config["lora_alpha"], targets=lora_targets(config)),
                 train_config={k: v for k, v in config.items() if k != "base"})
-    return Run(config, model, data, val, make_optimizer(model, config), ctrl, controlled, weights, meta,
+    return Run(config, model, data, val, make_optimizer(model, config), ctrl, savings, weights, meta,
                rank, world, Path(config["out_dir"]))
 
 
 def resume(run: Run):
     """Continue from out_dir's checkpoint: weights, optimizer, RNG, controller, data position."""
     state = load_checkpoint(run.out_dir, run.model, run.opt)
-    run.start, run.ctrl.log_lam = state["iter"], state["log_lambda"]
+    run.start = state["iter"]
     run.data.gen.set_state(state["data_rng"])
 
 
 def save(run: Run, it: int, folder: Optional[Path] = None):
     if run.rank == 0:
-        state = dict(iter=it, log_lambda=run.ctrl.log_lam, data_rng=run.data.gen.get_state())
+        state = dict(iter=it, data_rng=run.data.gen.get_state())
         save_checkpoint(folder or run.out_dir, run.model, run.opt, state, run.meta)
 
 
@@ -408,7 +451,7 @@ def train_step(run: Run, it: int) -> dict:
         x = run.data.batch(B * run.world)[run.rank * B:(run.rank + 1) * B]   # this rank's share
         kl, ce, records = distill_losses(model, x.to(config["device"]), config["ce"])
         l1 = router.l1_loss(records, run.weights)
-        loss = kl + ctrl.lam * l1 + config["ce"] * ce
+        loss = kl + config["ce"] * ce + config["l1"] * l1
         (loss / accum).backward()
         density = router.GateStats(records).mean(weights=run.weights)   # share of the routed FLOPs run
         for k, v in zip(sums, (kl.item(), ce.item(), l1.item(), density)):
@@ -422,10 +465,9 @@ def train_step(run: Run, it: int) -> dict:
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     sums = dict(zip(sums, all_reduce_mean(list(sums.values()), run.world)))
-    if run.controlled:
-        ctrl.update(it, sums["density"])
+    ctrl.update(model, it, sums["density"])
     tokens = B * config["seq_len"] * accum * run.world
-    return dict(iter=it, **sums, target=ctrl.target(it), lam=ctrl.lam, lr_scale=scale,
+    return dict(iter=it, **sums, target=ctrl.target(it), lr_scale=scale,
                 tok_s=tokens / (time.time() - t0))
 
 
@@ -440,7 +482,7 @@ def report(run: Run, row: dict, bar, log):
     """Progress bar, held-out eval when due, one JSON line in log.jsonl (rank 0 only)."""
     it, config = row["iter"], run.config
     bar.set_postfix(kl=f"{row['kl']:.4f}", dens=f"{row['density']:.3f}", tgt=f"{row['target']:.3f}",
-                    lam=f"{row['lam']:.3g}", tok_s=f"{row['tok_s']:.0f}")
+                    tok_s=f"{row['tok_s']:.0f}")
     if run.val is not None and ((it + 1) % config["eval_interval"] == 0 or it + 1 == config["max_iters"]):
         evals = held_out(run)
         row.update(evals)
@@ -451,8 +493,8 @@ def report(run: Run, row: dict, bar, log):
 
 def train(config: dict):
     run = setup(config)
-    if config["calibrate"] and config["init"] != "resume":
-        calibrate(run)
+    if config["init"] != "resume":
+        init_routers(run)
     if config["init"] == "resume":
         resume(run)
     master, log = run.rank == 0, None

@@ -1,11 +1,12 @@
 """tests/test_train.py — the conversion run of train.py on a tiny model folder.
 
 Checks the losses (chunked KL and CE against the direct formulas, value and gradient; KL = 0
-at step 0), the density controller, resume (N straight = N/2 + resume + N/2, same losses),
+with open gates), the routers' fit to the peek rule and the density controller, resume (N straight = N/2 + resume + N/2, same losses),
 DDP with two CPU processes (first-step loss = one process on the same global batch), and the
 errors a user can cause.
 """
 import json
+import math
 import random
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import load_weights
+import router
 import train
 from conftest import tiny_model_folder
 from data.prepare import RandomWindows, consecutive_windows, spread_windows
@@ -46,7 +48,7 @@ def corpus(tmp_path_factory):
 def args(folder, corpus, out_dir, **over):
     base = dict(init=str(folder), data=str(corpus / "train"), val_data=str(corpus / "val"),
                 out_dir=str(out_dir), max_iters=4, batch_size=2, seq_len=16, eval_interval=2,
-                eval_batches=1, lora_rank=4, target_density=0.7, warmup_iters=1, router_bias=0.2)
+                eval_batches=1, lora_rank=4, target_density=0.7, warmup_iters=1, fit_windows=4)
     base.update(over)
     return [f"--{k}={v}" for k, v in base.items()]
 
@@ -93,14 +95,52 @@ def test_kl_is_zero_at_step_zero(folder):
     assert all(r.keep.all() for r in records)
 
 
-def test_controller_raises_lambda_above_target_and_lowers_it_below():
-    c = train.DensityController([0.6], stage_iters=20, anneal=0.5, lam=0.1, gain=2.0)
-    assert c.target(0) == 1.0 and c.target(5) == pytest.approx(0.8) and c.target(50) == pytest.approx(0.6)
-    c.update(5, density=0.9)
-    assert c.lam > 0.1
-    high = c.lam
-    c.update(20, density=0.4)
-    assert c.lam < high
+def biases(model):
+    return torch.stack([r.proj.bias[0] for _, _, r in router.routers(model)])
+
+
+def test_controller_shifts_every_router_against_the_density_error(folder):
+    model, _ = load_weights.load(str(folder))
+    router.add_routers(model)
+    before = biases(model).clone()
+    c = train.DensityController([0.6], stage_iters=20, anneal=0.5, gain=2.0)
+    assert c.target(0) == 0.6 and c.target(50) == 0.6                   # the first stage starts there
+    c.update(model, 5, density=0.9)                                     # too dense: every gate closes a bit
+    torch.testing.assert_close(biases(model), before - 0.6)
+    c.update(model, 6, density=0.4)                                     # too sparse: they open
+    torch.testing.assert_close(biases(model), before - 0.6 + 0.4)
+
+
+def test_fit_routers_is_least_squares_on_the_residual_moves(folder):
+    """Without the ridge penalty, router z + log(saving) is the least-squares fit of
+    log(|f(x)| / |h|) on the router's input, measured on the dense model."""
+    model, _ = load_weights.load(str(folder))
+    router.add_routers(model)
+    x = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(0))
+    savings = {"attn": 3.0, "mlp": 5.0}
+    train.fit_routers(model, [x[:2], x[2:]], savings, ridge=0.0)
+    moves = train.residual_moves(model, x)
+    assert len(moves) == 2 * model.cfg.n_layers
+    for layer, kind, r in router.routers(model):
+        inputs, target = moves[(layer, kind)]                           # (N, d), (N,)
+        xa = torch.cat([inputs, torch.ones(len(inputs), 1)], 1).double()
+        w = torch.linalg.lstsq(xa, target.double()[:, None]).solution[:, 0]
+        with torch.no_grad():
+            z = r(inputs[None])[0].double() + math.log(savings[kind])
+        torch.testing.assert_close(z, xa @ w, rtol=1e-3, atol=1e-3)
+        assert target.std() > 0.05                                      # the fit has something to explain
+
+
+def test_set_density_reaches_the_target(folder):
+    model, _ = load_weights.load(str(folder))
+    router.add_routers(model)
+    x = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(0))
+    weights = {"attn": 1.0, "mlp": 3.0}
+    train.fit_routers(model, [x], weights)
+    density = train.set_density(model, [x[:2], x[2:]], weights, 0.6, tol=0.02)
+    with torch.no_grad():
+        measured = router.GateStats(model(x)[1]).mean(weights=weights)
+    assert density == pytest.approx(0.6, abs=0.02) and measured == pytest.approx(density, abs=1e-6)
 
 
 def test_training_and_eval_windows_count_bos_the_same_way():
@@ -118,15 +158,17 @@ def test_training_and_eval_windows_count_bos_the_same_way():
 # --- runs -----------------------------------------------------------------------------------------
 
 def test_stages_slide_from_target_to_target():
-    c = train.DensityController([0.9, 0.6], stage_iters=10, anneal=0.5, lam=0.1, gain=1.0)
-    assert [round(c.target(i), 3) for i in (0, 5, 9, 10, 15, 19, 40)] == [1.0, 0.9, 0.9, 0.9, 0.6, 0.6, 0.6]
+    c = train.DensityController([0.9, 0.6], stage_iters=10, anneal=0.5, gain=1.0)
+    assert [round(c.target(i), 3) for i in (0, 5, 9, 10, 12, 15, 19, 40)] == [0.9, 0.9, 0.9, 0.9, 0.78, 0.6, 0.6, 0.6]
 
 
 def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpus, tmp_path):
-    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=8, router_lr=0.2)))
+    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=8)))
     rows = log_rows(tmp_path / "run")
-    assert len(rows) == 8 and rows[0]["kl"] == 0.0
-    assert rows[-1]["density"] < 1.0                          # the L1 push closed some gates
+    assert len(rows) == 8 and rows[0]["kl"] > 0.0             # the fitted routers skip from step 0
+    init = json.loads((tmp_path / "run" / "routers_init.json").read_text())
+    assert init["density"] == pytest.approx(0.7, abs=0.05)    # ... at the target density (64 tokens)
+    assert max(abs(r["density"] - 0.7) for r in rows) < 0.2   # and the controller holds it there
     assert "val_kl" in rows[-1] and "compute_ratio" in rows[-1]
     model, tok, meta = load_weights.load_sparse(tmp_path / "run")
     assert meta["train_state"]["iter"] == 8
@@ -154,12 +196,12 @@ def test_ctrl_c_then_resume_continues_exactly(folder, corpus, tmp_path, monkeypa
     straight, halves = log_rows(tmp_path / "straight"), log_rows(tmp_path / "halves")
     assert [r["iter"] for r in halves] == [0, 1, 2, 3]
     for a, b in zip(straight, halves):
-        for key in ("kl", "l1", "density", "lam"):
+        for key in ("kl", "l1", "density"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["iter"], key)
 
 
 def test_ddp_first_step_matches_one_process(folder, corpus, tmp_path):
-    common = args(folder, corpus, tmp_path / "x", max_iters=1, val_data="", ce=0.5, router_bias=-0.1)
+    common = args(folder, corpus, tmp_path / "x", max_iters=1, val_data="", ce=0.5)
     one = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'one'}" for a in common]
     one = [a if not a.startswith("--batch_size") else "--batch_size=4" for a in one]
     two = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'two'}" for a in common]
@@ -168,7 +210,7 @@ def test_ddp_first_step_matches_one_process(folder, corpus, tmp_path):
                           "train.py", *two], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     a, b = log_rows(tmp_path / "one")[0], log_rows(tmp_path / "two")[0]
-    assert a["kl"] > 0   # gates start partly closed (bias -0.1 on a random model), so there is a loss
+    assert a["kl"] > 0   # the fitted gates start partly closed, so there is a loss
     for key in ("kl", "ce", "l1", "density"):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
