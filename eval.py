@@ -37,6 +37,7 @@ Every option below is --key=value (python eval.py --help lists them). --json pri
 results as one JSON object on the last line.
 """
 import contextlib
+import glob
 import json
 import math
 import sys
@@ -70,6 +71,8 @@ DEFAULTS = dict(
     seed=1337,                      # for --gates=random
     json=False,                     # print the results as one JSON object on the last line
     plot="",                        # --ckpt: write density per layer to this .svg file
+    frontier="",                    # eval.py --json result files (comma-separated, globs allowed):
+                                    # draw perplexity vs compute ratio per gates to --plot, then stop
 )
 HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
 
@@ -251,6 +254,46 @@ def density_svg(per_layer, title: str) -> str:
     return "\n".join(svg)
 
 
+def frontier_svg(rows, title: str) -> str:
+    """Perplexity ratio (sparse / dense) against compute ratio, one line per kind of gates.
+
+    rows: eval.py --json results (each with gates, compute_ratio, perplexity, dense_perplexity).
+    """
+    W, H, left, right, top, bottom = 560, 360, 60, 120, 40, 48
+    curves = defaultdict(list)
+    for r in rows:
+        curves[r["gates"]].append((r["compute_ratio"], r["perplexity"] / r["dense_perplexity"]))
+    xs = [x for pts in curves.values() for x, _ in pts]
+    ys = [y for pts in curves.values() for _, y in pts] + [1.0]
+    x0, x1, y0, y1 = min(xs) - 0.01, 1.0, 1.0, max(ys) * 1.05
+    px = lambda x: left + (W - left - right) * (x - x0) / (x1 - x0)          # noqa: E731
+    py = lambda y: top + (H - top - bottom) * (1 - (y - y0) / (y1 - y0))    # noqa: E731
+    colors = {"learned": "#4c78a8", "random": "#e45756", "peek": "#54a24b", "open": "#999"}
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="11">', f'<text x="{(W - right) / 2}" y="18" text-anchor="middle" font-size="13">'
+           f'{escape(title)}</text>']
+    for i in range(6):                                                        # grid and tick labels
+        x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        svg.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>')
+        svg.append(f'<text x="{px(x):.1f}" y="{H - bottom + 14}" text-anchor="middle">{x:.2f}</text>')
+        svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
+        svg.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+    for j, (gates, pts) in enumerate(sorted(curves.items())):                 # one polyline per kind
+        pts = sorted(pts)
+        color = colors.get(gates, "#333")
+        line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
+        svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"/>' for x, y in pts]
+        svg.append(f'<rect x="{W - right + 16}" y="{top + 18 * j}" width="10" height="10" fill="{color}"/>')
+        svg.append(f'<text x="{W - right + 32}" y="{top + 18 * j + 9}">{escape(gates)}</text>')
+    svg.append(f'<text x="{left + (W - left - right) / 2}" y="{H - 10}" text-anchor="middle">'
+               f'compute ratio (FLOPs per token / dense)</text>')
+    svg.append(f'<text transform="translate(14 {top + (H - top - bottom) / 2}) rotate(-90)" '
+               f'text-anchor="middle">perplexity / dense perplexity</text>')
+    svg.append("</svg>")
+    return "\n".join(svg)
+
+
 # ----------------------------------------------------------------------------------------------
 
 def check(config):
@@ -278,8 +321,21 @@ def read_text(path):
         raise ValueError(f"cannot read --text={path} ({e}): pass a UTF-8 text file") from None
 
 
+def draw_frontier(pattern: str, plot: str):
+    """--frontier: one picture of eval.py --json results, perplexity ratio vs compute ratio."""
+    files = sorted(f for p in pattern.split(",") if p for f in glob.glob(p))
+    if not files or not plot:
+        raise ValueError(f"--frontier={pattern} needs result files that exist and a --plot=FILE.svg to draw into")
+    rows = [json.loads(open(f).read().strip().splitlines()[-1]) for f in files]
+    with open(plot, "w") as f:
+        f.write(frontier_svg(rows, f"{rows[0]['model']}: quality against compute"))
+    print(f"wrote {plot} from {len(rows)} results")
+
+
 def main(argv):
     config = configure(DEFAULTS, argv)
+    if config["frontier"]:
+        return draw_frontier(config["frontier"], config["plot"])
     check(config)
     text = read_text(config["text"])
     if config["ckpt"]:

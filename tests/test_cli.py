@@ -313,6 +313,19 @@ def test_gates_peek_lands_on_the_target_compute_with_the_base_weights(ckpts, tex
         eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.01)
 
 
+def test_frontier_draws_one_line_per_kind_of_gates(tmp_path):
+    for i, (gates, compute, ppl) in enumerate([("learned", 0.9, 11.0), ("learned", 0.95, 10.5),
+                                                ("random", 0.9, 15.0), ("peek", 0.9, 12.0)]):
+        row = dict(model="m", gates=gates, compute_ratio=compute, perplexity=ppl, dense_perplexity=10.0)
+        (tmp_path / f"r{i}.json").write_text("a line that is not JSON\n" + json.dumps(row) + "\n")
+    eval_cli.main([f"--frontier={tmp_path}/r*.json", f"--plot={tmp_path / 'f.svg'}"])
+    svg = (tmp_path / "f.svg").read_text()
+    assert svg.count("<polyline") == 3 and svg.count("<circle") == 4
+    assert all(f">{g}</text>" in svg for g in ("learned", "random", "peek"))
+    with pytest.raises(ValueError, match="needs result files"):
+        eval_cli.main([f"--frontier={tmp_path}/none*.json", f"--plot={tmp_path / 'g.svg'}"])
+
+
 @torch.no_grad()
 def test_decode_records_are_the_gates_of_a_full_forward(ckpts):
     """The share shown for each generated token = the gates of the position that predicted it,
