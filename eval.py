@@ -3,6 +3,7 @@
     python eval.py --init=smollm2-135m-instruct --text=val.txt --seq_len=512
     python eval.py --ckpt=out/smol --text=val.txt --json --plot=density.svg
     python eval.py --ckpt=out/smol --text=val.txt --gates=random   # baseline: same densities, random tokens
+    python eval.py --init=checkpoints/smollm2-135m-instruct-f32 --tasks=../shared/data/benchmarks/bigbench --limit=100
 
 One convention, so numbers compare across the repository's tools:
 - tokenize the whole text without special tokens and cut it into consecutive windows of
@@ -33,6 +34,26 @@ counts as computed) per layer, per kind and overall, the compute ratio of the FL
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
 the compacted one; both must give the same numbers.
 
+--tasks runs benchmarks instead of perplexity, on BIG-bench task files (each example an `input`
+and `target_scores` {choice: score}, the highest-scored choices correct; arithmetic adds `target`):
+- prompt = task_prefix + example_input_prefix + input + example_output_prefix, with the file's
+  own prefixes, else "", "\nQ: ", "\nA: " (BIG-bench's defaults): "\nQ: What is 3 plus 5?\nA: ".
+  The choices are not listed in the prompt (append_choices_to_input is not applied).
+- multiple choice, as lm-evaluation-harness scores it: each choice is a continuation of the
+  prompt; trailing spaces of the prompt move to the front of the continuation (context
+  "...\nA:", continuation " 8"); the continuation's tokens are encode(context + continuation)
+  after the first len(encode(context)) tokens, so they are the tokens the model sees in running
+  text; encode adds special tokens as the tokenizer's post-processor does (BOS for Gemma, none
+  for SmolLM2: lm_eval's hf default). ll = sum of the continuation tokens' log-probabilities.
+  acc: the argmax of ll is a correct choice; acc_norm: the same for ll / len(choice in
+  characters); chance: the mean over examples of (correct choices / choices).
+- exact match (tasks whose preferred_score is exact_str_match: the arithmetic files): greedy,
+  KV-cached generation after the prompt until a newline, EOS or --max_new_tokens; the answer is
+  the first match of the file's output_regex in the generated text, else the first number
+  ([-+]?\\d+(\\.\\d+)?); it scores 1 when it equals the target.
+- each score is a mean over n examples, reported with its standard error sqrt(p (1 - p) / n);
+  with --ckpt, dense (LoRA off, every gate open) and sparse (--gates) side by side.
+
 Every option below is --key=value (python eval.py --help lists them). --json prints the
 results as one JSON object on the last line.
 """
@@ -40,18 +61,24 @@ import contextlib
 import glob
 import json
 import math
+import re
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 from xml.sax.saxutils import escape
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import load_weights
 import lora
 import router
+import sample
 from configurator import configure
 from data.prepare import consecutive_windows
 from flops import compute_ratio, skip_savings
@@ -73,6 +100,10 @@ DEFAULTS = dict(
     plot="",                        # --ckpt: write density per layer to this .svg file
     frontier="",                    # eval.py --json result files (comma-separated, globs allowed):
                                     # draw perplexity vs compute ratio per gates to --plot, then stop
+    tasks="",                       # benchmarks: a folder of BIG-bench task .json files, or files joined by ","
+    limit=0,                        # benchmarks: the first N examples of each task; 0 = all
+    requests_per_batch=16,          # benchmarks: (context, continuation) pairs or prompts per forward pass
+    max_new_tokens=16,              # benchmarks: longest generated answer (exact match)
 )
 HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
 
@@ -295,10 +326,264 @@ def frontier_svg(rows, title: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Benchmarks: multiple choice by log-likelihood, exact match by greedy generation (--tasks)
+# ----------------------------------------------------------------------------------------------
+
+FIRST_NUMBER = r"[-+]?\d+(?:\.\d+)?"   # the answer of a task file without output_regex
+
+
+@dataclass
+class Task:
+    """One BIG-bench task file (see the docstring on top for how it becomes prompts)."""
+    name: str
+    examples: list              # {"input": str, "target_scores": {choice: score}[, "target": str]}
+    task_prefix: str = ""
+    input_prefix: str = "\nQ: "
+    output_prefix: str = "\nA: "
+    output_regex: Optional[str] = None
+    exact_match: bool = False   # preferred_score exact_str_match: also score a generated answer
+
+
+def read_task(path) -> Task:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read task file {path} ({e}): pass a BIG-bench task .json") from None
+    examples = d.get("examples") if isinstance(d, dict) else None
+    if not examples or any(not ex.get("target_scores") or "" in ex["target_scores"] for ex in examples):
+        raise ValueError(f"{path}: every example needs an input and non-empty choices in target_scores "
+                         "(a BIG-bench multiple-choice task file)")
+    return Task(Path(path).stem, examples, d.get("task_prefix", ""), d.get("example_input_prefix", "\nQ: "),
+                d.get("example_output_prefix", "\nA: "), d.get("output_regex"),
+                d.get("preferred_score") == "exact_str_match")
+
+
+def task_paths(spec: str) -> list:
+    """--tasks: a folder (its *.json files, sorted) or files joined by ","."""
+    if Path(spec).is_dir():
+        paths = sorted(Path(spec).glob("*.json"))
+    else:
+        paths = [Path(p) for p in spec.split(",") if p]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise ValueError(f"--tasks={spec}: {', '.join(missing) or 'no .json files'} not found; "
+                         "pass a folder of task files or files joined by ','")
+    return paths
+
+
+def prompt(task: Task, example: dict) -> str:
+    return task.task_prefix + task.input_prefix + example["input"] + task.output_prefix
+
+
+def encode_pair(tok, context: str, continuation: str):
+    """(context ids, continuation ids), split the way lm-evaluation-harness splits them: the
+    context's trailing spaces join the continuation, the whole string is encoded once, and the
+    continuation is what follows the context's own encoding."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    if not ctx or len(whole) <= len(ctx):
+        raise ValueError(f"cannot score {continuation!r} after {context!r}: the context or the continuation "
+                         "encodes to no tokens")
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, requests, batch_size=16, dense=False, desc=None) -> list:
+    """requests: (context ids, continuation ids) pairs -> (log p(continuation | context), greedy) each.
+
+    Each pair is read as context + continuation without its last token, right-padded to the
+    longest of its batch (attention is causal: padding after a sequence never reaches it); the
+    continuation's log-probabilities come from the positions just before its tokens. greedy:
+    every continuation token is the argmax (lm_eval's is_greedy). A pair longer than the model's
+    context keeps its last max_seq_len + 1 tokens, as lm_eval truncates. dense: LoRA off, routers off.
+    """
+    device, L = model.tok_emb.weight.device, model.cfg.max_seq_len
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    out = [None] * len(requests)
+    with tqdm(total=len(requests), desc=desc, disable=desc is None, leave=False) as bar:
+        for idx in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
+            seqs = [(requests[i][0] + requests[i][1])[-(L + 1):-1] for i in idx]
+            T = max(map(len, seqs))
+            x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)   # (B, T) right-padded
+            h = dense_hidden(model, x) if dense else sparse_hidden(model, x)[0]        # (B, T, d)
+            for b, i in enumerate(idx):
+                cont = torch.tensor(requests[i][1], device=device)                      # (n,)
+                end = len(seqs[b])
+                logp = F.log_softmax(model.logits(h[b, end - len(cont):end]).float(), dim=-1)   # (n, V)
+                out[i] = float(logp.gather(1, cont[:, None]).sum()), bool((logp.argmax(-1) == cont).all())
+            bar.update(len(idx))
+    return out
+
+
+def cut_at(text: str, until) -> str:
+    """text up to the first occurrence of any stop string."""
+    for s in until:
+        text = text.split(s)[0]
+    return text
+
+
+def generate_batch(model, tok, x, until, max_new_tokens, dense=False, temperature=0.0) -> list:
+    """x (B, T) prompts of one length -> the text each generates, cut before its first stop string.
+
+    A sequence stops at EOS or once its text holds a stop string, the batch once all stopped."""
+    new, done = [[] for _ in range(len(x))], [False] * len(x)
+    with lora.disabled(model) if dense else nullcontext():
+        for step, _ in sample.decode(model, x, max_new_tokens, temperature, eos_ids=tok.eos_ids, routers_off=dense):
+            for b, t in enumerate(step[:, 0].tolist()):                # step (B, 1)
+                if done[b]:
+                    continue
+                done[b] = t in tok.eos_ids
+                if not done[b]:
+                    new[b].append(t)
+                    done[b] = any(s in tok.decode(new[b]) for s in until)
+            if all(done):
+                break
+    return [cut_at(tok.decode(ids), until) for ids in new]
+
+
+@torch.no_grad()
+def generate_until(model, tok, prompts, until=("\n",), max_new_tokens=16, batch_size=16, dense=False,
+                   temperature=0.0, desc=None) -> list:
+    """prompts: lists of token ids -> the text generated after each (KV-cached, sample.decode;
+    greedy at temperature 0), cut before the first stop string of until.
+
+    A batch holds prompts of one token length only, so nothing is padded (the model has no
+    padding mask). A prompt longer than the context less max_new_tokens keeps its last tokens.
+    """
+    until = [s for s in until if s]
+    keep = model.cfg.max_seq_len - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {model.cfg.max_seq_len} tokens: lower it")
+    prompts = [p[-keep:] for p in prompts]
+    by_length = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_length[len(p)].append(i)
+    out = [None] * len(prompts)
+    device = model.tok_emb.weight.device
+    with tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False) as bar:
+        for members in by_length.values():
+            for idx in (members[i:i + batch_size] for i in range(0, len(members), batch_size)):
+                x = torch.tensor([prompts[i] for i in idx], device=device)            # (B, T)
+                for i, text in zip(idx, generate_batch(model, tok, x, until, max_new_tokens, dense, temperature)):
+                    out[i] = text
+                bar.update(len(idx))
+    return out
+
+
+def extract_answer(text: str, regex: Optional[str] = None) -> str:
+    """The first match of regex (the task's output_regex), else of the first number; "" if none."""
+    m = re.search(regex or FIRST_NUMBER, text)
+    return m.group(0) if m else ""
+
+
+def choice_hits(lls, choices, scores):
+    """(acc, acc_norm) of one example: is the argmax of ll, and of ll per character, a best choice?"""
+    best = {i for i, s in enumerate(scores) if s == max(scores)}
+    pred = max(range(len(lls)), key=lambda i: lls[i])
+    pred_norm = max(range(len(lls)), key=lambda i: lls[i] / len(choices[i]))
+    return float(pred in best), float(pred_norm in best)
+
+
+def multiple_choice(model, tok, task, examples, batch_size=16, dense=False, desc=None) -> dict:
+    """{"acc": [0/1 per example], "acc_norm": [...]} of the choices' log-likelihoods."""
+    requests, owner = [], []
+    for n, ex in enumerate(examples):
+        for choice in ex["target_scores"]:
+            requests.append(encode_pair(tok, prompt(task, ex), choice))
+            owner.append(n)
+    lls = [ll for ll, _ in continuation_logprobs(model, requests, batch_size, dense, desc)]
+    hits = {"acc": [], "acc_norm": []}
+    for n, ex in enumerate(examples):
+        mine = [ll for ll, o in zip(lls, owner) if o == n]
+        acc, acc_norm = choice_hits(mine, list(ex["target_scores"]), list(ex["target_scores"].values()))
+        hits["acc"].append(acc)
+        hits["acc_norm"].append(acc_norm)
+    return hits
+
+
+def exact_match(model, tok, task, examples, batch_size=16, max_new_tokens=16, dense=False, desc=None) -> list:
+    """0/1 per example: the answer extracted from the greedy generation equals the target."""
+    prompts = [tok.encode(prompt(task, ex)) for ex in examples]
+    texts = generate_until(model, tok, prompts, ("\n",), max_new_tokens, batch_size, dense, desc=desc)
+    targets = [ex["target"] if isinstance(ex["target"], list) else [ex["target"]] for ex in examples]
+    return [float(extract_answer(t, task.output_regex) in [str(a).strip() for a in ts])
+            for t, ts in zip(texts, targets)]
+
+
+def mean_stderr(hits) -> tuple:
+    """(p, sqrt(p (1 - p) / n)) of n 0/1 scores."""
+    p = sum(hits) / len(hits)
+    return p, math.sqrt(p * (1 - p) / len(hits))
+
+
+def benchmark(model, tok, task, limit=0, batch_size=16, max_new_tokens=16, variants=("dense",)) -> dict:
+    """One task's row: examples, chance, and for each metric and variant ("dense": LoRA off,
+    routers off; "sparse": the model as its routers are set) the score and its standard error."""
+    examples = task.examples[:limit or None]
+    scores = [list(ex["target_scores"].values()) for ex in examples]
+    row = dict(task=task.name, examples=len(examples),
+               chance=sum(s.count(max(s)) / len(s) for s in scores) / len(examples))
+    for variant in variants:
+        dense = variant == "dense"
+        metrics = multiple_choice(model, tok, task, examples, batch_size, dense, f"{task.name} {variant} mc")
+        if task.exact_match and all("target" in ex for ex in examples):
+            metrics["exact_match"] = exact_match(model, tok, task, examples, batch_size, max_new_tokens, dense,
+                                                 f"{task.name} {variant} generate")
+        for metric, hits in metrics.items():
+            row[f"{metric}_{variant}"], row[f"{metric}_{variant}_stderr"] = mean_stderr(hits)
+    return row
+
+
+def benchmark_table(rows, variants) -> str:
+    """The rows as a Markdown table: one line per task and metric, p ± stderr per variant."""
+    lines = ["| task | n | chance | metric | " + " | ".join(variants) + " |",
+             "|---|---|---|---|" + "---|" * len(variants)]
+    for row in rows:
+        for metric in ("acc", "acc_norm", "exact_match"):
+            if f"{metric}_{variants[0]}" in row:
+                chance = f"{row['chance']:.3f}" if metric != "exact_match" else "–"
+                cells = [f"{row[f'{metric}_{v}']:.3f} ± {row[f'{metric}_{v}_stderr']:.3f}" for v in variants]
+                lines.append(f"| {row['task']} | {row['examples']} | {chance} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def benchmark_gates(model, tok, config):
+    """What router.forced gets for --gates on a benchmark: {} (learned), "open", or for random
+    the per-sublayer densities the learned gates show on --text (its first --max_chunks windows)."""
+    if config["gates"] != "random":
+        return {} if config["gates"] == "learned" else config["gates"]
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    return evaluate(model, chunks, config["batch_size"])[1].density()
+
+
+def main_benchmarks(config, model, tok, name):
+    """--tasks: every task file, dense (and with --ckpt, sparse), printed as a table."""
+    variants = ("dense", "sparse") if config["ckpt"] else ("dense",)
+    tasks = [read_task(p) for p in task_paths(config["tasks"])]
+    torch.manual_seed(config["seed"])
+    with router.forced(model, benchmark_gates(model, tok, config) if config["ckpt"] else {}):
+        rows = [benchmark(model, tok, t, config["limit"], config["requests_per_batch"], config["max_new_tokens"],
+                          variants) for t in tqdm(tasks, desc="tasks")]
+    print(f"{name}" + (f", sparse gates {config['gates']}" if config["ckpt"] else "")
+          + f": first {config['limit'] or 'all'} examples per task")
+    print(benchmark_table(rows, variants))
+    return dict(model=name, ckpt=config["ckpt"] or None, gates=config["gates"] if config["ckpt"] else None,
+                limit=config["limit"], tasks=rows)
+
+
+# ----------------------------------------------------------------------------------------------
 
 def check(config):
-    if not config["text"]:
-        raise ValueError("no text to score: pass --text=FILE")
+    if not config["text"] and not config["tasks"]:
+        raise ValueError("nothing to score: pass --text=FILE (perplexity) or --tasks=DIR (benchmarks)")
+    if config["tasks"] and config["gates"] == "peek":
+        raise ValueError("--gates=peek is not available for --tasks yet: use learned, random or open")
+    if config["tasks"] and config["gates"] == "random" and not (config["ckpt"] and config["text"]):
+        raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
+                         "learned gates' densities are measured")
     if config["seq_len"] < 1 or config["batch_size"] < 1 or config["max_chunks"] < 0:
         raise ValueError("--seq_len and --batch_size must be at least 1, --max_chunks at least 0")
     if config["path"] not in ("compact", "masked"):
@@ -337,7 +622,7 @@ def main(argv):
     if config["frontier"]:
         return draw_frontier(config["frontier"], config["plot"])
     check(config)
-    text = read_text(config["text"])
+    text = None if config["tasks"] else read_text(config["text"])
     if config["ckpt"]:
         model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"])
         name = meta["base"]
@@ -346,6 +631,11 @@ def main(argv):
         name = config["init"]
         if config["gates"] == "peek":                  # the reference needs a gate on every sublayer
             router.add_routers(model)
+    if config["tasks"]:
+        out = main_benchmarks(config, model, tok, name)
+        if config["json"]:
+            print(json.dumps(out))
+        return
     chunks = windows(tok, text, config["seq_len"], config["max_chunks"])
     out = dict(model=name, ckpt=config["ckpt"] or None, text=config["text"], seq_len=config["seq_len"],
                windows=len(chunks), bos=tok.adds_bos)

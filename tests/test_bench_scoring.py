@@ -1,0 +1,152 @@
+"""tests/test_bench_scoring.py — eval.py's benchmarks (--tasks): multiple choice by log-likelihood,
+exact match by greedy generation, answer extraction, on hand-computed numbers and a tiny model.
+
+The tiny model is a random transformers LLaMA saved as a model folder with a word-level
+tokenizer (conftest.py); the reference log-likelihoods come from transformers itself.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as eval_cli
+import load_weights
+import sample
+from conftest import TOKENIZER_HF, tiny_model_folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf, tmp_path_factory):
+    """(reference transformers model, model folder) of a tiny LLaMA without BOS."""
+    folder = tiny_model_folder(tiny_hf, tmp_path_factory, "llama", adds_bos=False)
+    ref, _ = tiny_hf("llama", **TOKENIZER_HF)
+    return ref, folder
+
+
+class CharTokenizer:
+    """One id per character: token boundaries are visible, so the split can be checked by eye."""
+    bos_id, eos_ids = None, {0}
+
+    def encode(self, text, special=True):
+        return [ord(c) for c in text]
+
+
+# A task in the word-level vocabulary of the tiny tokenizer: prompt = "" + input + " ".
+TASK = eval_cli.Task("tiny", [
+    {"input": "the cat sat on the", "target_scores": {"mat": 1, "log": 0, "red dog": 0}},
+    {"input": "a dog ran", "target_scores": {"under the log": 0, "and then it was big": 1}},
+    {"input": "it was", "target_scores": {"big": 1, "small": 1, "blue": 0, "red": 0}},
+], input_prefix="", output_prefix=" ")
+
+
+def test_encode_pair_moves_trailing_spaces_into_the_continuation():
+    ctx, cont = eval_cli.encode_pair(CharTokenizer(), "\nA:  ", "42")
+    assert ctx == [ord(c) for c in "\nA:"]
+    assert cont == [ord(c) for c in "  42"]
+
+
+def test_prompt_uses_the_task_prefixes_and_bigbench_defaults():
+    task = eval_cli.Task("t", [], task_prefix="Add.")
+    assert eval_cli.prompt(task, {"input": "What is 1 plus 2?"}) == "Add.\nQ: What is 1 plus 2?\nA: "
+
+
+def test_acc_and_acc_norm_by_hand():
+    # log-likelihoods -3 ("a", 1 character) and -4 ("bbbb", 4 characters): acc picks "a";
+    # per character -3 and -1, so acc_norm picks "bbbb"
+    assert eval_cli.choice_hits([-3.0, -4.0], ["a", "bbbb"], [1, 0]) == (1.0, 0.0)
+    assert eval_cli.choice_hits([-3.0, -4.0], ["a", "bbbb"], [0, 1]) == (0.0, 1.0)
+    # two correct choices: either counts
+    assert eval_cli.choice_hits([-1.0, -2.0, -0.5], ["x", "y", "zzzzz"], [1, 0, 1]) == (1.0, 1.0)
+
+
+def test_mean_and_standard_error():
+    p, se = eval_cli.mean_stderr([1, 0, 0, 1, 1])
+    assert p == 0.6 and se == pytest.approx((0.6 * 0.4 / 5) ** 0.5)
+
+
+def reference_logprob(ref, ids, n_cont):
+    """Sum of log p of the last n_cont ids, each given everything before it (transformers)."""
+    with torch.no_grad():
+        logp = F.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)    # (T, V)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n_cont, len(ids)))
+
+
+def test_continuation_logprobs_match_transformers_in_padded_batches(tiny):
+    ref, folder = tiny
+    model, tok = load_weights.load(str(folder))
+    requests = [eval_cli.encode_pair(tok, eval_cli.prompt(TASK, ex), c)
+                for ex in TASK.examples for c in ex["target_scores"]]
+    assert len({len(a) + len(b) for a, b in requests}) > 2        # batches mix lengths: padding matters
+    got = eval_cli.continuation_logprobs(model, requests, batch_size=4)
+    for (ctx, cont), (ll, _) in zip(requests, got):
+        assert ll == pytest.approx(reference_logprob(ref, ctx + cont, len(cont)), abs=1e-4)
+    one_by_one = eval_cli.continuation_logprobs(model, requests, batch_size=1)
+    assert [g for _, g in got] == [g for _, g in one_by_one]
+
+
+def test_multiple_choice_picks_the_argmax_of_the_reference(tiny):
+    ref, folder = tiny
+    model, tok = load_weights.load(str(folder))
+    hits = eval_cli.multiple_choice(model, tok, TASK, TASK.examples)
+    for n, ex in enumerate(TASK.examples):
+        context = eval_cli.prompt(TASK, ex).rstrip()
+        lls = [reference_logprob(ref, tok.encode(context + " " + c), len(tok.encode(c))) for c in ex["target_scores"]]
+        want = eval_cli.choice_hits(lls, list(ex["target_scores"]), list(ex["target_scores"].values()))
+        assert (hits["acc"][n], hits["acc_norm"][n]) == want
+
+
+@pytest.mark.parametrize("text, regex, answer", [
+    ("12\n", "[-+]?\\d+", "12"),
+    (" -765 is it", "[-+]?\\d+", "-765"),
+    ("The sum is 3.5, not 4", None, "3.5"),       # no output_regex: the first number
+    ("I do not know", None, ""),
+    ("answer: B) four", "[A-D]\\)", "B)"),
+])
+def test_extract_answer(text, regex, answer):
+    assert eval_cli.extract_answer(text, regex) == answer
+
+
+def test_cut_at_the_first_stop_string():
+    assert eval_cli.cut_at("12 and\n34 then", ["then", "\n"]) == "12 and"
+    assert eval_cli.cut_at("no stop", ["\n"]) == "no stop"
+
+
+def test_generate_until_equals_one_prompt_at_a_time(tiny):
+    """Batched by length, stopped at a stop string: the same text as greedy decoding alone, cut."""
+    _, folder = tiny
+    model, tok = load_weights.load(str(folder))
+    prompts = [tok.encode(t) for t in ("the cat", "a dog", "the dog sat on", "it was big and then")]
+    alone = [sample.generate(model, torch.tensor([p]), 8, eos_ids=tok.eos_ids)[0, len(p):].tolist() for p in prompts]
+    alone = [ids[:next((i for i, t in enumerate(ids) if t in tok.eos_ids), len(ids))] for ids in alone]
+    until = [tok.decode(alone[0][2:3]), "no such word"]    # the first prompt's third new word stops it
+    got = eval_cli.generate_until(model, tok, prompts, until, max_new_tokens=8, batch_size=2)
+    assert got == [eval_cli.cut_at(tok.decode(ids), until) for ids in alone]
+    assert len(got[0]) < len(tok.decode(alone[0])), "the stop string cut nothing: the test checks nothing"
+
+
+def test_exact_match_scores_the_extracted_answer(tiny, monkeypatch):
+    _, folder = tiny
+    model, tok = load_weights.load(str(folder))
+    task = eval_cli.Task("sums", [{"input": "x", "target": "7", "target_scores": {"7": 1, "8": 0}},
+                                  {"input": "y", "target": "-2", "target_scores": {"-2": 1, "2": 0}},
+                                  {"input": "z", "target": ["5", "05"], "target_scores": {"5": 1, "6": 0}}],
+                         output_regex="[-+]?\\d+", exact_match=True)
+    answers = iter(["7 apples", "2", "it is 05"])
+    monkeypatch.setattr(eval_cli, "generate_until", lambda *a, **k: [next(answers) for _ in range(3)])
+    assert eval_cli.exact_match(model, tok, task, task.examples) == [1.0, 0.0, 1.0]
+
+
+def test_eval_cli_tasks_json(tiny, tmp_path, capsys):
+    _, folder = tiny
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({"examples": TASK.examples, "example_input_prefix": "",
+                                "example_output_prefix": " "}))
+    eval_cli.main([f"--init={folder}", f"--tasks={path}", "--limit=2", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row, = out["tasks"]
+    assert row["task"] == "tiny" and row["examples"] == 2
+    assert row["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert set(row) >= {"acc_dense", "acc_dense_stderr", "acc_norm_dense", "acc_norm_dense_stderr"}
+    with pytest.raises(ValueError, match="not found"):
+        eval_cli.main([f"--init={folder}", f"--tasks={tmp_path / 'missing.json'}"])
