@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 import eval as eval_cli
 import load_weights
+import router
 import sample
 from conftest import TOKENIZER_HF, tiny_model_folder
+from test_cli import make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +152,31 @@ def test_eval_cli_tasks_json(tiny, tmp_path, capsys):
     assert set(row) >= {"acc_dense", "acc_dense_stderr", "acc_norm_dense", "acc_norm_dense_stderr"}
     with pytest.raises(ValueError, match="not found"):
         eval_cli.main([f"--init={folder}", f"--tasks={tmp_path / 'missing.json'}"])
+
+
+def test_sparse_scores_batched_equal_one_by_one_and_open_gates_equal_dense(tiny, tmp_path):
+    """With a checkpoint: padding never changes a sequence's gates; gates open with LoRA B = 0 is
+    exactly the dense model; learned gates (about half closed) change the scores."""
+    _, folder = tiny
+    model, tok, _ = load_weights.load_sparse(make_checkpoint(tmp_path / "ckpt", folder))
+    requests = [eval_cli.encode_pair(tok, eval_cli.prompt(TASK, ex), c)
+                for ex in TASK.examples for c in ex["target_scores"]]
+    dense = [ll for ll, _ in eval_cli.continuation_logprobs(model, requests, dense=True)]
+    sparse = [ll for ll, _ in eval_cli.continuation_logprobs(model, requests, batch_size=4)]
+    alone = [ll for ll, _ in eval_cli.continuation_logprobs(model, requests, batch_size=1)]
+    assert sparse == pytest.approx(alone, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(sparse, dense)) > 1e-2
+    with router.forced(model, "open"):
+        assert [ll for ll, _ in eval_cli.continuation_logprobs(model, requests)] == pytest.approx(dense, abs=1e-5)
+
+
+def test_eval_cli_tasks_with_checkpoint_reports_dense_and_sparse(tiny, tmp_path, capsys):
+    _, folder = tiny
+    ckpt = make_checkpoint(tmp_path / "ckpt", folder)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({"examples": TASK.examples, "example_input_prefix": "", "example_output_prefix": " "}))
+    eval_cli.main([f"--ckpt={ckpt}", f"--tasks={path}", "--gates=open", "--json"])
+    row, = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tasks"]
+    assert row["acc_sparse"] == row["acc_dense"] and row["acc_norm_sparse"] == row["acc_norm_dense"]
+    with pytest.raises(ValueError, match="--text"):
+        eval_cli.main([f"--ckpt={ckpt}", f"--tasks={path}", "--gates=random"])
