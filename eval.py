@@ -489,15 +489,11 @@ def choice_hits(lls, choices, scores):
 
 def multiple_choice(model, tok, task, examples, batch_size=16, dense=False, desc=None) -> dict:
     """{"acc": [0/1 per example], "acc_norm": [...]} of the choices' log-likelihoods."""
-    requests, owner = [], []
-    for n, ex in enumerate(examples):
-        for choice in ex["target_scores"]:
-            requests.append(encode_pair(tok, prompt(task, ex), choice))
-            owner.append(n)
-    lls = [ll for ll, _ in continuation_logprobs(model, requests, batch_size, dense, desc)]
+    requests = [encode_pair(tok, prompt(task, ex), choice) for ex in examples for choice in ex["target_scores"]]
+    lls = iter([ll for ll, _ in continuation_logprobs(model, requests, batch_size, dense, desc)])
     hits = {"acc": [], "acc_norm": []}
-    for n, ex in enumerate(examples):
-        mine = [ll for ll, o in zip(lls, owner) if o == n]
+    for ex in examples:
+        mine = [next(lls) for _ in ex["target_scores"]]           # this example's choices, in order
         acc, acc_norm = choice_hits(mine, list(ex["target_scores"]), list(ex["target_scores"].values()))
         hits["acc"].append(acc)
         hits["acc_norm"].append(acc_norm)
@@ -584,6 +580,8 @@ def check(config):
     if config["tasks"] and config["gates"] == "random" and not (config["ckpt"] and config["text"]):
         raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
                          "learned gates' densities are measured")
+    if config["limit"] < 0 or config["requests_per_batch"] < 1 or config["max_new_tokens"] < 1:
+        raise ValueError("--limit must be at least 0, --requests_per_batch and --max_new_tokens at least 1")
     if config["seq_len"] < 1 or config["batch_size"] < 1 or config["max_chunks"] < 0:
         raise ValueError("--seq_len and --batch_size must be at least 1, --max_chunks at least 0")
     if config["path"] not in ("compact", "masked"):
