@@ -552,7 +552,7 @@ def benchmark_gates(model, tok, config):
     if config["gates"] != "random":
         return {} if config["gates"] == "learned" else config["gates"]
     chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
-    return evaluate(model, chunks, config["batch_size"])[1].density()
+    return gate_stats(model, chunks, config["batch_size"]).density()
 
 
 def main_benchmarks(config, model, tok, name):

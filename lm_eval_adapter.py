@@ -63,7 +63,7 @@ class NanoskipLM(LM):
         self.gates = {} if gates == "learned" else gates
         if gates == "random":
             chunks = nanoskip_eval.windows(self.tok, nanoskip_eval.read_text(density_text), 512, 4)
-            self.gates = nanoskip_eval.evaluate(self.model, chunks)[1].density()
+            self.gates = nanoskip_eval.gate_stats(self.model, chunks).density()
             torch.manual_seed(int(seed))                       # the coin flips of random gates
 
     @property

@@ -180,3 +180,16 @@ def test_eval_cli_tasks_with_checkpoint_reports_dense_and_sparse(tiny, tmp_path,
     assert row["acc_sparse"] == row["acc_dense"] and row["acc_norm_sparse"] == row["acc_norm_dense"]
     with pytest.raises(ValueError, match="--text"):
         eval_cli.main([f"--ckpt={ckpt}", f"--tasks={path}", "--gates=random"])
+
+
+def test_random_gates_on_a_benchmark_take_the_learned_densities_of_text(tiny, tmp_path, monkeypatch):
+    _, folder = tiny
+    ckpt = make_checkpoint(tmp_path / "ckpt", folder)
+    text = tmp_path / "val.txt"
+    text.write_text(" ".join(TASK.examples[0]["input"].split() * 40))
+    model, tok, _ = load_weights.load_sparse(ckpt)
+    config = dict(eval_cli.DEFAULTS, ckpt=str(ckpt), gates="random", text=str(text), seq_len=16)
+    densities = eval_cli.benchmark_gates(model, tok, config)
+    chunks = eval_cli.windows(tok, text.read_text(), 16)
+    assert densities == eval_cli.gate_stats(model, chunks).density()
+    assert 0 < min(densities.values()) and max(densities.values()) < 1     # gates really half open
