@@ -41,7 +41,8 @@ class NanoskipLM(LM):
     """A nanoskip model, dense or sparse, answering lm_eval's requests (see the docstring on top)."""
 
     def __init__(self, init="smollm2-135m-instruct", ckpt="", gates="learned", density_text="", dtype="float32",
-                 device="cpu", batch_size=16, max_gen_toks=256, seed=1337, **unused):
+                 device="cpu", batch_size=16, max_gen_toks=256, seed=1337,
+                 max_batch_size=None):   # max_batch_size: lm_eval passes it; unused (no "auto" batch size)
         super().__init__()
         if gates not in ("learned", "random", "open"):
             raise ValueError(f"gates must be learned, random or open, got {gates!r}")
