@@ -65,7 +65,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -429,7 +429,7 @@ def generate_batch(model, tok, x, until, max_new_tokens, dense=False, temperatur
 
     A sequence stops at EOS or once its text holds a stop string, the batch once all stopped."""
     new, done = [[] for _ in range(len(x))], [False] * len(x)
-    with lora.disabled(model) if dense else nullcontext():
+    with lora.disabled(model) if dense else contextlib.nullcontext():
         for step, _ in sample.decode(model, x, max_new_tokens, temperature, eos_ids=tok.eos_ids, routers_off=dense):
             for b, t in enumerate(step[:, 0].tolist()):                # step (B, 1)
                 if done[b]:
