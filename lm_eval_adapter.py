@@ -10,7 +10,8 @@ one more model registered: `nanoskip`, the class NanoskipLM below. Its --model_a
   ckpt=OUT_DIR          a train.py checkpoint: evaluate its sparse model (its base replaces init);
   gates=learned|random|open   with ckpt, what decides the skips (as eval.py --gates): random keeps
                         per sublayer the share of tokens the learned gates keep on density_text;
-  density_text=FILE     gates=random: the text those densities are measured on (eval.py windows);
+  density_text=FILE     gates=random: the text those densities are measured on (its first four
+                        512-token windows, cut as eval.py cuts them);
   dtype, device, batch_size (requests per forward), max_gen_toks (default 256), seed (random gates).
 
 The three request types lm_eval sends, and how each is answered (eval.py's functions, so this
