@@ -33,8 +33,8 @@ counts as computed) per layer, per kind and overall, the compute ratio of the FL
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
 the compacted one; both must give the same numbers.
 
-Every option below is --key=value (python eval.py --help lists them). --json prints the
-results as one JSON object on the last line.
+Every option below is --key=value or --key value (python eval.py --help lists them). --json
+prints the results as one JSON object on the last line.
 """
 import contextlib
 import glob
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import load_weights
 import lora
 import router
-from configurator import configure
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, configure
 from data.prepare import consecutive_windows
 from flops import compute_ratio, skip_savings
 
@@ -74,6 +74,8 @@ DEFAULTS = dict(
     frontier="",                    # eval.py --json result files (comma-separated, globs allowed):
                                     # draw perplexity vs compute ratio per gates to --plot, then stop
 )
+RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
+              target_compute=Range(0, 1, open_lo=True))
 HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
 
 
@@ -299,14 +301,11 @@ def frontier_svg(rows, title: str) -> str:
 def check(config):
     if not config["text"]:
         raise ValueError("no text to score: pass --text=FILE")
-    if config["seq_len"] < 1 or config["batch_size"] < 1 or config["max_chunks"] < 0:
-        raise ValueError("--seq_len and --batch_size must be at least 1, --max_chunks at least 0")
+    check_ranges(config, RANGES)
     if config["path"] not in ("compact", "masked"):
         raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
     if config["gates"] not in ("learned", "random", "open", "peek"):
         raise ValueError(f"--gates must be learned, random, open or peek, got {config['gates']!r}")
-    if not 0 < config["target_compute"] <= 1:
-        raise ValueError(f"--target_compute must be in (0, 1], got {config['target_compute']}")
     if config["plot"] and not config["ckpt"]:
         raise ValueError("--plot draws the densities of a sparse model: pass --ckpt=OUT_DIR too")
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():

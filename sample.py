@@ -17,7 +17,7 @@ shows where the compute went:
 - tokens/s of the sparse model against the same weights run dense (LoRA merged into both,
   routers off), on the same prompt for the same number of tokens.
 
-Every option below is --key=value (python sample.py --help lists them).
+Every option below is --key=value or --key value (python sample.py --help lists them).
 """
 import sys
 import time
@@ -27,7 +27,7 @@ import torch
 import load_weights
 import lora
 import router
-from configurator import configure
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, configure
 from flops import compute_ratio
 
 DEFAULTS = dict(
@@ -44,6 +44,8 @@ DEFAULTS = dict(
     device="cpu",                   # cpu | cuda | cuda:1 | mps
     no_color=False,                 # --ckpt: plain text, each token followed by its share of compute
 )
+RANGES = dict(num_samples=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=AT_LEAST_0, top_k=AT_LEAST_0,
+              top_p=Range(0, 1, open_lo=True), seed=AT_LEAST_0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,14 +202,7 @@ def print_summary(model, stats, context):
 # ----------------------------------------------------------------------------------------------
 
 def check(config):
-    if config["temperature"] < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {config['temperature']}")
-    if config["top_k"] < 0:
-        raise ValueError(f"--top_k must be >= 0 (0 = off), got {config['top_k']}")
-    if not 0 < config["top_p"] <= 1:
-        raise ValueError(f"--top_p must be in (0, 1] (1 = off), got {config['top_p']}")
-    if config["max_new_tokens"] < 1 or config["num_samples"] < 1:
-        raise ValueError("--max_new_tokens and --num_samples must be at least 1")
+    check_ranges(config, RANGES)
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
 

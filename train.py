@@ -4,7 +4,8 @@
     python train.py --init=resume --out_dir=out                       # continue a run
     torchrun --standalone --nproc_per_node=2 train.py --init=...      # data parallel (gloo on CPU)
 
-Every default is in the block below and can be overridden as --key=value.
+Every default is in the block below and can be overridden as --key=value or --key value; RANGES
+below it holds the valid values of every numeric flag.
 
 What one step does:
   teacher = the same weights with LoRA off and the routers off, under no_grad (no second copy);
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 import lora
 import router
-from configurator import configure
+from configurator import AT_LEAST_0, AT_LEAST_1, FINITE, FRACTION, POSITIVE, Range, check_ranges, configure, overrides
 from data.prepare import RandomWindows, load_sources, spread_windows, tokenizer_key
 from eval import evaluate_sparse
 from flops import skip_savings
@@ -79,11 +80,19 @@ DEFAULTS = dict(
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
     eval_interval=50,
+    save_interval=0,               # iterations between checkpoints; 0 = every eval_interval
     eval_batches=2,
     seed=1337,
     dtype="float32",
     device="cpu",
     grad_checkpoint=False,
+)
+RANGES = dict(   # the valid values of every numeric flag (configurator.check_ranges)
+    max_iters=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=Range(2), grad_accum=AT_LEAST_1,
+    lr=POSITIVE, router_lr=POSITIVE, warmup_iters=AT_LEAST_0, min_lr_frac=FRACTION, grad_clip=POSITIVE,
+    lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1,
+    target_density=FRACTION, anneal=FRACTION, density_gain=AT_LEAST_0, l1=AT_LEAST_0, ce=AT_LEAST_0,
+    eval_interval=AT_LEAST_1, save_interval=AT_LEAST_0, eval_batches=AT_LEAST_1, seed=AT_LEAST_0,
 )
 
 
@@ -314,11 +323,11 @@ def lr_at(it: int, config: dict) -> float:
 
 def read_config(argv) -> dict:
     """Defaults, overridden by a resumed run's config, overridden by the command line."""
-    config = configure(DEFAULTS, argv)
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
     if config["init"] == "resume":
         saved = read_checkpoint_meta(config["out_dir"])
-        given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")} - {"init"}
-        config = dict(saved["train_config"], **{k: config[k] for k in given}, init="resume")
+        config = {**DEFAULTS, **saved["train_config"], **given}
         config["base"] = saved["base"]
     else:
         existing = Path(config["out_dir"]) / CKPT_JSON
@@ -326,6 +335,7 @@ def read_config(argv) -> dict:
             raise ValueError(f"{config['out_dir']} already holds a checkpoint (of {read_checkpoint_meta(config['out_dir'])['base']}): "
                              "continue it with --init=resume, or choose another --out_dir")
         config["base"] = config["init"]
+    check_ranges(config, RANGES)
     return config
 
 

@@ -102,6 +102,69 @@ def test_configurator_types_and_errors():
             configure(defaults, bad)
 
 
+def test_configurator_accepts_a_space_between_flag_and_value():
+    defaults = dict(n=1, lr=0.5, flag=False, json=False, name="x", targets=("wq", "wv"))
+    cfg = configure(defaults, ["--n", "3", "--lr", "-1e-3", "--flag", "--name", "a b", "--json", "false",
+                               "--targets", "up,down"])
+    assert cfg == dict(n=3, lr=-1e-3, flag=True, json=False, name="a b", targets=("up", "down"))
+    assert configure(defaults, ["--flag", "--n", "2"]) == dict(defaults, flag=True, n=2)   # a bool alone: true
+    for bad, message in ((["--n"], "--n needs a value"), (["--name", "--n=2"], "--name needs a value"),
+                         (["--flag", "maybe"], "unexpected argument 'maybe'")):
+        with pytest.raises(ValueError, match=message):
+            configure(defaults, bad)
+
+
+def test_the_readme_command_lines_work_as_written(tiny):
+    """`python sample.py --prompt "..."` (a space, as in the README) and --help in every script."""
+    _, folder, _ = tiny
+    rc, out, err = run_cli("sample.py", "--init", str(folder), "--prompt", "the cat", "--temperature", "0",
+                           "--max_new_tokens", "3")
+    assert rc == 0, err
+    assert out.startswith("the cat")
+    rc, out, err = run_cli("train.py", "--help")
+    assert rc == 0 and "--seed=1337" in out, err
+
+
+def outside(valid):
+    """A value just outside a configurator.Range."""
+    return valid.lo if valid.open_lo else (valid.lo - 1 if valid.lo > -math.inf else math.nan)
+
+
+@pytest.mark.parametrize("script", ["train", "eval", "sample", "bench"])
+def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_named(script, tmp_path):
+    module = __import__(script)
+    numeric = [k for k, v in module.DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               or isinstance(v, tuple) and v and isinstance(v[0], (int, float))]
+    assert sorted(numeric) == sorted(module.RANGES)
+    parse = module.read_config if script == "train" else module.main    # both check before loading anything
+    extra = {"train": [f"--out_dir={tmp_path}"], "eval": ["--text=x"]}.get(script, [])
+    for key, valid in module.RANGES.items():
+        bads = [outside(valid)]
+        if not isinstance(module.DEFAULTS[key], int):     # floats: also beyond the top, and infinity
+            bads += [math.inf] + ([valid.hi + 1] if valid.hi < math.inf else [])
+        for bad in bads:
+            with pytest.raises(ValueError) as info:
+                parse([f"--{key}={bad}"] + extra)
+            assert str(info.value) == f"--{key}={bad:g} is out of range: it must be {valid}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target_density=1.5"], "--target_density=1.5 is out of range: it must be in [0, 1]"),
+    (["--target_density=0.9,-0.1"], "--target_density=-0.1 is out of range"),
+    (["--grad_accum=0"], "--grad_accum=0 is out of range: it must be >= 1"),
+    (["--lora_rank=-3"], "--lora_rank=-3 is out of range: it must be >= 0"),
+    (["--seq_len=1"], "--seq_len=1 is out of range: it must be >= 2"),
+    (["--batch_size", "0"], "--batch_size=0 is out of range"),
+    (["--eval_interval=0"], "--eval_interval=0 is out of range"),
+    (["--lr=nan"], "--lr=nan is out of range: it must be > 0"),
+])
+def test_train_refuses_bad_numbers_before_loading_anything(argv, message, tmp_path):
+    import train
+    with pytest.raises(ValueError) as info:
+        train.read_config(argv + [f"--out_dir={tmp_path}"])
+    assert str(info.value) == message or str(info.value).startswith(message)
+
+
 # ----------------------------------------------------------------------------------------------
 # eval.py: the perplexity convention
 # ----------------------------------------------------------------------------------------------
