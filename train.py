@@ -44,7 +44,7 @@ from configurator import AT_LEAST_0, AT_LEAST_1, FINITE, FRACTION, POSITIVE, Ran
 from data.prepare import RandomWindows, load_sources, spread_windows, tokenizer_key
 from eval import evaluate_sparse
 from flops import skip_savings
-from load_weights import (CKPT_JSON, LoadError, load, load_checkpoint, read_checkpoint_meta, resolve,
+from load_weights import (LoadError, has_checkpoint, load, load_checkpoint, read_checkpoint_meta, resolve,
                           save_checkpoint, trained_parameters)
 from model import softcap
 
@@ -330,8 +330,7 @@ def read_config(argv) -> dict:
         config = {**DEFAULTS, **saved["train_config"], **given}
         config["base"] = saved["base"]
     else:
-        existing = Path(config["out_dir"]) / CKPT_JSON
-        if existing.exists():
+        if has_checkpoint(config["out_dir"]):
             raise ValueError(f"{config['out_dir']} already holds a checkpoint (of {read_checkpoint_meta(config['out_dir'])['base']}): "
                              "continue it with --init=resume, or choose another --out_dir")
         config["base"] = config["init"]
@@ -537,7 +536,7 @@ def train(config: dict):
             tqdm.write(f"interrupted: saving iteration {done} to {run.out_dir} (continue with --init=resume)")
     save(run, done)
     if master:
-        print(f"saved {run.out_dir}/{CKPT_JSON} at iteration {done}")
+        print(f"saved {run.out_dir} at iteration {done}")
     if run.world > 1:
         dist.destroy_process_group()
     return run.model

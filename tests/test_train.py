@@ -191,7 +191,7 @@ def test_ctrl_c_then_resume_continues_exactly(folder, corpus, tmp_path, monkeypa
     monkeypatch.setattr(train, "lr_at", interrupt_at_2)
     train.train(train.read_config(args(folder, corpus, tmp_path / "halves")))
     monkeypatch.setattr(train, "lr_at", lr_at)
-    assert json.loads((tmp_path / "halves" / "ckpt.json").read_text())["train_state"]["iter"] == 2
+    assert load_weights.read_checkpoint_meta(tmp_path / "halves")["train_state"]["iter"] == 2
     train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'halves'}"]))
     straight, halves = log_rows(tmp_path / "straight"), log_rows(tmp_path / "halves")
     assert [r["iter"] for r in halves] == [0, 1, 2, 3]
