@@ -71,6 +71,14 @@ class LoadError(ValueError):
     """A problem the user can fix: the message names it and says how."""
 
 
+class NonFiniteError(ValueError):
+    """NaN or infinity where a number was expected (logits, a loss, a gradient)."""
+
+
+LIKELY_NONFINITE = ("likely causes: damaged weights (a tensor overwritten: download or restore the model "
+                    "again) or overflow in a 16-bit dtype (try --dtype=float32)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Name or folder -> local folder
 # ----------------------------------------------------------------------------------------------

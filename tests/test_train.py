@@ -7,6 +7,7 @@ errors a user can cause.
 """
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 import load_weights
 import router
 import train
+from load_weights import NonFiniteError
 from conftest import tiny_model_folder
 from data.prepare import RandomWindows, consecutive_windows, spread_windows
 
@@ -189,7 +191,8 @@ def test_ctrl_c_then_resume_continues_exactly(folder, corpus, tmp_path, monkeypa
             raise KeyboardInterrupt
         return lr_at(it, cfg)
     monkeypatch.setattr(train, "lr_at", interrupt_at_2)
-    train.train(train.read_config(args(folder, corpus, tmp_path / "halves")))
+    with pytest.raises(KeyboardInterrupt):      # saved, then passed on: main() exits with 130
+        train.train(train.read_config(args(folder, corpus, tmp_path / "halves")))
     monkeypatch.setattr(train, "lr_at", lr_at)
     assert load_weights.read_checkpoint_meta(tmp_path / "halves")["train_state"]["iter"] == 2
     train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'halves'}"]))
@@ -198,6 +201,83 @@ def test_ctrl_c_then_resume_continues_exactly(folder, corpus, tmp_path, monkeypa
     for a, b in zip(straight, halves):
         for key in ("kl", "l1", "density"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["iter"], key)
+
+
+def test_an_error_after_a_step_saves_the_last_good_state_then_propagates(folder, corpus, tmp_path, monkeypatch):
+    lr_at = train.lr_at
+
+    def error_at_3(it, cfg):
+        if it == 3:
+            raise RuntimeError("something broke")
+        return lr_at(it, cfg)
+    monkeypatch.setattr(train, "lr_at", error_at_3)
+    with pytest.raises(RuntimeError, match="something broke"):
+        train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=6, eval_interval=10)))
+    assert load_weights.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 3
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'run'}"]))
+    assert [r["iter"] for r in log_rows(tmp_path / "run")] == list(range(6))
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity, whose gradient is NaN: a finite loss with a broken backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_nan_stops_the_run_before_the_weights_and_keeps_the_last_good_state(folder, corpus, tmp_path,
+                                                                              monkeypatch, poison):
+    losses, calls = train.distill_losses, []
+
+    def nan_in_iteration_2(model, x, ce_weight):
+        kl, ce, records = losses(model, x, ce_weight)
+        calls.append(x)
+        if len(calls) == 3:
+            kl = kl * math.nan if poison == "loss" else NanGradient.apply(kl)
+        return kl, ce, records
+    monkeypatch.setattr(train, "distill_losses", nan_in_iteration_2)
+    with pytest.raises(NonFiniteError, match=r"^iteration 2: .*nan.*the step was not applied; likely causes: "
+                                             r"damaged weights .* --dtype=float32"):
+        train.train(train.read_config(args(folder, corpus, tmp_path / "run", eval_interval=10)))
+    meta = load_weights.read_checkpoint_meta(tmp_path / "run")
+    assert meta["train_state"]["iter"] == 2 and [r["iter"] for r in log_rows(tmp_path / "run")] == [0, 1]
+    model, _, _ = load_weights.load_sparse(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in load_weights.trained_parameters(model).values())
+
+
+SIGNAL_AT_3 = """
+import os, signal, sys
+import train
+lr_at, sig = train.lr_at, getattr(signal, sys.argv[1])
+
+def signal_at_3(it, config):
+    if it == 3:
+        os.kill(os.getpid(), sig)
+    return lr_at(it, config)
+train.lr_at = signal_at_3
+sys.argv = ["train.py"] + sys.argv[2:]
+train.main()
+"""
+
+
+@pytest.mark.parametrize("sig, code, saved", [("SIGINT", 130, 3), ("SIGTERM", 143, 3), ("SIGKILL", -9, 2)])
+def test_a_signal_leaves_a_checkpoint_and_an_exit_code(folder, corpus, tmp_path, sig, code, saved):
+    """Ctrl-C and SIGTERM save the last step; a kill -9 loses at most save_interval steps."""
+    out = tmp_path / "run"
+    child = subprocess.run([sys.executable, "-c", SIGNAL_AT_3, sig, *args(folder, corpus, out, max_iters=6)],
+                           cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert child.returncode == code, child.stderr[-2000:]
+    assert load_weights.read_checkpoint_meta(out)["train_state"]["iter"] == saved
+    if sig == "SIGKILL":   # iteration 2 was logged after the last checkpoint: the resume does it again, once
+        train.train(train.read_config(["--init=resume", f"--out_dir={out}"]))
+        assert [r["iter"] for r in log_rows(out)] == list(range(6))
 
 
 def test_ddp_first_step_matches_one_process(folder, corpus, tmp_path):
