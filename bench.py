@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import load_weights
 import lora
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, configure
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
 
 DEFAULTS = dict(
@@ -280,13 +280,16 @@ def check_context(model, config):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
     check(config)
     torch.set_num_threads(config["threads"])
     global clock
     clock = time.process_time if config["clock"] == "cpu" else time.perf_counter
     torch.manual_seed(config["seed"])
-    base = load_weights.read_checkpoint_meta(config["ckpt"])["base"] if config["ckpt"] else config["init"]
+    base = config["init"]
+    if config["ckpt"] and "init" not in given:     # --init, when given, says where the checkpoint's base is now
+        base = load_weights.read_checkpoint_meta(config["ckpt"])["base"]
     model, tok = load_weights.load(base, config["dtype"])
     model.requires_grad_(False).eval()
     check_context(model, config)
@@ -306,7 +309,7 @@ def main(argv):
                 with router.forced(model, density):
                     rows += bench_gates(model, config, "random", ids)
         if config["ckpt"]:
-            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"])
+            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], base=base)
             lora.merge(model)                        # W += scale * B A: adapters cost nothing
             print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
             rows += bench_gates(model, config, "learned", ids)

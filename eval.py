@@ -52,12 +52,12 @@ import torch.nn.functional as F
 import load_weights
 import lora
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, configure
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from data.prepare import consecutive_windows
 from flops import compute_ratio, skip_savings
 
 DEFAULTS = dict(
-    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
+    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
     ckpt="",                        # a train.py out_dir: evaluate its sparse model against its base
     text="",                        # the text file to score (hold it out of training)
     seq_len=512,                    # window length in text tokens (BOS not counted)
@@ -140,12 +140,14 @@ def evaluate(model, chunks, batch_size=4, compare=False, path="compact"):
         for rows in torch.arange(y.numel(), device=device).split(HEAD_ROWS):
             target = y.flatten()[rows]                            # (R,)
             with watch("model"):
-                logp = F.log_softmax(model.logits(h.flatten(0, 1)[rows]).float(), dim=-1)   # (R, V)
+                logits = load_weights.finite(model.logits(h.flatten(0, 1)[rows]))             # (R, V)
+                logp = F.log_softmax(logits.float(), dim=-1)
             sums["nll"] += float(F.nll_loss(logp, target, reduction="sum"))
             sums["tokens"] += len(rows)
             if compare:
                 with watch("dense"):
-                    logp_ref = F.log_softmax(model.logits(h_ref.flatten(0, 1)[rows]).float(), dim=-1)
+                    logits_ref = load_weights.finite(model.logits(h_ref.flatten(0, 1)[rows]), "the base model")
+                    logp_ref = F.log_softmax(logits_ref.float(), dim=-1)
                 sums["nll_dense"] += float(F.nll_loss(logp_ref, target, reduction="sum"))
                 sums["kl"] += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
                 sums["agree"] += int((logp.argmax(-1) == logp_ref.argmax(-1)).sum())
@@ -332,14 +334,16 @@ def draw_frontier(pattern: str, plot: str):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
     if config["frontier"]:
         return draw_frontier(config["frontier"], config["plot"])
     check(config)
     text = read_text(config["text"])
-    if config["ckpt"]:
-        model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"])
-        name = meta["base"]
+    if config["ckpt"]:   # --init, when given, says where the checkpoint's base model is now
+        model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"],
+                                                    given.get("init"))
+        name = given.get("init", meta["base"])
     else:
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
         name = config["init"]

@@ -79,6 +79,13 @@ LIKELY_NONFINITE = ("likely causes: damaged weights (a tensor overwritten: downl
                     "again) or overflow in a 16-bit dtype (try --dtype=float32)")
 
 
+def finite(logits: torch.Tensor, what: str = "the model") -> torch.Tensor:
+    """logits as they are, or a NonFiniteError: a NaN must not become a perplexity or a token."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"{what} gave non-finite logits (NaN or infinity); {LIKELY_NONFINITE}")
+    return logits
+
+
 # ----------------------------------------------------------------------------------------------
 # Name or folder -> local folder
 # ----------------------------------------------------------------------------------------------

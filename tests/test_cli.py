@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import eval as eval_cli
@@ -424,3 +424,56 @@ def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
     assert "\033[48;5;" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--gates must be learned, random, open or peek, got 'lerned'"):
         eval_cli.main([f"--ckpt={ckpts[1]}", f"--text={text_file}", "--gates=lerned"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing silently wrong: damaged weights, damaged checkpoints, a base model that moved
+# ----------------------------------------------------------------------------------------------
+
+def test_non_finite_logits_are_an_error_naming_the_likely_causes(tiny, text_file, tmp_path):
+    """One weight overwritten with NaN (the file's header intact): no `perplexity nan`, no garbage tokens."""
+    import shutil
+    _, folder, _ = tiny
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    tensors = load_file(str(damaged / "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = math.nan
+    save_file(tensors, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    message = r"gave non-finite logits \(NaN or infinity\); likely causes: damaged weights .* --dtype=float32"
+    with pytest.raises(load_weights.NonFiniteError, match="the model " + message):
+        eval_cli.main([f"--init={damaged}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
+    with pytest.raises(load_weights.NonFiniteError, match=message):
+        sample.main([f"--init={damaged}", "--prompt=the cat", "--temperature=0", "--max_new_tokens=3"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "trained.safetensors").write_bytes((d / "trained.safetensors").read_bytes()[:300]),
+     "trained.safetensors is missing, corrupt or truncated"),
+    (lambda d: (d / "ckpt.json").write_text('{"base": \n'), "ckpt.json is not valid JSON"),
+])
+def test_a_damaged_checkpoint_under_ckpt_is_named(ckpts, text_file, tmp_path, damage, message):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpts[1], ckpt)
+    damage(ckpt)
+    with pytest.raises(load_weights.LoadError, match=message):
+        eval_cli.main([f"--ckpt={ckpt}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
+    with pytest.raises(load_weights.LoadError, match=message):
+        sample.main([f"--ckpt={ckpt}", "--max_new_tokens=2"])
+
+
+def test_init_names_the_base_of_a_checkpoint_whose_base_moved(tiny, text_file, tmp_path, capsys):
+    import shutil
+    _, folder, _ = tiny
+    shutil.copytree(folder, tmp_path / "before")
+    ckpt = make_checkpoint(tmp_path / "ckpt", tmp_path / "before", lora_std=0.3)
+    (tmp_path / "before").rename(tmp_path / "after")
+    with pytest.raises(load_weights.LoadError, match="if it moved, name its new place with --init=FOLDER"):
+        eval_cli.main([f"--ckpt={ckpt}", f"--text={text_file}"])
+    eval_cli.main([f"--ckpt={ckpt}", "--init", str(tmp_path / "after"), f"--text={text_file}",
+                   f"--seq_len={SEQ_LEN}", "--json"])
+    moved = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, tok, _ = load_weights.load_sparse(ckpt, base=str(tmp_path / "after"))
+    expected = eval_cli.evaluate_sparse(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN), SEQ_LEN)
+    assert moved["model"] == str(tmp_path / "after") and moved["kl_to_dense"] == pytest.approx(expected["kl_to_dense"])
+    sample.main([f"--ckpt={ckpt}", f"--init={tmp_path / 'after'}", "--max_new_tokens=2", "--no_color"])
