@@ -87,7 +87,10 @@ def token_ids(tok, path: str, n: int) -> torch.Tensor:
     """The first n token ids of a text file (repeated if the text is shorter), as (n,)."""
     if not Path(path).is_file():
         raise ValueError(f"--text={path} is not a file: pass a UTF-8 text file")
-    ids = tok.encode(Path(path).read_text(encoding="utf-8"), special=False)
+    try:
+        ids = tok.encode(Path(path).read_text(encoding="utf-8"), special=False)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text={path} is not UTF-8 text ({e.reason}): pass a UTF-8 text file") from None
     if not ids:
         raise ValueError(f"--text={path} holds no tokens: pass a longer text file")
     ids = torch.tensor(ids * (n // len(ids) + 1))

@@ -288,6 +288,9 @@ def read_config(folder: Path) -> ModelConfig:
         hf = json.loads((Path(folder) / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{folder}/config.json is not valid JSON ({e}): download it again") from None
+    if not isinstance(hf, dict):
+        raise LoadError(f"{folder}/config.json holds a JSON {type(hf).__name__}, not an object of settings: "
+                        "download it again")
     if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: use its text tower
         hf = dict(hf["text_config"], model_type="gemma3_text")
     try:

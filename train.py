@@ -324,14 +324,33 @@ def lr_at(it: int, config: dict) -> float:
     return config["min_lr_frac"] + (1 - config["min_lr_frac"]) * cosine
 
 
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "route", "kv")   # what the trained tensors mean
+
+
+def resumed_config(saved: dict, given: dict, out_dir: str) -> dict:
+    """The saved run's config with the command line's changes: each one said, and refused where it
+    would change what the checkpoint's tensors are."""
+    if "train_config" not in saved:
+        raise ValueError(f"the checkpoint in {out_dir} holds no training state: eval.py and sample.py read it, "
+                         "but it cannot be resumed; start a new run with another --out_dir")
+    old = saved["train_config"]
+    changed = {k: json.loads(json.dumps(v)) for k, v in given.items()
+               if k not in ("init", "out_dir") and k in old and json.loads(json.dumps(v)) != old[k]}
+    for k, v in changed.items():
+        if k in FIXED_ON_RESUME:
+            raise ValueError(f"--{k}={given[k]} but the run in {out_dir} was trained with {k}={old[k]}: a resume "
+                             f"cannot change what is trained; drop --{k}, or start a new run with another --out_dir")
+    if changed:
+        print(f"resuming {out_dir} with changed settings: " + ", ".join(f"{k} {old[k]} -> {v}" for k, v in changed.items()))
+    return {**DEFAULTS, **old, **given, "base": saved["base"]}
+
+
 def read_config(argv) -> dict:
     """Defaults, overridden by a resumed run's config, overridden by the command line."""
     given = overrides(DEFAULTS, argv)
     config = dict(DEFAULTS, **given)
     if config["init"] == "resume":
-        saved = read_checkpoint_meta(config["out_dir"])
-        config = {**DEFAULTS, **saved["train_config"], **given}
-        config["base"] = saved["base"]
+        config = resumed_config(read_checkpoint_meta(config["out_dir"]), given, config["out_dir"])
     else:
         if has_checkpoint(config["out_dir"]):
             raise ValueError(f"{config['out_dir']} already holds a checkpoint (of {read_checkpoint_meta(config['out_dir'])['base']}): "

@@ -5,6 +5,7 @@ with open gates), the routers' fit to the peek rule and the density controller, 
 DDP with two CPU processes (first-step loss = one process on the same global batch), and the
 errors a user can cause.
 """
+import errno
 import json
 import math
 import os
@@ -305,13 +306,17 @@ def run_cli(*argv):
     ("missing data", dict(data="/nonexistent/file.txt"), "does not exist"),
     ("empty folder", dict(data="EMPTY"), "holds no .txt or .jsonl"),
     ("short text", dict(data="SHORT"), "fewer than one window"),
+    ("short held-out text", dict(val_data="SHORT"), "held-out text 'short' has 2 tokens, fewer than one window"),
+    ("binary data", dict(data="BINARY"), "binary.txt is not UTF-8 text (byte 1 is b'\\xff')"),
     ("seq_len over context", dict(seq_len=100000), "over the model's context"),
     ("unknown key", dict(learning_rate=1), "unknown option --learning_rate"),
 ])
 def test_bad_input_is_a_clear_error(folder, corpus, tmp_path, problem, over, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "short.txt").write_text("the cat")
-    over = {k: {"EMPTY": tmp_path / "empty", "SHORT": tmp_path / "short.txt"}.get(v, v) for k, v in over.items()}
+    (tmp_path / "binary.txt").write_bytes(b"\x00\xff\xfe\x00" * 64)
+    files = {"EMPTY": tmp_path / "empty", "SHORT": tmp_path / "short.txt", "BINARY": tmp_path / "binary.txt"}
+    over = {k: files.get(v, v) for k, v in over.items()}
     run = run_cli(*args(folder, corpus, tmp_path / "out", **over))
     assert run.returncode == 1
     assert run.stderr.startswith("error: ") and message in run.stderr, run.stderr
@@ -324,6 +329,32 @@ def test_resume_with_nothing_and_reuse_of_a_full_out_dir(folder, corpus, tmp_pat
     train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=1)))
     run = run_cli(*args(folder, corpus, tmp_path / "run"))
     assert run.returncode == 1 and "already holds a checkpoint" in run.stderr and "--init=resume" in run.stderr
+
+
+def test_resume_refuses_a_new_lora_rank_and_says_what_else_changed(folder, corpus, tmp_path, capsys):
+    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=1)))
+    resume = ["--init=resume", f"--out_dir={tmp_path / 'run'}"]
+    with pytest.raises(ValueError, match=r"--lora_rank=2 but the run in .* was trained with lora_rank=4: a resume "
+                                         r"cannot change what is trained; drop --lora_rank"):
+        train.read_config(resume + ["--lora_rank", "2"])
+    capsys.readouterr()
+    config = train.read_config(resume + ["--target_density=0.5", "--max_iters=3", "--lora_rank=4"])
+    assert config["target_density"] == (0.5,) and config["lora_rank"] == 4
+    assert capsys.readouterr().out.strip().endswith("changed settings: target_density [0.7] -> [0.5], max_iters 1 -> 3")
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(folder, corpus, tmp_path, monkeypatch):
+    saves = []
+
+    def second_save_fails(at):
+        saves.append(at)
+        if saves.count("folder made") == 2 and at == "optim written":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(load_weights, "save_step", second_save_fails)
+    with pytest.raises(load_weights.CheckpointError, match=r"could not save iteration 4 .*No space left on device\): "
+                                                           r"the previous checkpoint \(ckpt-000002-\S+\) is kept"):
+        train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=6)))
+    assert load_weights.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 2
 
 
 def test_checkpoint_from_a_different_base_is_refused(folder, corpus, tmp_path, tiny_hf, tmp_path_factory):
