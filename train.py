@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import lora
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, FINITE, FRACTION, POSITIVE, Range, check_ranges, configure, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, FINITE, FRACTION, POSITIVE, Range, check_ranges, overrides
 from data.prepare import RandomWindows, load_sources, spread_windows, tokenizer_key
 from eval import evaluate_sparse
 from flops import skip_savings
@@ -550,11 +550,18 @@ def forget_step(run: Run, rng_before):
     run.opt.zero_grad(set_to_none=True)
 
 
+def logged_before(line: str, start: int) -> bool:
+    try:
+        return json.loads(line)["iter"] < start
+    except (json.JSONDecodeError, KeyError, TypeError):   # a line a kill cut short
+        return False
+
+
 def trim_log(path: Path, start: int):
     """Keep log.jsonl's rows of iterations before start: a run killed after its last checkpoint
     logged iterations that the resumed run does again."""
     if path.is_file():
-        rows = [r for r in path.read_text().splitlines(keepends=True) if json.loads(r)["iter"] < start]
+        rows = [r for r in path.read_text().splitlines(keepends=True) if logged_before(r, start)]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(rows))
         os.replace(tmp, path)

@@ -7,7 +7,6 @@ that nothing catches) and as a full disk would (OSError ENOSPC), once for real w
 in a child process; each time the checkpoint must load as exactly the old or the new state.
 """
 import errno
-import json
 import os
 import subprocess
 import sys
