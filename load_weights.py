@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -505,7 +504,8 @@ def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
     previous = current_name(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{state['iter']:06d}-", dir=out_dir))
+        folder = out_dir / f"{CKPT_PREFIX}{state['iter']:06d}-{os.urandom(3).hex()}"   # a new name every save
+        folder.mkdir()
         save_step("folder made")
         write_parts(folder, model, opt, state, meta)
         switch_latest(out_dir, folder.name)
