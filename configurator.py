@@ -92,14 +92,12 @@ class Range:
         return math.isfinite(v) and (self.lo < v if self.open_lo else self.lo <= v) and v <= self.hi
 
     def __str__(self):
-        if self.lo == -math.inf and self.hi == math.inf:
-            return "a finite number"
         if self.hi == math.inf:
             return f"{'>' if self.open_lo else '>='} {self.lo:g}"
         return f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
 
 
-AT_LEAST_1, AT_LEAST_0, POSITIVE, FRACTION, FINITE = Range(1), Range(0), Range(0, open_lo=True), Range(0, 1), Range()
+AT_LEAST_1, AT_LEAST_0, POSITIVE, FRACTION = Range(1), Range(0), Range(0, open_lo=True), Range(0, 1)
 
 
 def check_ranges(config: dict, ranges: dict):

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import lora
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, FINITE, FRACTION, POSITIVE, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Range, check_ranges, overrides
 from data.prepare import RandomWindows, load_sources, spread_windows, tokenizer_key
 from eval import evaluate_sparse
 from flops import skip_savings
