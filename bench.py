@@ -30,7 +30,7 @@ after hf_prompt_len prompt tokens with a KV cache (speedup = hf_s / ours_s).
 Timings on a shared CPU are noisy: read the ratios, and keep --threads at what you deploy.
 OMP_WAIT_POLICY defaults to PASSIVE here (see below); export OMP_WAIT_POLICY=ACTIVE to bench
 with spinning threads on a machine of your own.
-Every option below is --key=value (python bench.py --help lists them).
+Every option below is --key=value or --key value (python bench.py --help lists them).
 """
 import json
 import os
@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import load_weights
 import lora
 import router
-from configurator import configure
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
 
 DEFAULTS = dict(
@@ -73,6 +73,9 @@ DEFAULTS = dict(
     clock="wall",                     # wall | cpu (process CPU seconds: steadier on a shared machine)
     json=False,                       # print the rows as one JSON list on the last line
 )
+RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
+              decode_batch=AT_LEAST_1, repeat=AT_LEAST_1, threads=AT_LEAST_1, seed=AT_LEAST_0,
+              hf_seq_len=AT_LEAST_1, hf_prompt_len=AT_LEAST_1, hf_new_tokens=AT_LEAST_1)
 clock = time.perf_counter               # --clock=cpu: time.process_time (set in main)
 
 
@@ -84,7 +87,10 @@ def token_ids(tok, path: str, n: int) -> torch.Tensor:
     """The first n token ids of a text file (repeated if the text is shorter), as (n,)."""
     if not Path(path).is_file():
         raise ValueError(f"--text={path} is not a file: pass a UTF-8 text file")
-    ids = tok.encode(Path(path).read_text(encoding="utf-8"), special=False)
+    try:
+        ids = tok.encode(Path(path).read_text(encoding="utf-8"), special=False)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text={path} is not UTF-8 text ({e.reason}): pass a UTF-8 text file") from None
     if not ids:
         raise ValueError(f"--text={path} holds no tokens: pass a longer text file")
     ids = torch.tensor(ids * (n // len(ids) + 1))
@@ -255,11 +261,7 @@ def bench_vs_hf(model, folder, config, ids) -> list:
 # ----------------------------------------------------------------------------------------------
 
 def check(config):
-    if config["repeat"] < 1 or config["threads"] < 1:
-        raise ValueError("--repeat and --threads must be at least 1")
-    for d in config["densities"]:
-        if not 0.0 < d <= 1.0:
-            raise ValueError(f"--densities: {d} is not in (0, 1]")
+    check_ranges(config, RANGES)
     for kv in config["kv"]:
         if kv not in router.KV_MODES:
             raise ValueError(f"--kv: unknown mode {kv!r}; choose from {', '.join(router.KV_MODES)}")
@@ -269,9 +271,6 @@ def check(config):
         raise ValueError(f"--route: unknown route {config['route']!r}; choose from {', '.join(router.ROUTES)}")
     for spec in config["prefill"]:
         parse_shape(spec)
-    if min(config["prompt_len"], config["new_tokens"], config["decode_batch"], config["hf_seq_len"], config["hf_prompt_len"],
-           config["hf_new_tokens"]) < 1:
-        raise ValueError("--prompt_len, --new_tokens, --decode_batch and the --hf_* sizes must be at least 1")
 
 
 def check_context(model, config):
@@ -284,13 +283,16 @@ def check_context(model, config):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
     check(config)
     torch.set_num_threads(config["threads"])
     global clock
     clock = time.process_time if config["clock"] == "cpu" else time.perf_counter
     torch.manual_seed(config["seed"])
-    base = load_weights.read_checkpoint_meta(config["ckpt"])["base"] if config["ckpt"] else config["init"]
+    base = config["init"]
+    if config["ckpt"] and "init" not in given:     # --init, when given, says where the checkpoint's base is now
+        base = load_weights.read_checkpoint_meta(config["ckpt"])["base"]
     model, tok = load_weights.load(base, config["dtype"])
     model.requires_grad_(False).eval()
     check_context(model, config)
@@ -310,7 +312,7 @@ def main(argv):
                 with router.forced(model, density):
                     rows += bench_gates(model, config, "random", ids)
         if config["ckpt"]:
-            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"])
+            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], base=base)
             lora.merge(model)                        # W += scale * B A: adapters cost nothing
             print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
             rows += bench_gates(model, config, "learned", ids)

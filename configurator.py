@@ -1,14 +1,19 @@
 """configurator.py — a CLI's defaults in one dict, overridden from the command line.
 
     DEFAULTS = dict(init="smollm2-135m-instruct", seq_len=512, compile=False)
-    config = configure(DEFAULTS, sys.argv[1:])     # python eval.py --seq_len=1024 --compile
+    config = configure(DEFAULTS, sys.argv[1:])     # python eval.py --seq_len 1024 --compile
 
-Every flag is --key=value with the type of its default: a bool takes true/false/1/0 (or
---key alone for true), a tuple/list takes comma-separated items, a None default takes an
-int, a float, "none", or else the string as is. A wrong key or value raises ValueError
-with a message naming the fix; --help prints the defaults and exits.
+Every flag is --key=value or --key value, with the type of its default: a bool takes
+true/false/1/0 (or --key alone for true), a tuple/list takes comma-separated items, a None
+default takes an int, a float, "none", or else the string as is. A wrong key or value raises
+ValueError with a message naming the fix; --help prints the defaults and exits.
+
+check_ranges(config, RANGES) is the other half of a script's input checking: every numeric
+flag has a Range, and a value outside it is an error naming the flag and the range.
 """
+import math
 import sys
+from dataclasses import dataclass
 
 BOOLS = {"true": True, "1": True, "false": False, "0": False}
 KIND_NAMES = {int: "an integer", float: "a number"}
@@ -39,22 +44,66 @@ def parse_value(key: str, text: str, default):
         raise ValueError(f"--{key} needs {kind}, got {text!r}") from None
 
 
-def configure(defaults: dict, argv) -> dict:
-    """A copy of defaults with every --key=value of argv applied."""
-    config = dict(defaults)
-    for arg in argv:
+def overrides(defaults: dict, argv) -> dict:
+    """{key: value} of the flags argv sets, in order; --key=value and --key value alike.
+
+    A bool flag takes the next argument only when it reads as a bool (--json false); alone it
+    means true. Any other flag takes the next argument unless that is another flag, so a
+    forgotten value is an error, not a silent swallow (a value that starts with -- needs the
+    = form: --prompt=--x; a negative number does not: --router_bias -1).
+    """
+    given, args = {}, list(argv)
+    while args:
+        arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print("options (default values):\n" + "\n".join(f"  --{k}={v}" for k, v in defaults.items()))
+            print("options (default values; --key=value or --key value):\n"
+                  + "\n".join(f"  --{k}={v}" for k, v in defaults.items()))
             sys.exit(0)
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: options are written --key=value")
+            raise ValueError(f"unexpected argument {arg!r}: options are written --key=value or --key value")
         key, eq, text = arg[2:].partition("=")
         if key not in defaults:
             raise ValueError(f"unknown option --{key}; valid options: "
                              + ", ".join(f"--{k}" for k in defaults))
         if not eq:
-            if not isinstance(defaults[key], bool):
-                raise ValueError(f"--{key} needs a value: --{key}=...")
-            text = "true"
-        config[key] = parse_value(key, text, defaults[key])
-    return config
+            if isinstance(defaults[key], bool):
+                text = args.pop(0) if args and args[0].lower() in BOOLS else "true"
+            elif args and not args[0].startswith("--"):
+                text = args.pop(0)
+            else:
+                raise ValueError(f"--{key} needs a value: --{key}=... or --{key} ...")
+        given[key] = parse_value(key, text, defaults[key])
+    return given
+
+
+def configure(defaults: dict, argv) -> dict:
+    """A copy of defaults with every flag of argv applied."""
+    return dict(defaults, **overrides(defaults, argv))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric flag: lo <= v <= hi (lo < v with open_lo)."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    open_lo: bool = False
+
+    def __contains__(self, v) -> bool:
+        return math.isfinite(v) and (self.lo < v if self.open_lo else self.lo <= v) and v <= self.hi
+
+    def __str__(self):
+        if self.hi == math.inf:
+            return f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        return f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
+
+
+AT_LEAST_1, AT_LEAST_0, POSITIVE, FRACTION = Range(1), Range(0), Range(0, open_lo=True), Range(0, 1)
+
+
+def check_ranges(config: dict, ranges: dict):
+    """Every numeric flag named in ranges (each item of a tuple flag) lies in its Range."""
+    for key, valid in ranges.items():
+        values = config[key] if isinstance(config[key], (tuple, list)) else [config[key]]
+        for v in values:
+            if v not in valid:
+                raise ValueError(f"--{key}={v:g} is out of range: it must be {valid}")

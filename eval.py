@@ -54,8 +54,8 @@ and `target_scores` {choice: score}, the highest-scored choices correct; arithme
 - each score is a mean over n examples, reported with its standard error sqrt(p (1 - p) / n);
   with --ckpt, dense (LoRA off, every gate open) and sparse (--gates) side by side.
 
-Every option below is --key=value (python eval.py --help lists them). --json prints the
-results as one JSON object on the last line.
+Every option below is --key=value or --key value (python eval.py --help lists them). --json
+prints the results as one JSON object on the last line.
 """
 import contextlib
 import glob
@@ -79,12 +79,12 @@ import load_weights
 import lora
 import router
 import sample
-from configurator import configure
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from data.prepare import consecutive_windows
 from flops import compute_ratio, skip_savings
 
 DEFAULTS = dict(
-    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
+    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
     ckpt="",                        # a train.py out_dir: evaluate its sparse model against its base
     text="",                        # the text file to score (hold it out of training)
     seq_len=512,                    # window length in text tokens (BOS not counted)
@@ -105,6 +105,9 @@ DEFAULTS = dict(
     requests_per_batch=16,          # benchmarks: (context, continuation) pairs or prompts per forward pass
     max_new_tokens=16,              # benchmarks: longest generated answer (exact match)
 )
+RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
+              target_compute=Range(0, 1, open_lo=True), limit=AT_LEAST_0, requests_per_batch=AT_LEAST_1,
+              max_new_tokens=AT_LEAST_1)
 HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
 
 
@@ -169,12 +172,14 @@ def evaluate(model, chunks, batch_size=4, compare=False, path="compact"):
         for rows in torch.arange(y.numel(), device=device).split(HEAD_ROWS):
             target = y.flatten()[rows]                            # (R,)
             with watch("model"):
-                logp = F.log_softmax(model.logits(h.flatten(0, 1)[rows]).float(), dim=-1)   # (R, V)
+                logits = load_weights.finite(model.logits(h.flatten(0, 1)[rows]))             # (R, V)
+                logp = F.log_softmax(logits.float(), dim=-1)
             sums["nll"] += float(F.nll_loss(logp, target, reduction="sum"))
             sums["tokens"] += len(rows)
             if compare:
                 with watch("dense"):
-                    logp_ref = F.log_softmax(model.logits(h_ref.flatten(0, 1)[rows]).float(), dim=-1)
+                    logits_ref = load_weights.finite(model.logits(h_ref.flatten(0, 1)[rows]), "the base model")
+                    logp_ref = F.log_softmax(logits_ref.float(), dim=-1)
                 sums["nll_dense"] += float(F.nll_loss(logp_ref, target, reduction="sum"))
                 sums["kl"] += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
                 sums["agree"] += int((logp.argmax(-1) == logp_ref.argmax(-1)).sum())
@@ -575,21 +580,16 @@ def main_benchmarks(config, model, tok, name):
 def check(config):
     if not config["text"] and not config["tasks"]:
         raise ValueError("nothing to score: pass --text=FILE (perplexity) or --tasks=DIR (benchmarks)")
+    check_ranges(config, RANGES)
     if config["tasks"] and config["gates"] == "peek":
         raise ValueError("--gates=peek is not available for --tasks yet: use learned, random or open")
     if config["tasks"] and config["gates"] == "random" and not (config["ckpt"] and config["text"]):
         raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
                          "learned gates' densities are measured")
-    if config["limit"] < 0 or config["requests_per_batch"] < 1 or config["max_new_tokens"] < 1:
-        raise ValueError("--limit must be at least 0, --requests_per_batch and --max_new_tokens at least 1")
-    if config["seq_len"] < 1 or config["batch_size"] < 1 or config["max_chunks"] < 0:
-        raise ValueError("--seq_len and --batch_size must be at least 1, --max_chunks at least 0")
     if config["path"] not in ("compact", "masked"):
         raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
     if config["gates"] not in ("learned", "random", "open", "peek"):
         raise ValueError(f"--gates must be learned, random, open or peek, got {config['gates']!r}")
-    if not 0 < config["target_compute"] <= 1:
-        raise ValueError(f"--target_compute must be in (0, 1], got {config['target_compute']}")
     if config["plot"] and not config["ckpt"]:
         raise ValueError("--plot draws the densities of a sparse model: pass --ckpt=OUT_DIR too")
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
@@ -616,14 +616,16 @@ def draw_frontier(pattern: str, plot: str):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
     if config["frontier"]:
         return draw_frontier(config["frontier"], config["plot"])
     check(config)
     text = None if config["tasks"] else read_text(config["text"])
-    if config["ckpt"]:
-        model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"])
-        name = meta["base"]
+    if config["ckpt"]:   # --init, when given, says where the checkpoint's base model is now
+        model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"],
+                                                    given.get("init"))
+        name = given.get("init", meta["base"])
     else:
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
         name = config["init"]

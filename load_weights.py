@@ -16,18 +16,20 @@ tensor names onto ours (weights keep their names on disk), and HF_FAMILIES says 
 config.json `model_type` means for ModelConfig (`config_from_hf`, transformers 4 and 5 formats).
 
 The last section writes and reads train.py's sparse checkpoints (only the routers and LoRA,
-plus ckpt.json): save_checkpoint / load_checkpoint to resume training, load_sparse to use one.
+plus ckpt.json), each save all-or-nothing: save_checkpoint / load_checkpoint to resume
+training, load_sparse to use one.
 """
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 import lora
@@ -66,6 +68,21 @@ PLAIN_NORMS = {"layers.{i}.mlp_norm.weight": "layers.{i}.post_attention_layernor
 
 class LoadError(ValueError):
     """A problem the user can fix: the message names it and says how."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or infinity where a number was expected (logits, a loss, a gradient)."""
+
+
+LIKELY_NONFINITE = ("likely causes: damaged weights (a tensor overwritten: download or restore the model "
+                    "again) or overflow in a 16-bit dtype (try --dtype=float32)")
+
+
+def finite(logits: torch.Tensor, what: str = "the model") -> torch.Tensor:
+    """logits as they are, or a NonFiniteError: a NaN must not become a perplexity or a token."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"{what} gave non-finite logits (NaN or infinity); {LIKELY_NONFINITE}")
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +287,9 @@ def read_config(folder: Path) -> ModelConfig:
         hf = json.loads((Path(folder) / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{folder}/config.json is not valid JSON ({e}): download it again") from None
+    if not isinstance(hf, dict):
+        raise LoadError(f"{folder}/config.json holds a JSON {type(hf).__name__}, not an object of settings: "
+                        "download it again")
     if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: use its text tower
         hf = dict(hf["text_config"], model_type="gemma3_text")
     try:
@@ -403,6 +423,19 @@ def load(name_or_dir: str, dtype="float32", device="cpu"):
 CKPT_JSON = "ckpt.json"                 # config, base model reference, training state
 CKPT_TENSORS = "trained.safetensors"    # only what was trained: routers and LoRA A/B
 CKPT_OPTIM = "optim.safetensors"        # AdamW moments and RNG states, to resume training
+CKPT_POINTER = "LATEST"                 # one line: the name of the current checkpoint folder
+CKPT_PREFIX = "ckpt-"                   # checkpoint folders: ckpt-<iteration>-<random>/
+
+# An out_dir (and each out_dir/stage<k>/) holds its checkpoint as a set: the three files above in
+# a folder ckpt-000050-k3j9a1/, and LATEST naming that folder. A save writes a new folder, flushes
+# it to disk, and only then replaces LATEST, in one atomic rename; older folders are removed after.
+# So a kill -9 at any instant, or a full disk, leaves LATEST naming either the old complete set or
+# the new complete one. Every part records its iteration, and a load refuses parts that disagree.
+# Checkpoints written before this layout (the three files directly in out_dir) are still read.
+
+
+class CheckpointError(ValueError):
+    """A save that could not complete; the message says what out_dir still holds."""
 
 
 def trained_parameters(model) -> dict:
@@ -411,59 +444,156 @@ def trained_parameters(model) -> dict:
     return {n: p for n, p in model.named_parameters() if id(p) in ours}
 
 
-def write_atomic(path: Path, write):
-    """write(tmp) then rename: an interrupted save never leaves a half-written file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def save_step(point: str):
+    """Called at every point of a save, by name. It does nothing: tests replace it to stop a save
+    there, as a kill -9 or a full disk would."""
 
 
-def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
+def fsync(path: Path):
+    """Flush a file or a folder's entries to disk, so a power cut cannot reorder the save."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parts(folder: Path, model, opt, state: dict, meta: dict):
     """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
     (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     it = str(state["iter"])
     params = trained_parameters(model)
     tensors = {n: p.detach().contiguous() for n, p in params.items()}
-    write_atomic(out_dir / CKPT_TENSORS, lambda f: save_file(tensors, str(f), metadata={"iter": it}))
+    save_file(tensors, str(folder / CKPT_TENSORS), metadata={"iter": it})
+    save_step("trained written")
     names = {p: n for n, p in params.items()}
     optim = {"rng.torch": torch.get_rng_state(), "rng.data": state.pop("data_rng")}
     for p, s in opt.state.items():
         for k, v in s.items():
             optim[f"{names[p]}.{k}"] = v.detach().reshape(-1) if k == "step" else v.detach().contiguous()
-    write_atomic(out_dir / CKPT_OPTIM, lambda f: save_file(optim, str(f), metadata={"iter": it}))
-    meta = dict(meta, train_state=state)
-    write_atomic(out_dir / CKPT_JSON, lambda f: f.write_text(json.dumps(meta, indent=1)))
+    save_file(optim, str(folder / CKPT_OPTIM), metadata={"iter": it})
+    save_step("optim written")
+    (folder / CKPT_JSON).write_text(json.dumps(dict(meta, train_state=state), indent=1))
+    save_step("json written")
+    for name in (CKPT_TENSORS, CKPT_OPTIM, CKPT_JSON):
+        fsync(folder / name)
+    fsync(folder)
+    save_step("parts on disk")
+
+
+def switch_latest(out_dir: Path, name: str):
+    """Point LATEST at the folder `name`: write a new pointer, then rename it over the old one."""
+    tmp = out_dir / (CKPT_POINTER + ".tmp")
+    tmp.write_text(name + "\n")
+    fsync(tmp)
+    save_step("pointer written")
+    os.replace(tmp, out_dir / CKPT_POINTER)
+    save_step("pointer switched")
+    fsync(out_dir)
+
+
+def current_name(out_dir: Path):
+    """The folder name LATEST holds, or None."""
+    pointer = Path(out_dir) / CKPT_POINTER
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
+    """Write a checkpoint of out_dir as a new set, then make it the current one (see above)."""
+    out_dir, folder = Path(out_dir), None
+    previous = current_name(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        folder = out_dir / f"{CKPT_PREFIX}{state['iter']:06d}-{os.urandom(3).hex()}"   # a new name every save
+        folder.mkdir()
+        save_step("folder made")
+        write_parts(folder, model, opt, state, meta)
+        switch_latest(out_dir, folder.name)
+    except OSError as e:   # a full disk, a quota, a read-only file system
+        if folder is not None and current_name(out_dir) != folder.name:
+            shutil.rmtree(folder, ignore_errors=True)
+        kept = f"the previous checkpoint ({previous}) is kept" if previous else "no checkpoint was written"
+        raise CheckpointError(f"could not save iteration {state['iter']} to {out_dir} ({e.strerror or e}): "
+                              f"{kept}; free some space, then continue with --init=resume") from None
+    for old in out_dir.glob(CKPT_PREFIX + "*"):     # older sets, and any a killed save left behind
+        if old.is_dir() and old.name != folder.name:
+            shutil.rmtree(old, ignore_errors=True)
+    save_step("old sets removed")
+
+
+def checkpoint_folder(out_dir) -> Path:
+    """The folder holding out_dir's current checkpoint: the one LATEST names, or out_dir itself
+    when the three files lie directly in it (the older layout, or a ckpt-* folder given directly)."""
+    out_dir = Path(out_dir)
+    name = current_name(out_dir)
+    if name is not None:
+        if not (out_dir / name / CKPT_JSON).is_file():
+            raise LoadError(f"{out_dir}/{CKPT_POINTER} names {name}, which is missing or incomplete: "
+                            "the checkpoint was damaged after it was written; restore it or train again")
+        return out_dir / name
+    if (out_dir / CKPT_JSON).is_file():
+        return out_dir
+    raise LoadError(f"no checkpoint in {out_dir} ({CKPT_POINTER} and {CKPT_JSON} missing): train one with "
+                    f"`python train.py --out_dir={out_dir}`")
+
+
+def has_checkpoint(out_dir) -> bool:
+    return (Path(out_dir) / CKPT_POINTER).is_file() or (Path(out_dir) / CKPT_JSON).is_file()
 
 
 def read_checkpoint_meta(out_dir) -> dict:
-    path = Path(out_dir) / CKPT_JSON
-    if not path.is_file():
-        raise LoadError(f"no checkpoint in {out_dir} ({CKPT_JSON} missing): train one with "
-                        f"`python train.py --out_dir={out_dir}`")
-    return json.loads(path.read_text())
+    """ckpt.json of out_dir's current checkpoint, checked to be one."""
+    path = checkpoint_folder(out_dir) / CKPT_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; restore it or train again") from None
+    missing = [k for k in ("base", "model_config", "lora") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise LoadError(f"{path} is not a train.py checkpoint (no {', '.join(missing)}): restore it or train again")
+    return meta
+
+
+def read_part(folder: Path, name: str, it, device="cpu") -> dict:
+    """The tensors of one .safetensors part, checked to belong to iteration it (None: not known)."""
+    path = folder / name
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            saved_it = (f.metadata() or {}).get("iter")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LoadError(f"{path} is missing, corrupt or truncated ({e}): restore the checkpoint or train again") from None
+    if it is not None and saved_it is not None and saved_it != str(it):
+        raise LoadError(f"{path} holds iteration {saved_it} but {folder / CKPT_JSON} iteration {it}: the parts "
+                        "come from different saves (one was interrupted); restore a complete checkpoint or train again")
+    return tensors
 
 
 def load_trained(model, out_dir):
     """Copy trained.safetensors into a model that has its routers and LoRA already attached."""
-    device = model.tok_emb.weight.device
-    tensors = load_file(str(Path(out_dir) / CKPT_TENSORS), device=str(device))
-    missing = set(trained_parameters(model)) - set(tensors)
+    folder = checkpoint_folder(out_dir)
+    it = read_checkpoint_meta(out_dir).get("train_state", {}).get("iter")
+    tensors = read_part(folder, CKPT_TENSORS, it, model.tok_emb.weight.device)
+    params = trained_parameters(model)
+    missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
     if missing:
-        raise LoadError(f"{out_dir}/{CKPT_TENSORS} lacks {sorted(missing)[:3]}...: "
+        raise LoadError(f"{folder}/{CKPT_TENSORS} lacks {sorted(missing)[:3]}...: "
                         "the file is incomplete or was written by another configuration; train again or restore it")
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise LoadError(f"{out_dir}/{CKPT_TENSORS} holds tensors this model lacks "
-                        f"({result.unexpected_keys[:3]}...): the checkpoint does not match ckpt.json")
+    if unexpected:
+        raise LoadError(f"{folder}/{CKPT_TENSORS} holds tensors this model lacks "
+                        f"({sorted(unexpected)[:3]}...): the checkpoint does not match {CKPT_JSON}")
+    for n, p in params.items():
+        if tensors[n].shape != p.shape:
+            raise LoadError(f"{folder}/{CKPT_TENSORS}: {n} has shape {tuple(tensors[n].shape)}, the model "
+                            f"expects {tuple(p.shape)}: the checkpoint does not match {CKPT_JSON}")
+    model.load_state_dict(tensors, strict=False)
 
 
 def load_checkpoint(out_dir, model, opt) -> dict:
     """Resume training: trained tensors, AdamW moments and RNG; returns the JSON training state."""
     state = read_checkpoint_meta(out_dir)["train_state"]
     load_trained(model, out_dir)
-    optim = load_file(str(Path(out_dir) / CKPT_OPTIM))
+    optim = read_part(checkpoint_folder(out_dir), CKPT_OPTIM, state["iter"])
     for n, p in trained_parameters(model).items():
         if f"{n}.exp_avg" in optim:
             opt.state[p] = {"step": optim[f"{n}.step"].reshape(()), "exp_avg": optim[f"{n}.exp_avg"],
@@ -490,8 +620,14 @@ def _jsonable(x):
 def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
     """(model, tokenizer, meta) of a train.py checkpoint: base weights + routers + LoRA."""
     meta = read_checkpoint_meta(out_dir)
+    try:
+        model, tok = load(base or meta["base"], dtype, device)
+    except LoadError as e:
+        if base:
+            raise
+        raise LoadError(f"the base model this checkpoint was trained on cannot be loaded ({e}); if it "
+                        "moved, name its new place with --init=FOLDER") from None
     base = base or meta["base"]
-    model, tok = load(base, dtype, device)
     check_same_base(meta["model_config"], model.cfg, base)
     router.add_routers(model, meta["model_config"]["route"], meta["model_config"]["kv"],
                        sinks=meta["model_config"].get("sinks", True))

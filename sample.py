@@ -8,7 +8,8 @@ Decoding prefills the prompt into a KV cache sized for the whole generation, the
 token at a time and asks for the logits of the last position only. It stops after
 max_new_tokens, or once every sequence has produced an end-of-sequence token.
 
-With --ckpt the sparse model (its base model is the one named in the checkpoint) decodes
+With --ckpt the sparse model (its base model is the one named in the checkpoint, or --init when
+given: where that base is now, checked against the checkpoint's record of it) decodes
 through the compacted path, where skipped sublayers are not computed at all, and the output
 shows where the compute went:
 - each generated token is coloured by the share of routed sublayers that ran in the step that
@@ -17,7 +18,7 @@ shows where the compute went:
 - tokens/s of the sparse model against the same weights run dense (LoRA merged into both,
   routers off), on the same prompt for the same number of tokens.
 
-Every option below is --key=value (python sample.py --help lists them).
+Every option below is --key=value or --key value (python sample.py --help lists them).
 """
 import sys
 import time
@@ -27,11 +28,11 @@ import torch
 import load_weights
 import lora
 import router
-from configurator import configure
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
 
 DEFAULTS = dict(
-    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder
+    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
     ckpt="",                        # a train.py out_dir: sample its sparse model instead of --init
     prompt="Once upon a time",
     num_samples=1,                  # samples drawn one after the other
@@ -44,6 +45,8 @@ DEFAULTS = dict(
     device="cpu",                   # cpu | cuda | cuda:1 | mps
     no_color=False,                 # --ckpt: plain text, each token followed by its share of compute
 )
+RANGES = dict(num_samples=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=AT_LEAST_0, top_k=AT_LEAST_0,
+              top_p=Range(0, 1, open_lo=True), seed=AT_LEAST_0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def decode(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, 
     x = idx
     for _ in range(max_new_tokens):
         logits, records = model(x, cache=cache, routers_off=routers_off, last_only=True)    # (B, 1, V)
-        x = sample_next(logits[:, -1], temperature, top_k, top_p, generator)    # (B, 1)
+        x = sample_next(load_weights.finite(logits[:, -1]), temperature, top_k, top_p, generator)   # (B, 1)
         if len(eos):
             x = torch.where(done, eos[0], x)
             done |= torch.isin(x, eos)
@@ -200,25 +203,20 @@ def print_summary(model, stats, context):
 # ----------------------------------------------------------------------------------------------
 
 def check(config):
-    if config["temperature"] < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {config['temperature']}")
-    if config["top_k"] < 0:
-        raise ValueError(f"--top_k must be >= 0 (0 = off), got {config['top_k']}")
-    if not 0 < config["top_p"] <= 1:
-        raise ValueError(f"--top_p must be in (0, 1] (1 = off), got {config['top_p']}")
-    if config["max_new_tokens"] < 1 or config["num_samples"] < 1:
-        raise ValueError("--max_new_tokens and --num_samples must be at least 1")
+    check_ranges(config, RANGES)
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
     check(config)
     torch.manual_seed(config["seed"])
     generator = torch.Generator(config["device"]).manual_seed(config["seed"])
-    if config["ckpt"]:
-        model, tok, _ = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"])
+    if config["ckpt"]:   # --init, when given, says where the checkpoint's base model is now
+        model, tok, _ = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"],
+                                                 given.get("init"))
         lora.merge(model)    # W += scale * B A: at inference the adapters cost nothing
     else:
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])

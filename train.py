@@ -4,7 +4,8 @@
     python train.py --init=resume --out_dir=out                       # continue a run
     torchrun --standalone --nproc_per_node=2 train.py --init=...      # data parallel (gloo on CPU)
 
-Every default is in the block below and can be overridden as --key=value.
+Every default is in the block below and can be overridden as --key=value or --key value; RANGES
+below it holds the valid values of every numeric flag.
 
 What one step does:
   teacher = the same weights with LoRA off and the routers off, under no_grad (no second copy);
@@ -20,13 +21,16 @@ previous one over its first --anneal fraction; every stage but the last leaves a
 out_dir/stage<k>/: one run, several operating points.
 
 The run: setup() (model, data windows from data/prepare.py, optimizer), init_routers() (the
-peek-rule fit), then train_step() per iteration, held_out() every
-eval_interval, and a checkpoint (load_weights.save_checkpoint) at the end of every stage, of the
-run, or on Ctrl-C.
+peek-rule fit), then train_step() per iteration, held_out() every eval_interval, and a checkpoint
+(load_weights.save_checkpoint, all-or-nothing) every save_interval, at the end of every stage and
+of the run. Whatever stops a run early (Ctrl-C, SIGTERM, a NaN or infinite loss or gradient, any
+error) first saves its last good state, so --init=resume continues it; an interrupted run then
+exits with 130 (Ctrl-C) or 143 (SIGTERM), a failed one with 1.
 """
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -39,12 +43,12 @@ from tqdm import tqdm
 
 import lora
 import router
-from configurator import configure
+from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Range, check_ranges, overrides
 from data.prepare import RandomWindows, load_sources, spread_windows, tokenizer_key
 from eval import evaluate_sparse
 from flops import skip_savings
-from load_weights import (CKPT_JSON, LoadError, load, load_checkpoint, read_checkpoint_meta, resolve,
-                          save_checkpoint, trained_parameters)
+from load_weights import (LIKELY_NONFINITE, CheckpointError, LoadError, NonFiniteError, has_checkpoint, load,
+                          load_checkpoint, read_checkpoint_meta, resolve, save_checkpoint, trained_parameters)
 from model import softcap
 
 DEFAULTS = dict(
@@ -79,11 +83,19 @@ DEFAULTS = dict(
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
     eval_interval=50,
+    save_interval=0,               # iterations between checkpoints; 0 = every eval_interval
     eval_batches=2,
     seed=1337,
     dtype="float32",
     device="cpu",
     grad_checkpoint=False,
+)
+RANGES = dict(   # the valid values of every numeric flag (configurator.check_ranges)
+    max_iters=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=Range(2), grad_accum=AT_LEAST_1,
+    lr=POSITIVE, router_lr=POSITIVE, warmup_iters=AT_LEAST_0, min_lr_frac=FRACTION, grad_clip=POSITIVE,
+    lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1,
+    target_density=FRACTION, anneal=FRACTION, density_gain=AT_LEAST_0, l1=AT_LEAST_0, ce=AT_LEAST_0,
+    eval_interval=AT_LEAST_1, save_interval=AT_LEAST_0, eval_batches=AT_LEAST_1, seed=AT_LEAST_0,
 )
 
 
@@ -312,20 +324,39 @@ def lr_at(it: int, config: dict) -> float:
     return config["min_lr_frac"] + (1 - config["min_lr_frac"]) * cosine
 
 
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "route", "kv")   # what the trained tensors mean
+
+
+def resumed_config(saved: dict, given: dict, out_dir: str) -> dict:
+    """The saved run's config with the command line's changes: each one said, and refused where it
+    would change what the checkpoint's tensors are."""
+    if "train_config" not in saved:
+        raise ValueError(f"the checkpoint in {out_dir} holds no training state: eval.py and sample.py read it, "
+                         "but it cannot be resumed; start a new run with another --out_dir")
+    old = saved["train_config"]
+    changed = {k: json.loads(json.dumps(v)) for k, v in given.items()
+               if k not in ("init", "out_dir") and k in old and json.loads(json.dumps(v)) != old[k]}
+    for k, v in changed.items():
+        if k in FIXED_ON_RESUME:
+            raise ValueError(f"--{k}={given[k]} but the run in {out_dir} was trained with {k}={old[k]}: a resume "
+                             f"cannot change what is trained; drop --{k}, or start a new run with another --out_dir")
+    if changed:
+        print(f"resuming {out_dir} with changed settings: " + ", ".join(f"{k} {old[k]} -> {v}" for k, v in changed.items()))
+    return {**DEFAULTS, **old, **given, "base": saved["base"]}
+
+
 def read_config(argv) -> dict:
     """Defaults, overridden by a resumed run's config, overridden by the command line."""
-    config = configure(DEFAULTS, argv)
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
     if config["init"] == "resume":
-        saved = read_checkpoint_meta(config["out_dir"])
-        given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")} - {"init"}
-        config = dict(saved["train_config"], **{k: config[k] for k in given}, init="resume")
-        config["base"] = saved["base"]
+        config = resumed_config(read_checkpoint_meta(config["out_dir"]), given, config["out_dir"])
     else:
-        existing = Path(config["out_dir"]) / CKPT_JSON
-        if existing.exists():
+        if has_checkpoint(config["out_dir"]):
             raise ValueError(f"{config['out_dir']} already holds a checkpoint (of {read_checkpoint_meta(config['out_dir'])['base']}): "
                              "continue it with --init=resume, or choose another --out_dir")
         config["base"] = config["init"]
+    check_ranges(config, RANGES)
     return config
 
 
@@ -461,14 +492,23 @@ def train_step(run: Run, it: int) -> dict:
         for p in params:
             dist.all_reduce(p.grad)
             p.grad /= run.world
-    torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]))
+    sums = dict(zip(sums, all_reduce_mean(list(sums.values()), run.world)))
+    check_finite(it, dict(sums, grad_norm=grad_norm))    # the same on every rank: all were reduced
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    sums = dict(zip(sums, all_reduce_mean(list(sums.values()), run.world)))
     ctrl.update(model, it, sums["density"])
     tokens = B * config["seq_len"] * accum * run.world
     return dict(iter=it, **sums, target=ctrl.target(it), lr_scale=scale,
                 tok_s=tokens / (time.time() - t0))
+
+
+def check_finite(it: int, values: dict):
+    """Stop at the first NaN or infinite loss or gradient norm, before it reaches the weights."""
+    bad = [f"{k}={v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"iteration {it}: {', '.join(bad)}, so the step was not applied; "
+                             f"{LIKELY_NONFINITE}, or learning rates too high (--lr, --router_lr)")
 
 
 def held_out(run: Run) -> dict:
@@ -491,6 +531,48 @@ def report(run: Run, row: dict, bar, log):
     log.flush()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a scheduler, `kill`): handled like Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
+def rng_states(run: Run):
+    return torch.get_rng_state(), run.data.gen.get_state()
+
+
+def forget_step(run: Run, rng_before):
+    """Undo a step that stopped before its update: a resume then redraws the same batch."""
+    torch.set_rng_state(rng_before[0])
+    run.data.gen.set_state(rng_before[1])
+    run.opt.zero_grad(set_to_none=True)
+
+
+def logged_before(line: str, start: int) -> bool:
+    try:
+        return json.loads(line)["iter"] < start
+    except (json.JSONDecodeError, KeyError, TypeError):   # a line a kill cut short
+        return False
+
+
+def trim_log(path: Path, start: int):
+    """Keep log.jsonl's rows of iterations before start: a run killed after its last checkpoint
+    logged iterations that the resumed run does again."""
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines(keepends=True) if logged_before(r, start)]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(rows))
+        os.replace(tmp, path)
+
+
+def stopped_by(e: BaseException) -> str:
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)"
+    return "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by {type(e).__name__}"
+
+
 def train(config: dict):
     run = setup(config)
     if config["init"] != "resume":
@@ -500,6 +582,7 @@ def train(config: dict):
     master, log = run.rank == 0, None
     if master:
         run.out_dir.mkdir(parents=True, exist_ok=True)
+        trim_log(run.out_dir / "log.jsonl", run.start)
         log = open(run.out_dir / "log.jsonl", "a")
         n_trained = sum(p.numel() for p in trained_parameters(run.model).values())
         print(f"training {n_trained:,} parameters (routers + LoRA) of a "
@@ -507,10 +590,12 @@ def train(config: dict):
               f"{config['batch_size'] * config['seq_len'] * config['grad_accum'] * run.world} tokens/iter")
     bar = tqdm(range(run.start, config["max_iters"]), initial=run.start, total=config["max_iters"],
                disable=not master)
-    done = run.start                                      # iterations completed
+    done = saved = run.start                              # iterations completed, and in out_dir's checkpoint
+    it, rng_before = run.start, rng_states(run)
+    every = config["save_interval"] or config["eval_interval"]
     try:
         for it in bar:
-            rng_before = (torch.get_rng_state(), run.data.gen.get_state())
+            rng_before = rng_states(run)
             row = train_step(run, it)
             done = it + 1
             if master:
@@ -518,26 +603,33 @@ def train(config: dict):
             stage = done // run.ctrl.stage_iters
             if done % run.ctrl.stage_iters == 0 and stage < len(run.ctrl.targets):   # a stage ends: keep it
                 save(run, done, run.out_dir / f"stage{stage}")
-    except KeyboardInterrupt:
-        if done == it:   # stopped inside a step: forget it, so that a resume redraws the same batch
-            torch.set_rng_state(rng_before[0])
-            run.data.gen.set_state(rng_before[1])
-            run.opt.zero_grad(set_to_none=True)
-        if master:
-            tqdm.write(f"interrupted: saving iteration {done} to {run.out_dir} (continue with --init=resume)")
+            if done % every == 0 and done < config["max_iters"]:
+                save(run, done)
+                saved = done
+    except BaseException as e:   # Ctrl-C, SIGTERM, NaN, any error: keep the last good state, then stop
+        if done == it:           # stopped inside a step, before its update: forget it
+            forget_step(run, rng_before)
+        if done > saved and not isinstance(e, CheckpointError):
+            if master:
+                tqdm.write(f"{stopped_by(e)}: saving iteration {done} to {run.out_dir} (continue with --init=resume)")
+            save(run, done)
+        raise
     save(run, done)
     if master:
-        print(f"saved {run.out_dir}/{CKPT_JSON} at iteration {done}")
+        print(f"saved {run.out_dir} at iteration {done}")
     if run.world > 1:
         dist.destroy_process_group()
     return run.model
 
 
 def main():
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         train(read_config(sys.argv[1:]))
     except (LoadError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:   # the last good state is saved; a script can still tell
+        sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 if __name__ == "__main__":

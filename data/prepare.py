@@ -30,11 +30,19 @@ CACHE = HERE / "cache"
 SPLIT_FRACTION = 0.1   # the last 10% of each shipped text (cut at a blank line) is held out
 
 
+def read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): "
+                         "--data and --val_data take .txt or .jsonl files") from None
+
+
 def read_text(path: Path) -> str:
     """A .txt file as is; a .jsonl file as its "text" fields joined by blank lines."""
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -42,7 +50,7 @@ def read_text(path: Path) -> str:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return read_utf8(path)
 
 
 def list_files(spec: str) -> list:
@@ -122,7 +130,10 @@ def _rows(toks: np.ndarray, starts, seq_len: int) -> list:
 def spread_windows(sources: dict, seq_len: int, bos_id, count: int) -> torch.Tensor:
     """`count` fixed windows spread evenly over the held-out sources (train.py's periodic eval)."""
     rows = []
-    for toks in sources.values():
+    for name, toks in sources.items():
+        if len(toks) <= seq_len:
+            raise ValueError(f"held-out text {name!r} has {len(toks)} tokens, fewer than one window of {seq_len}: "
+                             "give more text, lower --seq_len, or turn the periodic eval off with --val_data=''")
         n = max(1, count // len(sources))
         rows += _rows(toks, np.linspace(0, len(toks) - seq_len - 1, n).astype(int), seq_len)
     return with_bos(torch.stack(rows), bos_id)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import eval as eval_cli
@@ -100,6 +100,69 @@ def test_configurator_types_and_errors():
     for bad in (["--n=1.5"], ["--flag=maybe"], ["--n"], ["n=3"]):
         with pytest.raises(ValueError, match="--n|--flag|unexpected"):
             configure(defaults, bad)
+
+
+def test_configurator_accepts_a_space_between_flag_and_value():
+    defaults = dict(n=1, lr=0.5, flag=False, json=False, name="x", targets=("wq", "wv"))
+    cfg = configure(defaults, ["--n", "3", "--lr", "-1e-3", "--flag", "--name", "a b", "--json", "false",
+                               "--targets", "up,down"])
+    assert cfg == dict(n=3, lr=-1e-3, flag=True, json=False, name="a b", targets=("up", "down"))
+    assert configure(defaults, ["--flag", "--n", "2"]) == dict(defaults, flag=True, n=2)   # a bool alone: true
+    for bad, message in ((["--n"], "--n needs a value"), (["--name", "--n=2"], "--name needs a value"),
+                         (["--flag", "maybe"], "unexpected argument 'maybe'")):
+        with pytest.raises(ValueError, match=message):
+            configure(defaults, bad)
+
+
+def test_the_readme_command_lines_work_as_written(tiny):
+    """`python sample.py --prompt "..."` (a space, as in the README) and --help in every script."""
+    _, folder, _ = tiny
+    rc, out, err = run_cli("sample.py", "--init", str(folder), "--prompt", "the cat", "--temperature", "0",
+                           "--max_new_tokens", "3")
+    assert rc == 0, err
+    assert out.startswith("the cat")
+    rc, out, err = run_cli("train.py", "--help")
+    assert rc == 0 and "--seed=1337" in out, err
+
+
+def outside(valid):
+    """A value just outside a configurator.Range."""
+    return valid.lo if valid.open_lo else valid.lo - 1
+
+
+@pytest.mark.parametrize("script", ["train", "eval", "sample", "bench"])
+def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_named(script, tmp_path):
+    module = __import__(script)
+    numeric = [k for k, v in module.DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               or isinstance(v, tuple) and v and isinstance(v[0], (int, float))]
+    assert sorted(numeric) == sorted(module.RANGES)
+    parse = module.read_config if script == "train" else module.main    # both check before loading anything
+    extra = {"train": [f"--out_dir={tmp_path}"], "eval": ["--text=x"]}.get(script, [])
+    for key, valid in module.RANGES.items():
+        bads = [outside(valid)]
+        if not isinstance(module.DEFAULTS[key], int):     # floats: also beyond the top, and infinity
+            bads += [math.inf] + ([valid.hi + 1] if valid.hi < math.inf else [])
+        for bad in bads:
+            with pytest.raises(ValueError) as info:
+                parse([f"--{key}={bad}"] + extra)
+            assert str(info.value) == f"--{key}={bad:g} is out of range: it must be {valid}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target_density=1.5"], "--target_density=1.5 is out of range: it must be in [0, 1]"),
+    (["--target_density=0.9,-0.1"], "--target_density=-0.1 is out of range"),
+    (["--grad_accum=0"], "--grad_accum=0 is out of range: it must be >= 1"),
+    (["--lora_rank=-3"], "--lora_rank=-3 is out of range: it must be >= 0"),
+    (["--seq_len=1"], "--seq_len=1 is out of range: it must be >= 2"),
+    (["--batch_size", "0"], "--batch_size=0 is out of range"),
+    (["--eval_interval=0"], "--eval_interval=0 is out of range"),
+    (["--lr=nan"], "--lr=nan is out of range: it must be > 0"),
+])
+def test_train_refuses_bad_numbers_before_loading_anything(argv, message, tmp_path):
+    import train
+    with pytest.raises(ValueError) as info:
+        train.read_config(argv + [f"--out_dir={tmp_path}"])
+    assert str(info.value) == message or str(info.value).startswith(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,3 +424,56 @@ def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
     assert "\033[48;5;" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--gates must be learned, random, open or peek, got 'lerned'"):
         eval_cli.main([f"--ckpt={ckpts[1]}", f"--text={text_file}", "--gates=lerned"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing silently wrong: damaged weights, damaged checkpoints, a base model that moved
+# ----------------------------------------------------------------------------------------------
+
+def test_non_finite_logits_are_an_error_naming_the_likely_causes(tiny, text_file, tmp_path):
+    """One weight overwritten with NaN (the file's header intact): no `perplexity nan`, no garbage tokens."""
+    import shutil
+    _, folder, _ = tiny
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    tensors = load_file(str(damaged / "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = math.nan
+    save_file(tensors, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    message = r"gave non-finite logits \(NaN or infinity\); likely causes: damaged weights .* --dtype=float32"
+    with pytest.raises(load_weights.NonFiniteError, match="the model " + message):
+        eval_cli.main([f"--init={damaged}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
+    with pytest.raises(load_weights.NonFiniteError, match=message):
+        sample.main([f"--init={damaged}", "--prompt=the cat", "--temperature=0", "--max_new_tokens=3"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "trained.safetensors").write_bytes((d / "trained.safetensors").read_bytes()[:300]),
+     "trained.safetensors is missing, corrupt or truncated"),
+    (lambda d: (d / "ckpt.json").write_text('{"base": \n'), "ckpt.json is not valid JSON"),
+])
+def test_a_damaged_checkpoint_under_ckpt_is_named(ckpts, text_file, tmp_path, damage, message):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpts[1], ckpt)
+    damage(ckpt)
+    with pytest.raises(load_weights.LoadError, match=message):
+        eval_cli.main([f"--ckpt={ckpt}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
+    with pytest.raises(load_weights.LoadError, match=message):
+        sample.main([f"--ckpt={ckpt}", "--max_new_tokens=2"])
+
+
+def test_init_names_the_base_of_a_checkpoint_whose_base_moved(tiny, text_file, tmp_path, capsys):
+    import shutil
+    _, folder, _ = tiny
+    shutil.copytree(folder, tmp_path / "before")
+    ckpt = make_checkpoint(tmp_path / "ckpt", tmp_path / "before", lora_std=0.3)
+    (tmp_path / "before").rename(tmp_path / "after")
+    with pytest.raises(load_weights.LoadError, match="if it moved, name its new place with --init=FOLDER"):
+        eval_cli.main([f"--ckpt={ckpt}", f"--text={text_file}"])
+    eval_cli.main([f"--ckpt={ckpt}", "--init", str(tmp_path / "after"), f"--text={text_file}",
+                   f"--seq_len={SEQ_LEN}", "--json"])
+    moved = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, tok, _ = load_weights.load_sparse(ckpt, base=str(tmp_path / "after"))
+    expected = eval_cli.evaluate_sparse(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN), SEQ_LEN)
+    assert moved["model"] == str(tmp_path / "after") and moved["kl_to_dense"] == pytest.approx(expected["kl_to_dense"])
+    sample.main([f"--ckpt={ckpt}", f"--init={tmp_path / 'after'}", "--max_new_tokens=2", "--no_color"])

@@ -54,6 +54,11 @@ def rewrite_weights(folder, change):
 # Name or folder
 # ----------------------------------------------------------------------------------------------
 
+def test_config_json_that_is_not_an_object(model_dir):
+    (model_dir / "config.json").write_text("[1, 2]")
+    assert "config.json holds a JSON list, not an object of settings" in load_error(load, str(model_dir))
+
+
 def test_missing_folder(tmp_path):
     message = load_error(load, str(tmp_path / "no" / "such-model"))
     assert "does not exist" in message and "check the path" in message

@@ -5,8 +5,10 @@ with open gates), the routers' fit to the peek rule and the density controller, 
 DDP with two CPU processes (first-step loss = one process on the same global batch), and the
 errors a user can cause.
 """
+import errno
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 import load_weights
 import router
 import train
+from load_weights import NonFiniteError
 from conftest import tiny_model_folder
 from data.prepare import RandomWindows, consecutive_windows, spread_windows
 
@@ -189,15 +192,97 @@ def test_ctrl_c_then_resume_continues_exactly(folder, corpus, tmp_path, monkeypa
             raise KeyboardInterrupt
         return lr_at(it, cfg)
     monkeypatch.setattr(train, "lr_at", interrupt_at_2)
-    train.train(train.read_config(args(folder, corpus, tmp_path / "halves")))
+    with pytest.raises(KeyboardInterrupt):      # saved, then passed on: main() exits with 130
+        train.train(train.read_config(args(folder, corpus, tmp_path / "halves")))
     monkeypatch.setattr(train, "lr_at", lr_at)
-    assert json.loads((tmp_path / "halves" / "ckpt.json").read_text())["train_state"]["iter"] == 2
+    assert load_weights.read_checkpoint_meta(tmp_path / "halves")["train_state"]["iter"] == 2
     train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'halves'}"]))
     straight, halves = log_rows(tmp_path / "straight"), log_rows(tmp_path / "halves")
     assert [r["iter"] for r in halves] == [0, 1, 2, 3]
     for a, b in zip(straight, halves):
         for key in ("kl", "l1", "density"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["iter"], key)
+
+
+def test_an_error_after_a_step_saves_the_last_good_state_then_propagates(folder, corpus, tmp_path, monkeypatch):
+    lr_at = train.lr_at
+
+    def error_at_3(it, cfg):
+        if it == 3:
+            raise RuntimeError("something broke")
+        return lr_at(it, cfg)
+    monkeypatch.setattr(train, "lr_at", error_at_3)
+    with pytest.raises(RuntimeError, match="something broke"):
+        train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=6, eval_interval=10)))
+    assert load_weights.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 3
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'run'}"]))
+    assert [r["iter"] for r in log_rows(tmp_path / "run")] == list(range(6))
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity, whose gradient is NaN: a finite loss with a broken backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_nan_stops_the_run_before_the_weights_and_keeps_the_last_good_state(folder, corpus, tmp_path,
+                                                                              monkeypatch, poison):
+    losses, calls = train.distill_losses, []
+
+    def nan_in_iteration_2(model, x, ce_weight):
+        kl, ce, records = losses(model, x, ce_weight)
+        calls.append(x)
+        if len(calls) == 3:
+            kl = kl * math.nan if poison == "loss" else NanGradient.apply(kl)
+        return kl, ce, records
+    monkeypatch.setattr(train, "distill_losses", nan_in_iteration_2)
+    with pytest.raises(NonFiniteError, match=r"^iteration 2: .*nan.*the step was not applied; likely causes: "
+                                             r"damaged weights .* --dtype=float32"):
+        train.train(train.read_config(args(folder, corpus, tmp_path / "run", eval_interval=10)))
+    meta = load_weights.read_checkpoint_meta(tmp_path / "run")
+    assert meta["train_state"]["iter"] == 2 and [r["iter"] for r in log_rows(tmp_path / "run")] == [0, 1]
+    model, _, _ = load_weights.load_sparse(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in load_weights.trained_parameters(model).values())
+
+
+SIGNAL_AT_3 = """
+import os, signal, sys
+import train
+lr_at, sig = train.lr_at, getattr(signal, sys.argv[1])
+
+def signal_at_3(it, config):
+    if it == 3:
+        os.kill(os.getpid(), sig)
+    return lr_at(it, config)
+train.lr_at = signal_at_3
+sys.argv = ["train.py"] + sys.argv[2:]
+train.main()
+"""
+
+
+@pytest.mark.parametrize("sig, code, saved", [("SIGINT", 130, 3), ("SIGTERM", 143, 3), ("SIGKILL", -9, 2)])
+def test_a_signal_leaves_a_checkpoint_and_an_exit_code(folder, corpus, tmp_path, sig, code, saved):
+    """Ctrl-C and SIGTERM save the last step; a kill -9 loses at most save_interval steps."""
+    out = tmp_path / "run"
+    child = subprocess.run([sys.executable, "-c", SIGNAL_AT_3, sig, *args(folder, corpus, out, max_iters=6)],
+                           cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert child.returncode == code, child.stderr[-2000:]
+    assert load_weights.read_checkpoint_meta(out)["train_state"]["iter"] == saved
+    if sig == "SIGKILL":   # iteration 2 was logged after the last checkpoint: the resume does it again, once
+        with open(out / "log.jsonl", "a") as log:
+            log.write('{"iter": 3, "kl"')                            # and a kill can cut a line short
+        train.train(train.read_config(["--init=resume", f"--out_dir={out}"]))
+        train.train(train.read_config(args(folder, corpus, tmp_path / "straight", max_iters=6)))
+        for a, b in zip(log_rows(tmp_path / "straight"), log_rows(out), strict=True):   # as if never killed
+            assert a["iter"] == b["iter"] and a["kl"] == pytest.approx(b["kl"], rel=1e-6, abs=1e-9)
 
 
 def test_ddp_first_step_matches_one_process(folder, corpus, tmp_path):
@@ -225,13 +310,17 @@ def run_cli(*argv):
     ("missing data", dict(data="/nonexistent/file.txt"), "does not exist"),
     ("empty folder", dict(data="EMPTY"), "holds no .txt or .jsonl"),
     ("short text", dict(data="SHORT"), "fewer than one window"),
+    ("short held-out text", dict(val_data="SHORT"), "held-out text 'short' has 2 tokens, fewer than one window"),
+    ("binary data", dict(data="BINARY"), "binary.txt is not UTF-8 text (byte 1 is b'\\xff')"),
     ("seq_len over context", dict(seq_len=100000), "over the model's context"),
     ("unknown key", dict(learning_rate=1), "unknown option --learning_rate"),
 ])
 def test_bad_input_is_a_clear_error(folder, corpus, tmp_path, problem, over, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "short.txt").write_text("the cat")
-    over = {k: {"EMPTY": tmp_path / "empty", "SHORT": tmp_path / "short.txt"}.get(v, v) for k, v in over.items()}
+    (tmp_path / "binary.txt").write_bytes(b"\x00\xff\xfe\x00" * 64)
+    files = {"EMPTY": tmp_path / "empty", "SHORT": tmp_path / "short.txt", "BINARY": tmp_path / "binary.txt"}
+    over = {k: files.get(v, v) for k, v in over.items()}
     run = run_cli(*args(folder, corpus, tmp_path / "out", **over))
     assert run.returncode == 1
     assert run.stderr.startswith("error: ") and message in run.stderr, run.stderr
@@ -244,6 +333,32 @@ def test_resume_with_nothing_and_reuse_of_a_full_out_dir(folder, corpus, tmp_pat
     train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=1)))
     run = run_cli(*args(folder, corpus, tmp_path / "run"))
     assert run.returncode == 1 and "already holds a checkpoint" in run.stderr and "--init=resume" in run.stderr
+
+
+def test_resume_refuses_a_new_lora_rank_and_says_what_else_changed(folder, corpus, tmp_path, capsys):
+    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=1)))
+    resume = ["--init=resume", f"--out_dir={tmp_path / 'run'}"]
+    with pytest.raises(ValueError, match=r"--lora_rank=2 but the run in .* was trained with lora_rank=4: a resume "
+                                         r"cannot change what is trained; drop --lora_rank"):
+        train.read_config(resume + ["--lora_rank", "2"])
+    capsys.readouterr()
+    config = train.read_config(resume + ["--target_density=0.5", "--max_iters=3", "--lora_rank=4"])
+    assert config["target_density"] == (0.5,) and config["lora_rank"] == 4
+    assert capsys.readouterr().out.strip().endswith("changed settings: target_density [0.7] -> [0.5], max_iters 1 -> 3")
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(folder, corpus, tmp_path, monkeypatch):
+    saves = []
+
+    def second_save_fails(at):
+        saves.append(at)
+        if saves.count("folder made") == 2 and at == "optim written":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(load_weights, "save_step", second_save_fails)
+    with pytest.raises(load_weights.CheckpointError, match=r"could not save iteration 4 .*No space left on device\): "
+                                                           r"the previous checkpoint \(ckpt-000002-\S+\) is kept"):
+        train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=6)))
+    assert load_weights.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 2
 
 
 def test_checkpoint_from_a_different_base_is_refused(folder, corpus, tmp_path, tiny_hf, tmp_path_factory):

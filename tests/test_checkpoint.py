@@ -1,0 +1,245 @@
+"""A train.py checkpoint is a set: all old or all new, whatever stops a save, and never mixed.
+
+A tiny random model with routers and LoRA, one AdamW step taken, is saved as the "old" state;
+its trained tensors are then changed and saved again as the "new" one. The save is stopped at
+every point it announces (load_weights.save_step), as a kill -9 would stop it (an exception
+that nothing catches) and as a full disk would (OSError ENOSPC), once for real with SIGKILL
+in a child process; each time the checkpoint must load as exactly the old or the new state.
+"""
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import load_weights
+import lora
+import router
+from conftest import TINY
+from load_weights import CheckpointError, LoadError
+from model import Model, ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+POINTS = ["folder made", "trained written", "optim written", "json written", "parts on disk",
+          "pointer written", "pointer switched", "old sets removed"]
+SWITCH = POINTS.index("pointer switched")   # from here on, the new set is the checkpoint
+
+
+class Killed(BaseException):
+    """What a kill -9 leaves: the save stops, and no handler of the save's own runs."""
+
+
+def sparse_model(seed=0):
+    """A tiny model with routers and LoRA, and an AdamW that has taken one step."""
+    torch.manual_seed(seed)
+    model = Model(ModelConfig(**TINY)).eval().requires_grad_(False)
+    router.add_routers(model, "sublayer", "all")
+    lora.inject(model, ("wq", "wv"), rank=2, alpha=4.0)
+    params = list(load_weights.trained_parameters(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=0.1)
+    model(torch.randint(3, 64, (1, 6)), masked=True)[0].sum().backward()
+    opt.step()
+    return model, opt
+
+
+def save(out_dir, model, opt, it):
+    meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
+    load_weights.save_checkpoint(out_dir, model, opt, dict(iter=it, data_rng=torch.tensor([it])), meta)
+
+
+def change(model):
+    with torch.no_grad():
+        for p in load_weights.trained_parameters(model).values():
+            p.add_(1.0)
+
+
+def loaded(out_dir) -> tuple:
+    """(iteration, trained tensors) of out_dir's checkpoint, read the way resume reads it."""
+    model, opt = sparse_model(seed=1)
+    state = load_weights.load_checkpoint(out_dir, model, opt)
+    return state["iter"], {n: p.detach().clone() for n, p in load_weights.trained_parameters(model).items()}
+
+
+def snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in load_weights.trained_parameters(model).items()}
+
+
+def assert_state(out_dir, it, tensors):
+    got_it, got = loaded(out_dir)
+    assert got_it == it
+    for n in tensors:
+        assert torch.equal(got[n], tensors[n]), n
+
+
+@pytest.fixture
+def old_and_new(tmp_path):
+    """out_dir holding the old state (iteration 1); the model already changed to the new one (2)."""
+    model, opt = sparse_model()
+    save(tmp_path / "out", model, opt, 1)
+    old = snapshot(model)
+    change(model)
+    return tmp_path / "out", model, opt, old, snapshot(model)
+
+
+def test_a_save_announces_every_point_and_leaves_one_set(old_and_new, monkeypatch):
+    out_dir, model, opt, old, new = old_and_new
+    seen = []
+    monkeypatch.setattr(load_weights, "save_step", seen.append)
+    save(out_dir, model, opt, 2)
+    assert seen == POINTS
+    assert_state(out_dir, 2, new)
+    sets = sorted(p.name for p in out_dir.iterdir())
+    assert len(sets) == 2 and sets[0] == "LATEST" and sets[1].startswith("ckpt-000002-")
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_kill_at_any_point_of_a_save_leaves_the_old_or_the_new_state(old_and_new, monkeypatch, point):
+    out_dir, model, opt, old, new = old_and_new
+
+    def kill(at):
+        if at == point:
+            raise Killed
+    monkeypatch.setattr(load_weights, "save_step", kill)
+    with pytest.raises(Killed):
+        save(out_dir, model, opt, 2)
+    if POINTS.index(point) < SWITCH:
+        assert_state(out_dir, 1, old)
+    else:
+        assert_state(out_dir, 2, new)
+    monkeypatch.undo()
+    change(model)                                   # the next save cleans up what the kill left
+    save(out_dir, model, opt, 3)
+    assert_state(out_dir, 3, snapshot(model))
+    assert len(list(out_dir.glob("ckpt-*"))) == 1 and not (out_dir / "LATEST.tmp").exists()
+
+
+@pytest.mark.parametrize("point", POINTS[:SWITCH])
+def test_a_full_disk_keeps_the_old_state_and_says_so(old_and_new, monkeypatch, point):
+    out_dir, model, opt, old, new = old_and_new
+
+    def disk_full(at):
+        if at == point:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(load_weights, "save_step", disk_full)
+    with pytest.raises(CheckpointError) as info:
+        save(out_dir, model, opt, 2)
+    message = str(info.value)
+    assert "could not save iteration 2" in message and "No space left on device" in message
+    assert "previous checkpoint (ckpt-000001-" in message and "is kept" in message
+    assert_state(out_dir, 1, old)
+    assert len(list(out_dir.glob("ckpt-*"))) == 1                     # the partial set is gone
+
+
+def test_a_full_disk_in_the_middle_of_a_file(old_and_new, monkeypatch):
+    """save_file writes half of optim.safetensors, then the disk is full."""
+    out_dir, model, opt, old, new = old_and_new
+    real = load_weights.save_file
+
+    def half_then_full(tensors, path, metadata=None):
+        if Path(path).name == load_weights.CKPT_OPTIM:
+            real(tensors, path, metadata=metadata)
+            Path(path).write_bytes(Path(path).read_bytes()[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(load_weights, "save_file", half_then_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save(out_dir, model, opt, 2)
+    assert_state(out_dir, 1, old)
+
+
+def test_first_save_on_a_full_disk_says_nothing_was_written(tmp_path, monkeypatch):
+    model, opt = sparse_model()
+
+    def disk_full(at):
+        if at == "optim written":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(load_weights, "save_step", disk_full)
+    with pytest.raises(CheckpointError, match="no checkpoint was written"):
+        save(tmp_path / "out", model, opt, 1)
+    with pytest.raises(LoadError, match="no checkpoint in"):
+        loaded(tmp_path / "out")
+
+
+KILL_CHILD = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+import load_weights, test_checkpoint as t
+model, opt = t.sparse_model()
+t.change(model)
+load_weights.save_step = lambda at: at == "optim written" and os.kill(os.getpid(), signal.SIGKILL)
+t.save(sys.argv[1], model, opt, 2)
+"""
+
+
+def test_a_real_kill_9_in_the_middle_of_a_save(old_and_new):
+    out_dir, _, _, old, _ = old_and_new
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(out_dir)], cwd=REPO, capture_output=True)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    assert len(list(out_dir.glob("ckpt-*"))) == 2                     # the killed save's half set is there ...
+    assert_state(out_dir, 1, old)                                     # ... and ignored
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints, and the older layout
+# ----------------------------------------------------------------------------------------------
+
+def old_layout(out_dir, model, opt, it):
+    """A checkpoint as train.py wrote it before the sets: the three files directly in out_dir."""
+    out_dir.mkdir(parents=True)
+    meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
+    load_weights.write_parts(out_dir, model, opt, dict(iter=it, data_rng=torch.tensor([it])), meta)
+
+
+def test_the_older_layout_still_loads(tmp_path):
+    model, opt = sparse_model()
+    old_layout(tmp_path / "old", model, opt, 5)
+    assert_state(tmp_path / "old", 5, snapshot(model))
+
+
+def test_parts_from_different_saves_are_refused(tmp_path):
+    """The older layout's failure: trained.safetensors of iteration 3 beside the rest of iteration 2."""
+    model, opt = sparse_model()
+    old_layout(tmp_path / "old", model, opt, 2)
+    change(model)
+    save_file(snapshot(model), str(tmp_path / "old" / load_weights.CKPT_TENSORS), metadata={"iter": "3"})
+    with pytest.raises(LoadError, match=r"trained.safetensors holds iteration 3 but .*ckpt.json iteration 2: "
+                                        r"the parts come from different saves"):
+        loaded(tmp_path / "old")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "ckpt.json").write_text('{"base": "x",\n'), "ckpt.json is not valid JSON"),
+    (lambda d: (d / "ckpt.json").write_text('[1, 2]'), "ckpt.json is not a train.py checkpoint"),
+    (lambda d: (d / "trained.safetensors").write_bytes((d / "trained.safetensors").read_bytes()[:200]),
+     "trained.safetensors is missing, corrupt or truncated"),
+    (lambda d: (d / "optim.safetensors").unlink(), "optim.safetensors is missing, corrupt or truncated"),
+])
+def test_a_damaged_checkpoint_is_named(old_and_new, damage, message):
+    out_dir = old_and_new[0]
+    damage(load_weights.checkpoint_folder(out_dir))
+    with pytest.raises(LoadError, match=message) as info:
+        loaded(out_dir)
+    assert "restore" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_pointer_to_a_missing_set_is_named(old_and_new):
+    out_dir = old_and_new[0]
+    (out_dir / "LATEST").write_text("ckpt-000009-gone\n")
+    with pytest.raises(LoadError, match="LATEST names ckpt-000009-gone, which is missing"):
+        loaded(out_dir)
+
+
+def test_resume_with_another_lora_rank_is_a_clear_error(old_and_new):
+    out_dir = old_and_new[0]
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**TINY)).eval().requires_grad_(False)
+    router.add_routers(model, "sublayer", "all")
+    lora.inject(model, ("wq", "wv"), rank=3, alpha=4.0)
+    with pytest.raises(LoadError, match=r"has shape \(2, 32\), the model expects \(3, 32\)"):
+        load_weights.load_trained(model, out_dir)
