@@ -156,7 +156,7 @@ def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_named(script, 
     (["--seq_len=1"], "--seq_len=1 is out of range: it must be >= 2"),
     (["--batch_size", "0"], "--batch_size=0 is out of range"),
     (["--eval_interval=0"], "--eval_interval=0 is out of range"),
-    (["--lr=nan"], "--lr=nan is out of range: it must be > 0"),
+    (["--lr=nan"], "--lr=nan is out of range: it must be >= 0"),
 ])
 def test_train_refuses_bad_numbers_before_loading_anything(argv, message, tmp_path):
     import train
