@@ -1,0 +1,59 @@
+"""Export round trip on SmolLM2-135M-Instruct (float32): train 2 steps, export, compare.
+
+    python -m pytest -m real -s tests/test_real_export.py
+
+The exported folder, loaded with no base model beside it, must give eval.py's perplexity of the
+checkpoint to 1e-4 relative (same windows, same gates) and sample.py's greedy tokens.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import eval as eval_cli
+import export
+import sample
+import train
+
+pytestmark = pytest.mark.real
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", REPO / "checkpoints"))
+BASE = CHECKPOINTS / "smollm2-135m-instruct-f32"
+TEXT = REPO / "data" / "heldout" / "python_docs.txt"
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_export_round_trip_smollm2(tmp_path, capsys):
+    if not (BASE / "config.json").is_file():
+        pytest.fail(f"{BASE} not found: build it with `bash ../shared/tools/make_real_checkpoints.sh checkpoints`")
+    ckpt, folder = tmp_path / "out", tmp_path / "sparse-model"
+    # two steps that move the gates: routers start just open, and their first step is large
+    train.train(train.read_config([f"--init={BASE}", f"--out_dir={ckpt}", "--max_iters=2", "--batch_size=1",
+                                   "--seq_len=64", "--val_data=", "--calibrate=False", "--warmup_iters=1",
+                                   "--router_bias=0.3", "--router_lr=0.1"]))
+    export.main([f"--ckpt={ckpt}", f"--out={folder}", f"--text={TEXT}", "--seq_len=256", "--max_chunks=2"])
+    capsys.readouterr()
+    common = [f"--text={TEXT}", "--seq_len=256", "--max_chunks=2", "--json"]
+    eval_cli.main([f"--ckpt={ckpt}", *common])
+    from_ckpt = last_json(capsys)
+    eval_cli.main([f"--init={folder}", *common])
+    from_folder = last_json(capsys)
+    rel = abs(from_folder["perplexity"] / from_ckpt["perplexity"] - 1)
+    outputs = []
+    for source in (f"--ckpt={ckpt}", f"--init={folder}"):
+        sample.main([source, "--prompt=The for statement", "--temperature=0", "--max_new_tokens=24", "--no_color"])
+        outputs.append(capsys.readouterr().out.splitlines()[0])
+    with capsys.disabled():
+        print(f"\nexport round trip: perplexity {from_ckpt['perplexity']:.6f} (--ckpt) vs "
+              f"{from_folder['perplexity']:.6f} (exported), relative difference {rel:.1e}; dense "
+              f"{from_ckpt['dense_perplexity']:.4f}; compute ratio {from_folder['compute_ratio']:.3f}; "
+              f"greedy: {outputs[1]!r}")
+    assert 0.05 < from_folder["density"] < 0.95                           # the routers decide something
+    assert rel < 1e-4
+    assert from_folder["compute_ratio"] == pytest.approx(from_ckpt["compute_ratio"], abs=1e-9)
+    assert outputs[0] == outputs[1]
