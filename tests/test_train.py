@@ -1,9 +1,9 @@
 """tests/test_train.py — the conversion run of train.py on a tiny model folder.
 
 Checks the losses (chunked KL and CE against the direct formulas, value and gradient; KL = 0
-with open gates), the routers' fit to the peek rule and the density controller, resume (N straight = N/2 + resume + N/2, same losses),
-DDP with two CPU processes (first-step loss = one process on the same global batch), and the
-errors a user can cause.
+with open gates), the routers' fit to the peek rule and the density controller, resume (N
+straight = N/2 + resume + N/2, same losses), DDP with two CPU processes (losses and trained
+weights = one process on the same global batches), and the errors a user can cause.
 """
 import errno
 import json
@@ -237,8 +237,8 @@ def test_a_nan_stops_the_run_before_the_weights_and_keeps_the_last_good_state(fo
                                                                               monkeypatch, poison):
     losses, calls = train.distill_losses, []
 
-    def nan_in_iteration_2(model, x, ce_weight):
-        kl, ce, records = losses(model, x, ce_weight)
+    def nan_in_iteration_2(model, x, ce_weight, student=None):
+        kl, ce, records = losses(model, x, ce_weight, student)
         calls.append(x)
         if len(calls) == 3:
             kl = kl * math.nan if poison == "loss" else NanGradient.apply(kl)
@@ -285,8 +285,10 @@ def test_a_signal_leaves_a_checkpoint_and_an_exit_code(folder, corpus, tmp_path,
             assert a["iter"] == b["iter"] and a["kl"] == pytest.approx(b["kl"], rel=1e-6, abs=1e-9)
 
 
-def test_ddp_first_step_matches_one_process(folder, corpus, tmp_path):
-    common = args(folder, corpus, tmp_path / "x", max_iters=1, val_data="", ce=0.5)
+def test_ddp_matches_one_process(folder, corpus, tmp_path):
+    """Two gloo processes of batch 2 (DDP) = one process of batch 4 on the same global batches,
+    step after step: the later steps' losses depend on the averaged gradients of the earlier."""
+    common = args(folder, corpus, tmp_path / "x", max_iters=3, val_data="", ce=0.5, grad_accum=2, router_lr=0.1)
     one = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'one'}" for a in common]
     one = [a if not a.startswith("--batch_size") else "--batch_size=4" for a in one]
     two = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'two'}" for a in common]
@@ -294,10 +296,16 @@ def test_ddp_first_step_matches_one_process(folder, corpus, tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", *two], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    a, b = log_rows(tmp_path / "one")[0], log_rows(tmp_path / "two")[0]
-    assert a["kl"] > 0   # the fitted gates start partly closed, so there is a loss
-    for key in ("kl", "ce", "l1", "density"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    ones, twos = log_rows(tmp_path / "one"), log_rows(tmp_path / "two")
+    assert len(ones) == len(twos) == 3
+    assert ones[0]["kl"] > 0   # the fitted gates start partly closed, so there is a loss
+    for a, b in zip(ones, twos):
+        for key in ("kl", "ce", "l1", "density"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["iter"], key)
+    trained = [load_weights.load_sparse(tmp_path / name)[0] for name in ("one", "two")]
+    for (n, p), q in zip(load_weights.trained_parameters(trained[0]).items(),
+                         load_weights.trained_parameters(trained[1]).values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
 
 
 # --- errors a user can cause ----------------------------------------------------------------------
