@@ -3,7 +3,8 @@
 Checks the losses (chunked KL and CE against the direct formulas, value and gradient; KL = 0
 with open gates), the routers' fit to the peek rule and the density controller, resume (N
 straight = N/2 + resume + N/2, same losses), DDP with two CPU processes (losses and trained
-weights = one process on the same global batches), and the errors a user can cause.
+weights = one process on the same global batches), bfloat16 (finite losses near float32's),
+and the errors a user can cause.
 """
 import errno
 import json
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import load_weights
 import router
@@ -306,6 +308,33 @@ def test_ddp_matches_one_process(folder, corpus, tmp_path):
     for (n, p), q in zip(load_weights.trained_parameters(trained[0]).items(),
                          load_weights.trained_parameters(trained[1]).values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bfloat16_trains_with_float32_routers_lora_and_kl(folder, corpus, tmp_path):
+    """--dtype=bfloat16: the frozen weights and activations in bf16, what trains in float32;
+    the losses are finite and close to the float32 run's on the same batches."""
+    cfg = train.read_config(args(folder, corpus, tmp_path / "unused", dtype="bfloat16"))
+    model, _, _ = train.build(cfg)
+    assert model.tok_emb.weight.dtype == model.layers[0].mlp.up.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in load_weights.trained_parameters(model).values()} == {torch.float32}
+    x = torch.randint(3, 64, (2, 12))
+    kl, ce, records = train.distill_losses(model, x, ce_weight=1.0)
+    assert kl.dtype == ce.dtype == records[0].z.dtype == torch.float32
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        train.train(train.read_config(args(folder, corpus, tmp_path / dtype, dtype=dtype, val_data="")))
+        runs[dtype] = log_rows(tmp_path / dtype)
+    assert len(runs["bfloat16"]) == 4
+    for a, b in zip(runs["float32"], runs["bfloat16"]):
+        for key in ("kl", "l1", "density"):
+            assert math.isfinite(b[key]), (b["iter"], key)
+        # 128 gate slots per step: bf16 rounding (in the routers' fit too) flips a few of those whose
+        # logit is near 0, and the KL moves with every flipped gate
+        assert b["density"] == pytest.approx(a["density"], abs=0.05), b["iter"]
+        assert b["kl"] == pytest.approx(a["kl"], rel=0.1) and b["l1"] == pytest.approx(a["l1"], rel=0.05)
+    assert runs["bfloat16"][0]["kl"] > 0.01                               # fitted gates partly closed: a real loss
+    tensors = load_file(str(load_weights.checkpoint_folder(tmp_path / "bfloat16") / load_weights.CKPT_TENSORS))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
 # --- errors a user can cause ----------------------------------------------------------------------

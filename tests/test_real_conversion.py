@@ -1,11 +1,14 @@
-"""Export round trip on SmolLM2-135M-Instruct (float32): train 2 steps, export, compare.
+"""Conversion on SmolLM2-135M-Instruct: export round trip (float32) and a bfloat16 run.
 
-    python -m pytest -m real -s tests/test_real_export.py
+    python -m pytest -m real -s tests/test_real_conversion.py
 
-The exported folder, loaded with no base model beside it, must give eval.py's perplexity of the
-checkpoint to 1e-4 relative (same windows, same gates) and sample.py's greedy tokens.
+Export: train 2 steps, export; the folder, loaded with no base model beside it, must give
+eval.py's perplexity of the checkpoint to 1e-4 relative (same windows, same gates) and
+sample.py's greedy tokens. bfloat16: train 2 steps of the bf16 checkpoint with --dtype=bfloat16;
+the losses are finite and the checkpoint evaluates.
 """
 import json
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.real
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", REPO / "checkpoints"))
 BASE = CHECKPOINTS / "smollm2-135m-instruct-f32"
+BASE_BF16 = CHECKPOINTS / "smollm2-135m-instruct"
 TEXT = REPO / "data" / "heldout" / "python_docs.txt"
 
 
@@ -28,9 +32,13 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def need(folder):
+    if not (folder / "config.json").is_file():
+        pytest.fail(f"{folder} not found: build it with `bash ../shared/tools/make_real_checkpoints.sh checkpoints`")
+
+
 def test_export_round_trip_smollm2(tmp_path, capsys):
-    if not (BASE / "config.json").is_file():
-        pytest.fail(f"{BASE} not found: build it with `bash ../shared/tools/make_real_checkpoints.sh checkpoints`")
+    need(BASE)
     ckpt, folder = tmp_path / "out", tmp_path / "sparse-model"
     # two steps that move the gates: routers start just open, and their first step is large
     train.train(train.read_config([f"--init={BASE}", f"--out_dir={ckpt}", "--max_iters=2", "--batch_size=1",
@@ -57,3 +65,21 @@ def test_export_round_trip_smollm2(tmp_path, capsys):
     assert rel < 1e-4
     assert from_folder["compute_ratio"] == pytest.approx(from_ckpt["compute_ratio"], abs=1e-9)
     assert outputs[0] == outputs[1]
+
+
+def test_bfloat16_conversion_smoke_smollm2(tmp_path, capsys):
+    need(BASE_BF16)
+    out = tmp_path / "out"
+    train.train(train.read_config([f"--init={BASE_BF16}", f"--out_dir={out}", "--dtype=bfloat16", "--max_iters=2",
+                                   "--batch_size=1", "--seq_len=64", "--val_data=", "--calibrate=False",
+                                   "--warmup_iters=1", "--router_lr=0.1"]))
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    eval_cli.main([f"--ckpt={out}", f"--text={TEXT}", "--seq_len=128", "--max_chunks=1", "--dtype=bfloat16", "--json"])
+    res = last_json(capsys)
+    with capsys.disabled():
+        print(f"\nbfloat16: kl {[round(r['kl'], 4) for r in rows]}, density {[round(r['density'], 3) for r in rows]}; "
+              f"held-out perplexity {res['perplexity']:.3f} (dense {res['dense_perplexity']:.3f}), "
+              f"compute ratio {res['compute_ratio']:.3f}")
+    assert len(rows) == 2 and rows[0]["kl"] == 0.0                        # gates open at step 0: the dense model
+    assert all(math.isfinite(r[k]) for r in rows for k in ("kl", "l1", "density"))
+    assert math.isfinite(res["perplexity"]) and res["dense_perplexity"] < 30
