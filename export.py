@@ -99,8 +99,7 @@ def weight_entries(model, base: Path, dtype: str) -> list:
         def fetch(key=key, handle=handle, out=out):
             t = ours[by_key[key]] if key in by_key else handle.get_tensor(key)
             return t.to(out).contiguous()
-        numel = torch.Size(stored.get_shape()).numel()
-        entries.append((key, numel * torch.empty((), dtype=out).element_size(), fetch))
+        entries.append((key, torch.Size(stored.get_shape()).numel() * out.itemsize, fetch))
     return entries
 
 
@@ -128,7 +127,6 @@ def write_weights(entries, folder: Path, max_bytes: int):
     if len(groups) > 1:
         index = dict(metadata=dict(total_size=sum(e[1] for e in entries)), weight_map=weight_map)
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,10 +156,9 @@ def card(name: str, section: dict) -> str:
     lora_ = section["lora_merged"]
     return f"""# {name}
 
-A dynamically sparse version of `{section['base']}`, converted with
-nanoskip: before every attention and MLP sublayer a router decides,
-per token, whether to compute it. Routers on `{section['route']}`, kv mode `{section['kv']}`;
-rank-{lora_['rank']} LoRA on {', '.join(lora_['targets']) or 'nothing'} merged into the weights.
+A dynamically sparse version of `{section['base']}`, converted with nanoskip: before every
+attention and MLP sublayer a router decides, per token, whether to compute it. Routers on
+`{section['route']}`, kv mode `{section['kv']}`; rank-{lora_['rank']} LoRA on {', '.join(lora_['targets']) or 'nothing'} merged into the weights.
 
 | measured at export | value |
 |---|---|
@@ -224,8 +221,8 @@ def export(config) -> dict:
     meta = load_weights.read_checkpoint_meta(config["ckpt"])
     base = load_weights.resolve(meta["base"])
     if json.loads((base / "config.json").read_text()).get("model_type") == "gemma3":
-        raise ValueError(f"{base} is a multimodal Gemma 3: export writes a text-only model, whose config.json "
-                         "would not be the base's; export from the text model's folder")
+        raise ValueError(f"{base} is a multimodal Gemma 3, and export writes text-only models: its "
+                         "config.json and vision weights would not fit the exported folder")
     model, tok, meta = load_weights.load_sparse(config["ckpt"], "float32")   # merge in float32
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)

@@ -163,6 +163,17 @@ def test_sharded_export_loads_the_same(exported, text_file, tmp_path):
                                rtol=0, atol=0)
 
 
+def test_dtype_override(exported, text_file, tmp_path):
+    ckpt, folder = exported
+    out = tmp_path / "bf16"
+    export.main([f"--ckpt={ckpt}", f"--out={out}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--dtype=bfloat16"])
+    with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(folder / "model.safetensors"), "pt") as b:
+        assert {a.get_slice(k).get_dtype() for k in a.keys()} == {"BF16"}
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k).bfloat16()), k   # the float32 export, rounded
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_plan_shards_keeps_order_and_limit():
     entries = [(name, size, None) for name, size in zip("abcdef", (4, 4, 3, 12, 1, 8))]
     groups = export.plan_shards(entries, 10)
