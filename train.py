@@ -88,7 +88,7 @@ DEFAULTS = dict(
     save_interval=0,               # iterations between checkpoints; 0 = every eval_interval
     eval_batches=2,
     seed=1337,
-    dtype="float32",
+    dtype="float32",               # or bfloat16: frozen weights and activations (routers, LoRA, KL stay float32)
     device="cpu",
     grad_checkpoint=False,
 )
