@@ -431,7 +431,7 @@ def data_parallel(model, world: int):
     Only routers and LoRA require gradients, so only they are reduced; every one of them is
     used by every student pass (all routers run on the masked path), so no search for unused
     parameters. No initial broadcast either: every rank built the same model from the same
-    files and seed (and a resume reads the same checkpoint).
+    files and seed, and fits its routers on the same windows (a resume reads the same checkpoint).
     """
     return model if world == 1 else DistributedDataParallel(model, init_sync=False)
 
