@@ -4,6 +4,7 @@
     python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --repeat=1 --densities=0.5 --kv=all \\
         --prefill=1x256 --prompt_len=128 --new_tokens=16                        # a quick look
     python bench.py --ckpt=out/smol         # its base model, plus the learned gates of this train.py checkpoint
+    python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
     python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --vs_hf      # ours vs transformers
 
 Both paths run in the same process on the same weights: the dense path is
@@ -295,6 +296,7 @@ def main(argv):
         base = load_weights.read_checkpoint_meta(config["ckpt"])["base"]
     model, tok = load_weights.load(base, config["dtype"])
     model.requires_grad_(False).eval()
+    exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
     check_context(model, config)
     need = max([b * t for b, t in map(parse_shape, config["prefill"])]
                + [config["decode_batch"] * config["prompt_len"], config["hf_seq_len"], config["hf_prompt_len"]])
@@ -315,6 +317,10 @@ def main(argv):
             model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], base=base)
             lora.merge(model)                        # W += scale * B A: adapters cost nothing
             print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
+            rows += bench_gates(model, config, "learned", ids)
+        elif exported:                               # the random gates replaced its routers: reload
+            model, tok = load_weights.load(base, config["dtype"])
+            print(f"learned gates of {base} (exported, LoRA merged)")
             rows += bench_gates(model, config, "learned", ids)
     if config["json"]:
         print(json.dumps(rows))

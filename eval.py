@@ -4,6 +4,7 @@
     python eval.py --ckpt=out/smol --text=val.txt --json --plot=density.svg
     python eval.py --ckpt=out/smol --text=val.txt --gates=random   # baseline: same densities, random tokens
     python eval.py --init=checkpoints/smollm2-135m-instruct-f32 --tasks=../shared/data/benchmarks/bigbench --limit=100
+    python eval.py --init=sparse-model/ --text=val.txt             # a folder export.py wrote
 
 One convention, so numbers compare across the repository's tools:
 - tokenize the whole text without special tokens and cut it into consecutive windows of
@@ -31,6 +32,8 @@ counts as computed) per layer, per kind and overall, the compute ratio of the FL
            --target_compute (+-0.005). It computes f(x) to decide, so it saves nothing: it
            shows how good per-token decisions can be before any training. Without --ckpt it
            attaches routers to every sublayer of the --init model.
+A folder written by export.py (--init) is the sparse model with no base beside it: its
+perplexity, density and compute ratio, nothing compared with a dense model.
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
 the compacted one; both must give the same numbers.
 
@@ -641,10 +644,17 @@ def main(argv):
                windows=len(chunks), bos=tok.adds_bos)
     print(f"{name}: {len(chunks)} windows of {config['seq_len']} tokens{' + BOS' if tok.adds_bos else ''}")
     if not config["ckpt"] and config["gates"] != "peek":
-        sums, _ = evaluate(model, chunks, config["batch_size"])
+        sums, stats = evaluate(model, chunks, config["batch_size"])
         n = sums["tokens"]
         out.update(perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n), seconds=sums["model_s"])
         print(f"perplexity {out['perplexity']:.4f} over {out['tokens']} scored tokens")
+        if router.routers(model):   # an exported sparse folder: its routers decided
+            L = model.cfg.n_layers
+            out.update(route=model.cfg.route, kv=model.cfg.kv, density=stats.mean(n_layers=L),
+                       density_attn=stats.mean("attn", n_layers=L), density_mlp=stats.mean("mlp", n_layers=L),
+                       compute_ratio=compute_ratio(model.cfg, config["seq_len"], stats.density()))
+            print(f"density {out['density']:.3f} (attn {out['density_attn']:.3f}, mlp {out['density_mlp']:.3f}), "
+                  f"compute ratio {out['compute_ratio']:.3f}")
     else:
         path = "masked" if config["gates"] == "peek" else config["path"]         # peek decides from f(x)
         out.update(path=path, gates=config["gates"], route=model.cfg.route, kv=model.cfg.kv)

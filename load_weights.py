@@ -15,6 +15,8 @@ Everything this project knows about Hugging Face's formats is here: HF_NAMES map
 tensor names onto ours (weights keep their names on disk), and HF_FAMILIES says what each
 config.json `model_type` means for ModelConfig (`config_from_hf`, transformers 4 and 5 formats).
 
+A folder written by export.py (LoRA merged into the weights, config.json with a "nanoskip"
+section, routers in their own file) loads through `load` like any model, as the sparse model.
 The last section writes and reads train.py's sparse checkpoints (only the routers and LoRA,
 plus ckpt.json), each save all-or-nothing: save_checkpoint / load_checkpoint to resume
 training, load_sparse to use one.
@@ -341,33 +343,43 @@ def open_files(files):
     return where
 
 
-def load_state(model: Model, files, dtype) -> dict:
-    """Read every tensor the model expects, checking presence and shape."""
-    where = open_files(files)
+def hf_keys(names, cfg: ModelConfig, where: dict, folder: Path) -> dict:
+    """{our name: the HF tensor name it has in the files} for our base-model names (no routers,
+    no LoRA), checking that each one is there. where: open_files' name -> handle."""
     emb = next((k for k in where if k.endswith("embed_tokens.weight")), None)
     if emb is None:
-        raise LoadError(f"{files[0].parent} has no embed_tokens.weight: not a Gemma/LLaMA checkpoint")
+        raise LoadError(f"{folder} has no embed_tokens.weight: not a Gemma/LLaMA checkpoint")
     prefix = emb[: -len("embed_tokens.weight")]            # "model.", "model.language_model.", ...
-    table = hf_name_table(model.cfg)
-    state = {}
-    for name, param in model.state_dict().items():
+    table = hf_name_table(cfg)
+    keys = {}
+    for name in names:
         if name == "lm_head.weight":
             candidates = ["lm_head.weight", prefix.replace("model.", "", 1) + "lm_head.weight"]
             key = next((c for c in candidates if c in where), None)
             if key is None:
-                raise LoadError(f"{files[0].parent} has no lm_head.weight but config.json says the head is "
+                raise LoadError(f"{folder} has no lm_head.weight but config.json says the head is "
                                 "not tied (tie_word_embeddings: false): the download is incomplete")
         else:
             key = prefix + hf_name(name, table)
         if key not in where:
-            raise LoadError(f"tensor {key} is missing from {files[0].parent}: the checkpoint is incomplete "
+            raise LoadError(f"tensor {key} is missing from {folder}: the checkpoint is incomplete "
                             "or does not match its config.json; download it again")
+        keys[name] = key
+    return keys
+
+
+def load_state(model: Model, files, dtype) -> dict:
+    """Read every tensor the model expects, checking presence and shape."""
+    where = open_files(files)
+    params = model.state_dict()
+    state = {}
+    for name, key in hf_keys(params, model.cfg, where, files[0].parent).items():
         try:
             t = where[key].get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise LoadError(f"cannot read tensor {key} ({e}): the file is corrupt; download it again") from None
-        if tuple(t.shape) != tuple(param.shape):
-            raise LoadError(f"tensor {key} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise LoadError(f"tensor {key} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)} "
                             "from config.json: the weights and the config do not belong together")
         state[name] = t.to(dtype)
     return state
@@ -408,12 +420,39 @@ class TextTokenizer:
 
 
 def load(name_or_dir: str, dtype="float32", device="cpu"):
-    """(model, tokenizer) for a preset name or a folder."""
+    """(model, tokenizer) for a preset name or a folder; a folder written by export.py gives
+    the sparse model (its routers attached and on)."""
     if dtype not in DTYPES:
         raise LoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     folder = resolve(name_or_dir)
     model = load_model(folder, DTYPES[dtype], device)
+    sparse = json.loads((folder / "config.json").read_text()).get(SPARSE_SECTION)
+    if sparse is not None:
+        attach_routers(model, folder, sparse)
     return model, TextTokenizer(folder / "tokenizer.json", model.cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# An exported sparse model (export.py): a Hugging Face folder plus routers
+# ----------------------------------------------------------------------------------------------
+
+SPARSE_SECTION = "nanoskip"   # config.json key export.py adds: route, kv, router_file, measured numbers
+
+
+def attach_routers(model, folder: Path, sparse: dict):
+    """Add the routers an exported folder's config.json names, with their trained weights (float32)."""
+    router.add_routers(model, sparse["route"], sparse["kv"], sinks=sparse["sinks"])
+    path = folder / sparse["router_file"]
+    if not path.is_file():
+        raise LoadError(f"{path} not found: config.json's {SPARSE_SECTION} section names it; "
+                        "copy the whole folder export.py wrote")
+    tensors = read_part(folder, sparse["router_file"], None, model.tok_emb.weight.device)
+    expected = router.named_parameters(model)
+    if set(tensors) != set(expected):
+        raise LoadError(f"{path} holds routers {sorted(set(tensors) ^ set(expected))[:3]}... that do not match "
+                        f"route={sparse['route']!r} on {model.cfg.n_layers} layers: export the model again")
+    model.load_state_dict(tensors, strict=False)
+    model.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,13 +3,15 @@
     python sample.py --init=smollm2-135m-instruct --prompt="The capital of France is"
     python sample.py --init=checkpoints/gemma3-270m-f32 --temperature=0 --max_new_tokens=40
     python sample.py --ckpt=out/smol --prompt="def fib(n):"     # a train.py checkpoint, sparse
+    python sample.py --init=sparse-model/ --prompt="def fib(n):" # a folder export.py wrote, sparse
 
 Decoding prefills the prompt into a KV cache sized for the whole generation, then feeds one
 token at a time and asks for the logits of the last position only. It stops after
 max_new_tokens, or once every sequence has produced an end-of-sequence token.
 
 With --ckpt the sparse model (its base model is the one named in the checkpoint, or --init when
-given: where that base is now, checked against the checkpoint's record of it) decodes
+given: where that base is now, checked against the checkpoint's record of it), or with --init
+alone a sparse folder written by export.py (LoRA already merged, routers attached), decodes
 through the compacted path, where skipped sublayers are not computed at all, and the output
 shows where the compute went:
 - each generated token is coloured by the share of routed sublayers that ran in the step that
@@ -220,12 +222,13 @@ def main(argv):
         lora.merge(model)    # W += scale * B A: at inference the adapters cost nothing
     else:
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
+    sparse = bool(router.routers(model))     # a checkpoint, or a folder export.py wrote
     idx = torch.tensor([tok.encode(config["prompt"])], dtype=torch.long, device=config["device"])   # (1, T)
     stats = router.GateStats()
     for i in range(config["num_samples"]):
         if i:
             print("-" * 40)
-        if config["ckpt"]:
+        if sparse:
             sample_sparse(model, tok, idx, config, generator, stats)
             continue
         t0 = now(config["device"])
@@ -235,7 +238,7 @@ def main(argv):
         n = out.shape[1] - idx.shape[1]
         print(config["prompt"] + "".join(pieces(tok, idx[0].tolist(), out[0, idx.shape[1]:].tolist())))
         print(f"--- {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s")
-    if config["ckpt"] and stats.slots:
+    if sparse and stats.slots:
         print_summary(model, stats, idx.shape[1] + config["max_new_tokens"])
 
 

@@ -2,7 +2,7 @@
 
     python train.py --init=checkpoints/smollm2-135m-instruct-f32     # the README recipe
     python train.py --init=resume --out_dir=out                       # continue a run
-    torchrun --standalone --nproc_per_node=2 train.py --init=...      # data parallel (gloo on CPU)
+    torchrun --standalone --nproc_per_node=2 train.py --init=...      # data parallel (DDP; gloo on CPU)
 
 Every default is in the block below and can be overridden as --key=value or --key value; RANGES
 below it holds the valid values of every numeric flag.
@@ -33,12 +33,14 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import lora
@@ -86,7 +88,7 @@ DEFAULTS = dict(
     save_interval=0,               # iterations between checkpoints; 0 = every eval_interval
     eval_batches=2,
     seed=1337,
-    dtype="float32",
+    dtype="float32",               # or bfloat16: frozen weights and activations (routers, LoRA, KL stay float32)
     device="cpu",
     grad_checkpoint=False,
 )
@@ -160,11 +162,16 @@ class DistillLoss(torch.autograd.Function):
         return grad.to(fctx.h_dtype), None, None, None, None
 
 
-def distill_losses(model, x, ce_weight: float):
-    """Mean KL and CE per token, the L1 loss, and the gate records for a (B, T) batch x."""
+def distill_losses(model, x, ce_weight: float, student=None):
+    """Mean KL and CE per token, the L1 loss, and the gate records for a (B, T) batch x.
+
+    student: what runs the student pass, model itself or its DDP wrapper (whose forward readies
+    the gradient all-reduce of backward). The teacher pass has no backward: it runs on the bare
+    model, around the wrapper.
+    """
     with torch.no_grad(), lora.disabled(model):
         h_t, _ = model(x, routers_off=True, return_hidden=True)           # (B, T, d) teacher
-    h_s, records = model(x, masked=True, return_hidden=True)          # (B, T, d) student
+    h_s, records = (student or model)(x, masked=True, return_hidden=True)  # (B, T, d) student
     B, T, d = h_s.shape
     targets = x[:, 1:].reshape(-1) if ce_weight > 0 else None
     # CE needs a next token: with ce > 0 both losses cover the positions that have one (all but
@@ -399,9 +406,12 @@ def make_optimizer(model, config):
 
 
 def setup_distributed(config):
-    """(rank, world size); a torchrun launch starts gloo (CPU) or NCCL (GPU)."""
+    """(rank, world size); a torchrun launch starts gloo (CPU) or NCCL (GPU, one per process)."""
     if "RANK" not in os.environ:
         return 0, 1
+    if config["device"].startswith("cuda"):
+        config["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(config["device"])
     dist.init_process_group("nccl" if config["device"].startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -413,11 +423,24 @@ def all_reduce_mean(values: list, world: int) -> list:
     dist.all_reduce(t)
     return (t / world).tolist()
 
+
+def data_parallel(model, world: int):
+    """The student pass's module: model itself, or over several processes its DDP wrapper,
+    which averages the trained gradients across processes during backward.
+
+    Only routers and LoRA require gradients, so only they are reduced; every one of them is
+    used by every student pass (all routers run on the masked path), so no search for unused
+    parameters. No initial broadcast either: every rank built the same model from the same
+    files and seed, and fits its routers on the same windows (a resume reads the same checkpoint).
+    """
+    return model if world == 1 else DistributedDataParallel(model, init_sync=False)
+
 @dataclass
 class Run:
     """What one training run holds between steps."""
     config: dict
     model: torch.nn.Module
+    student: torch.nn.Module      # runs the student pass: model, or its DDP wrapper (data_parallel)
     data: RandomWindows
     val: Optional[torch.Tensor]   # (N, L) fixed held-out windows, or None: no periodic eval
     opt: torch.optim.Optimizer
@@ -448,7 +471,8 @@ def setup(config: dict) -> Run:
     meta = dict(base=config["base"], model_config=model.cfg.to_dict(),
                 lora=dict(rank=config["lora_rank"], alpha=config["lora_alpha"], targets=lora_targets(config)),
                 train_config={k: v for k, v in config.items() if k != "base"})
-    return Run(config, model, data, val, make_optimizer(model, config), ctrl, savings, weights, meta,
+    return Run(config, model, data_parallel(model, world), data, val, make_optimizer(model, config), ctrl,
+               savings, weights, meta,
                rank, world, Path(config["out_dir"]))
 
 
@@ -478,23 +502,22 @@ def train_step(run: Run, it: int) -> dict:
         g["lr"] = g["base_lr"] * scale
     B, accum = config["batch_size"], config["grad_accum"]
     sums = dict(kl=0.0, ce=0.0, l1=0.0, density=0.0)
-    for _ in range(accum):
+    for i in range(accum):
         x = run.data.batch(B * run.world)[run.rank * B:(run.rank + 1) * B]   # this rank's share
-        kl, ce, records = distill_losses(model, x.to(config["device"]), config["ce"])
-        l1 = router.l1_loss(records, run.weights)
-        loss = kl + config["ce"] * ce + config["l1"] * l1
-        (loss / accum).backward()
+        # DDP: all-reduce the gradients once, in the last micro-batch's backward
+        last = i == accum - 1 or run.world == 1
+        with nullcontext() if last else run.student.no_sync():
+            kl, ce, records = distill_losses(model, x.to(config["device"]), config["ce"], run.student)
+            l1 = router.l1_loss(records, run.weights)
+            loss = kl + config["ce"] * ce + config["l1"] * l1
+            (loss / accum).backward()
         density = router.GateStats(records).mean(weights=run.weights)   # share of the routed FLOPs run
         for k, v in zip(sums, (kl.item(), ce.item(), l1.item(), density)):
             sums[k] += v / accum
     params = list(trained_parameters(model).values())
-    if run.world > 1:   # average the few trainable gradients ourselves: no DDP wrapper needed
-        for p in params:
-            dist.all_reduce(p.grad)
-            p.grad /= run.world
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]))
     sums = dict(zip(sums, all_reduce_mean(list(sums.values()), run.world)))
-    check_finite(it, dict(sums, grad_norm=grad_norm))    # the same on every rank: all were reduced
+    check_finite(it, dict(sums, grad_norm=grad_norm))    # the same on every rank: DDP reduced the gradients
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     ctrl.update(model, it, sums["density"])
