@@ -85,3 +85,12 @@ def tiny_model_folder(tiny_hf, tmp_path_factory, model_type: str, adds_bos=None,
     shutil.copytree(hf_folder, folder, dirs_exist_ok=True)
     write_tokenizer(folder / "tokenizer.json", model_type.startswith("gemma") if adds_bos is None else adds_bos)
     return folder
+
+
+def word_text_file(tmp_path_factory, name: str, n_words: int, seed: int):
+    """A text file of n_words random words the tiny tokenizer knows (a held-out text)."""
+    import random
+    rng = random.Random(seed)
+    path = tmp_path_factory.mktemp(name) / f"{name}.txt"
+    path.write_text(" ".join(rng.choice(WORDS[:18]) for _ in range(n_words)))
+    return path

@@ -7,7 +7,6 @@ writes one: routers with random weights (about half the gates closed) and LoRA a
 """
 import json
 import math
-import random
 import re
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import lora
 import router
 import sample
 from configurator import configure
-from conftest import TOKENIZER_HF, VOCAB, WORDS, tiny_model_folder
+from conftest import TOKENIZER_HF, VOCAB, tiny_model_folder, word_text_file
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN = 16
@@ -51,10 +50,7 @@ def tiny(request, tiny_hf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("text") / "val.txt"
-    path.write_text(" ".join(rng.choice(WORDS[:18]) for _ in range(400)))
-    return path
+    return word_text_file(tmp_path_factory, "val", 400, seed=0)
 
 
 def make_checkpoint(out_dir: Path, base: Path, lora_std=0.0, route="sublayer", kv="all", seed=0):

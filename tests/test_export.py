@@ -6,7 +6,6 @@ give the checkpoint's perplexity and greedy tokens; transformers loads it as the
 with LoRA merged; shards and index follow the Hub's layout; an export that fails leaves nothing.
 """
 import json
-import random
 import shutil
 
 import pytest
@@ -19,8 +18,8 @@ import export
 import load_weights
 import lora
 import sample
-from conftest import tiny_model_folder
-from test_cli import ADDS_BOS, FAMILIES, SEQ_LEN, WORDS, make_checkpoint
+from conftest import tiny_model_folder, word_text_file
+from test_cli import ADDS_BOS, FAMILIES, SEQ_LEN, make_checkpoint
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -32,10 +31,7 @@ def base(request, tiny_hf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("export_text") / "heldout.txt"
-    path.write_text(" ".join(rng.choice(WORDS[:18]) for _ in range(300)))
-    return path
+    return word_text_file(tmp_path_factory, "heldout", 300, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +117,7 @@ def test_a_checkpoint_without_sinks_exports_without_them(exported, text_file, tm
     model, _ = load_weights.load(str(tmp_path / "out"))
     assert model.cfg.sinks is False
     x = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(2))
-    (a, rec_a), (b, rec_b) = sparse(x), model(x)
+    (a, _), (b, rec_b) = sparse(x), model(x)
     assert torch.equal(a, b)
     assert not all(bool(r.keep[:, 0].all()) for r in rec_b)               # position 0 skipped somewhere
 
