@@ -134,12 +134,18 @@ def sink_tokens(idx, start: int, cfg):
     """(B, T) bool: the attention sinks among tokens idx (B, T) starting at position start —
     position 0 and every BOS token — which compute every sublayer; None when there are none
     (or the model has no routers, or cfg.sinks is off)."""
-    if cfg.route == "none" or not cfg.sinks:
-        return None
+    if cfg.route == "none" or not cfg.sinks or (start > 0 and cfg.bos_id is None):
+        return None                                      # nothing to check: no tensor, no device sync
     sink = idx == cfg.bos_id if cfg.bos_id is not None else torch.zeros_like(idx, dtype=torch.bool)
     if start == 0:
         sink[:, 0] = True
     return sink if bool(sink.any()) else None
+
+
+def log_move(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log(|y| / |h|) per token (B, T), in float32: how far a sublayer's output y (B, T, d) moves
+    the residual stream h (B, T, d). The peek rule thresholds it; train.fit_routers regresses on it."""
+    return y.float().norm(dim=-1).log() - h.float().norm(dim=-1).log()
 
 
 def peek_decide(g: GateRecord, h: torch.Tensor, y: torch.Tensor):
@@ -150,7 +156,7 @@ def peek_decide(g: GateRecord, h: torch.Tensor, y: torch.Tensor):
     FLOP the sublayer costs). It needs f(x) to decide, so it saves nothing: it is the reference
     for how good per-token decisions can be before any training.
     """
-    z = (y.float().norm(dim=-1).log() - h.float().norm(dim=-1).log()) - g.threshold   # (B, T)
+    z = log_move(h, y) - g.threshold                                     # (B, T)
     if g.keep is not None:                                               # the sinks
         z = z.masked_fill(g.keep, SINK_LOGIT)
     g.z, g.keep = z, z > ZERO

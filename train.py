@@ -206,8 +206,7 @@ def residual_moves(model, x: torch.Tensor) -> dict:
             hook.remove()
     moves = {}
     for key, (h, inputs, y) in seen.items():                          # each (B, T, d)
-        ratio = y.float().norm(dim=-1).log() - h.float().norm(dim=-1).log()   # (B, T)
-        moves[key] = inputs[:, 1:].flatten(0, 1).float(), ratio[:, 1:].flatten()
+        moves[key] = inputs[:, 1:].flatten(0, 1).float(), router.log_move(h, y)[:, 1:].flatten()
     return moves
 
 
