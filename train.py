@@ -44,11 +44,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import lora
+import prune
 import router
 from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Range, check_ranges, overrides
 from data.prepare import RandomWindows, load_sources, spread_windows, tokenizer_key
 from eval import evaluate_sparse
-from flops import skip_savings
+from flops import compute_ratio, skip_savings
 from load_weights import (LIKELY_NONFINITE, CheckpointError, LoadError, NonFiniteError, has_checkpoint, load,
                           load_checkpoint, read_checkpoint_meta, resolve, save_checkpoint, trained_parameters)
 from model import softcap
@@ -81,6 +82,9 @@ DEFAULTS = dict(
     anneal=0.1,                    # fraction of each later stage over which its target slides down
     density_gain=2.0,              # controller: every router bias -= gain * (density - target) per step
     flop_weighted=True,            # density weighted by the FLOPs each skip saves
+    prune="",                      # a static baseline instead of routing: kl | bi | layer (prune.py)
+    prune_compute=0.9,             # --prune: remove sublayers until the compute ratio is at most this
+    prune_scores="",               # --prune: reuse the ranking in an earlier run's prune.json (same base)
     l1=0.0,                        # weight of an L1 push on sigmoid(z) (0: the controller alone sets the density)
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
@@ -96,7 +100,7 @@ RANGES = dict(   # the valid values of every numeric flag (configurator.check_ra
     max_iters=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=Range(2), grad_accum=AT_LEAST_1,
     lr=AT_LEAST_0, router_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, min_lr_frac=FRACTION, grad_clip=POSITIVE,
     lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1,
-    target_density=FRACTION, anneal=FRACTION, density_gain=AT_LEAST_0, l1=AT_LEAST_0, ce=AT_LEAST_0,
+    target_density=FRACTION, prune_compute=Range(0, 1, open_lo=True), anneal=FRACTION, density_gain=AT_LEAST_0, l1=AT_LEAST_0, ce=AT_LEAST_0,
     eval_interval=AT_LEAST_1, save_interval=AT_LEAST_0, eval_batches=AT_LEAST_1, seed=AT_LEAST_0,
 )
 
@@ -187,27 +191,12 @@ def distill_losses(model, x, ce_weight: float, student=None):
 # The routers' start: fitted to the peek rule before any training
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def residual_moves(model, x: torch.Tensor) -> dict:
     """{(layer, kind): (inputs (N, d), log(|f(x)| / |h|) (N,))} of every routed sublayer of the
-    dense model (LoRA off, routers off) on tokens x (B, T): what its router sees, and how far the
-    sublayer's output f(x) moves the residual stream h. The sink at position 0 is left out."""
-    seen, hooks = {}, []
-    for layer, kind, _ in router.routers(model):
-        block, key = model.layers[layer], (layer, kind)
-        norm, post = (block.attn_norm, block.attn_post_norm) if kind == "attn" else (block.mlp_norm, block.mlp_post_norm)
-        hooks.append(norm.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(key, [args[0], out])))
-        hooks.append(post.register_forward_hook(lambda m, args, out, key=key: seen[key].append(out)))
-    try:
-        with lora.disabled(model):
-            model(x, routers_off=True, return_hidden=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    moves = {}
-    for key, (h, inputs, y) in seen.items():                          # each (B, T, d)
-        moves[key] = inputs[:, 1:].flatten(0, 1).float(), router.log_move(h, y)[:, 1:].flatten()
-    return moves
+    dense model on tokens x (B, T): what its router sees, and how far the sublayer's output f(x)
+    moves the residual stream h. The sink at position 0 is left out."""
+    return {key: (inputs[:, 1:].flatten(0, 1).float(), router.log_move(h, y)[:, 1:].flatten())
+            for key, (h, inputs, y) in prune.sublayer_io(model, x).items()}
 
 
 def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
@@ -267,10 +256,13 @@ def set_density(model, batches, weights: dict, target: float, tol: float = 2e-3)
 
 def init_routers(run: "Run"):
     """Fit the routers to the peek rule on --fit_windows training windows, then set their common
-    threshold so that the first target density holds there; write out_dir/routers_init.json."""
+    threshold so that the first target density holds there; write out_dir/routers_init.json.
+    With --prune, make them the static baseline's constant gates instead (prune_routers)."""
     config, model = run.config, run.model
     windows = run.data.batch(config["fit_windows"]).to(config["device"])     # the same on every rank
     batches = windows.split(config["batch_size"])
+    if config["prune"]:
+        return prune_routers(run, batches)
     fit_routers(model, batches, run.savings)
     density = set_density(model, batches, run.weights, config["target_density"][0])
     if run.rank == 0:
@@ -278,6 +270,26 @@ def init_routers(run: "Run"):
         rows = [dict(layer=l, kind=k, bias=r.proj.bias.item(), weight_norm=r.proj.weight.norm().item())
                 for l, k, r in router.routers(model)]
         (run.out_dir / "routers_init.json").write_text(json.dumps(dict(density=density, routers=rows), indent=1))
+
+
+def prune_routers(run: "Run", batches):
+    """--prune: rank the sublayers on the fit windows, remove the least harmful ones for every
+    token until the compute ratio is --prune_compute (prune.py), freeze the routers so that only
+    LoRA trains; write out_dir/prune.json (the scores and what was removed)."""
+    config, model = run.config, run.model
+    scores = (prune.read_scores(config["prune_scores"], config["prune"]) if config["prune_scores"]
+              else prune.rank(model, batches, config["prune"]))
+    window = config["seq_len"] + (run.data.bos is not None)
+    removed = prune.removal_set(model.cfg, scores, window, config["prune_compute"])
+    prune.set_static(model, removed)                      # frozen by build(): AdamW skips them
+    if run.rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        rows = [dict(layer=l, kind=k, score=v) for (l, k), v in sorted(scores.items(), key=lambda kv: kv[1])]
+        ratio = compute_ratio(model.cfg, window, {key: 0.0 for key in removed})
+        prune.write_json(run.out_dir / "prune.json", dict(ranking=config["prune"], base=config["base"],
+                                                          compute_ratio=ratio, removed=removed, scores=rows))
+        print(f"--prune={config['prune']}: removed {len(removed)} sublayers for every token, "
+              f"compute ratio {ratio:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +342,7 @@ def lr_at(it: int, config: dict) -> float:
     return config["min_lr_frac"] + (1 - config["min_lr_frac"]) * cosine
 
 
-FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "route", "kv")   # what the trained tensors mean
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "route", "kv", "prune", "prune_compute")   # what the trained tensors mean
 
 
 def resumed_config(saved: dict, given: dict, out_dir: str) -> dict:
@@ -363,6 +375,11 @@ def read_config(argv) -> dict:
                              "continue it with --init=resume, or choose another --out_dir")
         config["base"] = config["init"]
     check_ranges(config, RANGES)
+    if config["prune"] and config["prune"] not in prune.RANKINGS:
+        raise ValueError(f"--prune={config['prune']!r} is not a ranking: choose one of {', '.join(prune.RANKINGS)}")
+    if config["prune"] and (config["route"] != "sublayer" or len(config["target_density"]) > 1):
+        raise ValueError("--prune sets one static gate per sublayer at --prune_compute: use --route=sublayer "
+                         "and no staged --target_density")
     return config
 
 
@@ -383,6 +400,8 @@ def build(config: dict):
         lora.inject(model, lora_targets(config), config["lora_rank"], config["lora_alpha"])
     for p in trained_parameters(model).values():
         p.requires_grad_(True)
+    for p in router.parameters(model) if config["prune"] else []:
+        p.requires_grad_(False)                            # a static baseline trains LoRA only
     model.grad_checkpoint = config["grad_checkpoint"]
     return model, tok, folder
 
@@ -519,9 +538,11 @@ def train_step(run: Run, it: int) -> dict:
     check_finite(it, dict(sums, grad_norm=grad_norm))    # the same on every rank: DDP reduced the gradients
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    ctrl.update(model, it, sums["density"])
+    if not config["prune"]:                              # a static baseline's gates never move
+        ctrl.update(model, it, sums["density"])
     tokens = B * config["seq_len"] * accum * run.world
-    return dict(iter=it, **sums, target=ctrl.target(it), lr_scale=scale,
+    target = None if config["prune"] else ctrl.target(it)    # a static baseline has no density target
+    return dict(iter=it, **sums, target=target, lr_scale=scale,
                 tok_s=tokens / (time.time() - t0))
 
 
@@ -543,8 +564,10 @@ def held_out(run: Run) -> dict:
 def report(run: Run, row: dict, bar, log):
     """Progress bar, held-out eval when due, one JSON line in log.jsonl (rank 0 only)."""
     it, config = row["iter"], run.config
-    bar.set_postfix(kl=f"{row['kl']:.4f}", dens=f"{row['density']:.3f}", tgt=f"{row['target']:.3f}",
-                    tok_s=f"{row['tok_s']:.0f}")
+    shown = dict(kl=f"{row['kl']:.4f}", dens=f"{row['density']:.3f}", tok_s=f"{row['tok_s']:.0f}")
+    if row["target"] is not None:
+        shown["tgt"] = f"{row['target']:.3f}"
+    bar.set_postfix(shown)
     if run.val is not None and ((it + 1) % config["eval_interval"] == 0 or it + 1 == config["max_iters"]):
         evals = held_out(run)
         row.update(evals)

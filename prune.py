@@ -1,0 +1,164 @@
+"""prune.py — the static baselines: whole sublayers, or whole blocks, removed for every token.
+
+Per-token routing has to beat the simplest way to spend less compute: drop the sublayers that
+matter least, for every token, and heal the rest with the same LoRA budget. Three rankings
+decide what goes first ("least harm" first):
+
+    kl     remove each routed sublayer alone and measure the mean KL(dense || pruned) of the
+           next-token distributions on calibration windows (one forward pass per sublayer);
+    bi     Block Influence per sublayer (ShortGPT's measure, one sublayer at a time): the mean
+           over tokens of 1 - cos(h, h + f(x)), how much the sublayer turns the residual stream;
+    layer  ShortGPT proper: the Block Influence of each whole block, 1 - cos(h_in, h_out),
+           and a removal takes both sublayers of the block.
+
+    scores = rank(model, batches, by="kl")                    # {(layer, kind): harm}
+    removed = removal_set(model.cfg, scores, seq_len, 0.9)    # least harm first, to compute 0.9
+    set_static(model, removed)                                # routers become constants
+
+Sublayers are removed until flops.compute_ratio falls to the target, so the baseline lands at
+or just below the compute of the routed model it is compared with. A removed sublayer is a
+router that always says skip (weight 0, bias -FIXED_LOGIT), a kept one a router that always
+says compute (+FIXED_LOGIT): the result is an ordinary checkpoint that compaction, eval.py,
+bench.py and export.py take unchanged. The attention sinks (position 0, BOS) still compute
+every sublayer, because router.decide pins them, as for every routed model they are compared
+with. train.py --prune=kl|bi|layer --prune_compute=R does all of this, then trains LoRA only.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lora
+import router
+from flops import compute_ratio
+
+RANKINGS = ("kl", "bi", "layer")
+FIXED_LOGIT = router.SINK_LOGIT   # far from 0: a gate that never changes and has no gradient
+HEAD_ROWS = 256                   # logits made this many tokens at a time: (rows, V), not (B*T, V)
+
+
+@torch.no_grad()
+def sublayer_io(model, x: torch.Tensor) -> dict:
+    """{(layer, kind): (h, x_norm, y)} of every routed sublayer in the base model (LoRA off,
+    routers off) on tokens x (B, T): the residual stream h before the sublayer, its normalized
+    input x_norm (what its router sees) and its output y, so that h + y is the stream after it.
+    Each is (B, T, d)."""
+    seen, hooks = {}, []
+    for layer, kind, _ in router.routers(model):
+        block, key = model.layers[layer], (layer, kind)
+        norm, post = (block.attn_norm, block.attn_post_norm) if kind == "attn" else (block.mlp_norm, block.mlp_post_norm)
+        hooks.append(norm.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(key, [args[0], out])))
+        hooks.append(post.register_forward_hook(lambda m, args, out, key=key: seen[key].append(out)))
+    try:
+        with lora.disabled(model):
+            model(x, routers_off=True, return_hidden=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: tuple(v) for key, v in seen.items()}
+
+
+def turn(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Block Influence: mean over tokens of 1 - cos(before, after), both (B, T, d); the sinks at
+    position 0 (huge, and never removed) are left out."""
+    return float((1 - F.cosine_similarity(before[:, 1:].float(), after[:, 1:].float(), dim=-1)).mean())
+
+
+def influence(model, batches, whole_blocks: bool) -> dict:
+    """Block Influence of every routed sublayer ({(layer, kind): BI}), or with whole_blocks of
+    every block ({(layer, "block"): BI}), averaged over the batches."""
+    scores = {}
+    for x in batches:
+        io = sublayer_io(model, x)
+        for (layer, kind), (h, _, y) in io.items():
+            if whole_blocks and kind == "mlp":
+                h_in = io[(layer, "attn")][0]
+                scores[(layer, "block")] = scores.get((layer, "block"), 0.0) + turn(h_in, h + y) / len(batches)
+            elif not whole_blocks:
+                scores[(layer, kind)] = scores.get((layer, kind), 0.0) + turn(h, h + y) / len(batches)
+    return scores
+
+
+@torch.no_grad()
+def mean_kl(model, h_ref: torch.Tensor, h: torch.Tensor) -> float:
+    """Mean KL(p_ref || p) over tokens of the next-token distributions of final hidden states
+    h_ref and h (N, d), made HEAD_ROWS tokens at a time."""
+    total = 0.0
+    for rows in torch.arange(len(h)).split(HEAD_ROWS):
+        logp_ref = F.log_softmax(model.logits(h_ref[rows]).float(), dim=-1)     # (R, V)
+        logp = F.log_softmax(model.logits(h[rows]).float(), dim=-1)
+        total += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
+    return total / len(h)
+
+
+@torch.no_grad()
+def removal_kl(model, batches) -> dict:
+    """{(layer, kind): mean KL(dense || dense without that one sublayer)} over the batches; the
+    sublayer is removed by forcing its router to keep no token (the sinks still compute)."""
+    with lora.disabled(model):
+        dense = [model(x, routers_off=True, return_hidden=True)[0].flatten(0, 1) for x in batches]   # (B*T, d)
+        scores = {}
+        for layer, kind, _ in tqdm(router.routers(model), desc="ranking sublayers by KL", leave=False):
+            with router.forced(model, {(l, k): 0.0 if (l, k) == (layer, kind) else "open"
+                                       for l, k, _ in router.routers(model)}):
+                h = [model(x, return_hidden=True)[0].flatten(0, 1) for x in batches]
+            scores[(layer, kind)] = sum(mean_kl(model, r, s) for r, s in zip(dense, h)) / len(batches)
+    return scores
+
+
+def rank(model, batches, by: str) -> dict:
+    """The harm each removable unit does, by the ranking `by` (see the top of this file):
+    {(layer, "attn"|"mlp"|"block"): score}, lower = removed first."""
+    if by not in RANKINGS:
+        raise ValueError(f"unknown --prune={by!r}: choose one of {', '.join(RANKINGS)}")
+    if model.cfg.route != "sublayer":
+        raise ValueError(f"static pruning sets one router per sublayer: use --route=sublayer (got {model.cfg.route!r})")
+    return removal_kl(model, batches) if by == "kl" else influence(model, batches, whole_blocks=by == "layer")
+
+
+def removal_set(cfg, scores: dict, seq_len: int, target_compute: float) -> list:
+    """The sublayers to remove, least harmful first, until the compute ratio at seq_len is at
+    most target_compute: [(layer, kind)]; a block's score removes both of its sublayers."""
+    removed = []
+    for layer, kind in sorted(scores, key=scores.get):
+        if compute_ratio(cfg, seq_len, {key: 0.0 for key in removed}) <= target_compute:
+            break
+        removed += [(layer, "attn"), (layer, "mlp")] if kind == "block" else [(layer, kind)]
+    if compute_ratio(cfg, seq_len, {key: 0.0 for key in removed}) > target_compute:
+        raise ValueError(f"removing every sublayer does not reach --prune_compute={target_compute}: raise it")
+    return removed
+
+
+@torch.no_grad()
+def set_static(model, removed):
+    """Make every router a constant: skip for every token in the removed sublayers, compute in
+    the others (the sinks still compute everywhere; see router.decide)."""
+    gone = set(removed)
+    for layer, kind, r in router.routers(model):
+        r.proj.weight.zero_()
+        r.proj.bias.fill_(-FIXED_LOGIT if (layer, kind) in gone else FIXED_LOGIT)
+
+
+def write_json(path: Path, record: dict):
+    """prune.json, written whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def read_scores(path: str, ranking: str) -> dict:
+    """The scores an earlier --prune run wrote to its prune.json (a file or its out_dir), so that
+    one ranking serves several --prune_compute targets: {(layer, kind): score}."""
+    file = Path(path) / "prune.json" if Path(path).is_dir() else Path(path)
+    try:
+        record = json.loads(file.read_text())
+        scores = {(row["layer"], row["kind"]): row["score"] for row in record["scores"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the ranking in --prune_scores={path} ({e}): pass the prune.json, or the "
+                         "out_dir, of an earlier train.py --prune run") from None
+    if record.get("ranking") != ranking:
+        raise ValueError(f"--prune_scores={path} holds the {record.get('ranking')!r} ranking, not --prune={ranking}")
+    return scores

@@ -1,0 +1,120 @@
+"""tests/test_prune.py — the static baselines (prune.py, train.py --prune) on a tiny model.
+
+Checks the two measures against sublayers made harmless by hand (zero output: KL 0 and Block
+Influence 0, ranked first), the removal order and where it stops, that static gates skip the
+removed sublayers for every token but the sinks, and a --prune run end to end: the routers do
+not move, LoRA does, prune.json holds the ranking, and a second run reuses it.
+"""
+import json
+
+import pytest
+import torch
+
+import load_weights
+import prune
+import router
+import train
+from conftest import tiny_model_folder
+from flops import compute_ratio
+from test_train import args, corpus  # noqa: F401  (the corpus fixture)
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_hf, tmp_path_factory):
+    return tiny_model_folder(tiny_hf, tmp_path_factory, "llama", num_hidden_layers=3)
+
+
+def routed_model(folder):
+    model, _ = load_weights.load(str(folder))
+    return router.add_routers(model)
+
+
+def silence(model, layer: int, kind: str):
+    """Make one sublayer's output exactly zero (its last projection's weights 0)."""
+    block = model.layers[layer]
+    with torch.no_grad():
+        (block.attn.wo if kind == "attn" else block.mlp.down).weight.zero_()
+
+
+@pytest.mark.parametrize("by", ["kl", "bi"])
+def test_a_silent_sublayer_scores_zero_and_goes_first(folder, by):
+    model = routed_model(folder)
+    silence(model, 1, "mlp")
+    batches = [torch.randint(3, 64, (2, 12)) for _ in range(2)]
+    scores = prune.rank(model, batches, by)
+    assert len(scores) == 2 * model.cfg.n_layers
+    assert scores[(1, "mlp")] == pytest.approx(0.0, abs=1e-6)
+    assert min(v for k, v in scores.items() if k != (1, "mlp")) > 1e-4     # every other sublayer matters
+    assert sorted(scores, key=scores.get)[0] == (1, "mlp")
+
+
+def test_layer_ranking_scores_whole_blocks(folder):
+    model = routed_model(folder)
+    silence(model, 2, "attn")
+    silence(model, 2, "mlp")
+    scores = prune.rank(model, [torch.randint(3, 64, (2, 12))], "layer")
+    assert set(scores) == {(l, "block") for l in range(3)}
+    assert scores[(2, "block")] == pytest.approx(0.0, abs=1e-6)
+    assert min(scores[(0, "block")], scores[(1, "block")]) > 1e-4
+
+
+def test_removal_follows_the_scores_and_stops_at_the_target(folder):
+    cfg = routed_model(folder).cfg
+    scores = {(0, "attn"): 3.0, (0, "mlp"): 0.1, (1, "attn"): 0.2, (1, "mlp"): 5.0, (2, "attn"): 0.3, (2, "mlp"): 4.0}
+    one = compute_ratio(cfg, 16, {(0, "mlp"): 0.0})
+    assert prune.removal_set(cfg, scores, 16, one) == [(0, "mlp")]
+    assert prune.removal_set(cfg, scores, 16, one - 1e-6) == [(0, "mlp"), (1, "attn")]
+    assert prune.removal_set(cfg, scores, 16, 1.0) == []
+    blocks = {(0, "block"): 2.0, (1, "block"): 1.0, (2, "block"): 3.0}
+    assert prune.removal_set(cfg, blocks, 16, 0.99) == [(1, "attn"), (1, "mlp")]
+    with pytest.raises(ValueError, match="does not reach"):
+        prune.removal_set(cfg, scores, 16, 0.01)
+
+
+def test_static_gates_skip_every_token_but_the_sinks(folder):
+    model = routed_model(folder)
+    prune.set_static(model, [(0, "mlp"), (2, "attn")])
+    x = torch.randint(3, 64, (2, 10))
+    _, records = model(x)
+    keep = {(r.layer, r.kind): r.keep for r in records}
+    for key, k in keep.items():
+        if key in ((0, "mlp"), (2, "attn")):
+            assert k[:, 0].all() and not k[:, 1:].any()                    # position 0 is the sink
+        else:
+            assert k.all()
+    with router.forced(model, {(0, "mlp"): 0.0, (2, "attn"): 0.0}):       # the same as keeping no token
+        forced, _ = model(x)
+    assert torch.allclose(model(x)[0], forced, atol=1e-6)
+
+
+def test_a_pruned_run_trains_lora_only_and_its_ranking_is_reused(folder, corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "kl"
+    train.train(train.read_config(args(folder, corpus, out, prune="kl", prune_compute=0.9, max_iters=3)))
+    record = json.loads((out / "prune.json").read_text())
+    removed = [tuple(k) for k in record["removed"]]
+    assert removed and record["compute_ratio"] <= 0.9
+    model, _, _ = load_weights.load_sparse(out)
+    for layer, kind, r in router.routers(model):                          # the gates never moved
+        assert float(r.proj.weight.abs().max()) == 0
+        assert float(r.proj.bias) == (-prune.FIXED_LOGIT if (layer, kind) in removed else prune.FIXED_LOGIT)
+    assert any(float(b.abs().max()) > 0 for n, b in model.named_parameters() if n.endswith(".B"))
+    again = tmp_path / "again"
+    train.train(train.read_config(args(folder, corpus, again, prune="kl", prune_scores=out,
+                                       prune_compute=0.9, max_iters=1)))
+    assert json.loads((again / "prune.json").read_text())["removed"] == record["removed"]
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(prune="random"), "not a ranking"),
+    (dict(prune="kl", route="block"), "--route=sublayer"),
+    (dict(prune="kl", target_density="0.9,0.8"), "no staged"),
+])
+def test_bad_prune_flags_are_clear_errors(folder, corpus, tmp_path, over, message):  # noqa: F811
+    with pytest.raises(ValueError, match=message):
+        train.read_config(args(folder, corpus, tmp_path / "x", **over))
+
+
+def test_a_ranking_of_another_kind_is_refused(tmp_path):
+    (tmp_path / "prune.json").write_text(json.dumps(dict(ranking="bi", scores=[])))
+    with pytest.raises(ValueError, match="holds the 'bi' ranking"):
+        prune.read_scores(str(tmp_path), "kl")
