@@ -293,21 +293,42 @@ def density_svg(per_layer, title: str) -> str:
     return "\n".join(svg)
 
 
-def frontier_svg(rows, title: str) -> str:
-    """Perplexity ratio (sparse / dense) against compute ratio, one line per kind of gates.
+GATES_METHOD = {"learned": "routed (ours)", "random": "random gates", "peek": "peek rule", "open": "LoRA only"}
+STATIC_METHOD = {"kl": "static sublayers, KL", "bi": "static sublayers, BI", "layer": "static blocks (ShortGPT)"}
 
-    rows: eval.py --json results (each with gates, compute_ratio, perplexity, dense_perplexity).
+
+def method(train_config: dict, gates: str) -> str:
+    """What made a result's skips, as the frontier plot and the tables name it: the gates, or
+    for a checkpoint's own gates how it was trained (a static baseline, a route, a kv mode)."""
+    if gates != "learned":
+        return GATES_METHOD[gates]
+    if train_config.get("prune"):
+        return STATIC_METHOD[train_config["prune"]]
+    variants = [f"{k}={train_config[k]}" for k, plain in (("route", "sublayer"), ("kv", "all"))
+                if train_config.get(k, plain) != plain]
+    return "routed, " + ", ".join(variants) if variants else GATES_METHOD["learned"]
+
+
+def frontier_svg(rows, title: str) -> str:
+    """Perplexity ratio (sparse / dense) against compute ratio, one line per method.
+
+    rows: eval.py --json results (each with compute_ratio, perplexity, dense_perplexity, and
+    method, or for older results gates).
     """
-    W, H, left, right, top, bottom = 560, 360, 60, 120, 40, 48
+    W, H, left, right, top, bottom = 640, 360, 60, 200, 40, 48
     curves = defaultdict(list)
     for r in rows:
-        curves[r["gates"]].append((r["compute_ratio"], r["perplexity"] / r["dense_perplexity"]))
+        name = r.get("method", GATES_METHOD.get(r.get("gates"), "?"))
+        curves[name].append((r["compute_ratio"], r["perplexity"] / r["dense_perplexity"]))
     xs = [x for pts in curves.values() for x, _ in pts]
     ys = [y for pts in curves.values() for _, y in pts] + [1.0]
     x0, x1, y0, y1 = min(xs) - 0.01, 1.0, 1.0, max(ys) * 1.05
     px = lambda x: left + (W - left - right) * (x - x0) / (x1 - x0)          # noqa: E731
     py = lambda y: top + (H - top - bottom) * (1 - (y - y0) / (y1 - y0))    # noqa: E731
-    colors = {"learned": "#4c78a8", "random": "#e45756", "peek": "#54a24b", "open": "#999"}
+    palette = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2", "#eeca3b", "#999"]
+    fixed = {GATES_METHOD["learned"]: palette[0], GATES_METHOD["random"]: palette[1], GATES_METHOD["peek"]: palette[2]}
+    others = iter(palette[3:] * 3)
+    colors = {name: fixed.get(name) or next(others) for name in sorted(curves)}
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="11">', f'<text x="{(W - right) / 2}" y="18" text-anchor="middle" font-size="13">'
            f'{escape(title)}</text>']
@@ -317,14 +338,14 @@ def frontier_svg(rows, title: str) -> str:
         svg.append(f'<text x="{px(x):.1f}" y="{H - bottom + 14}" text-anchor="middle">{x:.2f}</text>')
         svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
         svg.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
-    for j, (gates, pts) in enumerate(sorted(curves.items())):                 # one polyline per kind
+    for j, (name, pts) in enumerate(sorted(curves.items())):                  # one polyline per method
         pts = sorted(pts)
-        color = colors.get(gates, "#333")
+        color = colors[name]
         line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
         svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
         svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"/>' for x, y in pts]
         svg.append(f'<rect x="{W - right + 16}" y="{top + 18 * j}" width="10" height="10" fill="{color}"/>')
-        svg.append(f'<text x="{W - right + 32}" y="{top + 18 * j + 9}">{escape(gates)}</text>')
+        svg.append(f'<text x="{W - right + 32}" y="{top + 18 * j + 9}">{escape(name)}</text>')
     svg.append(f'<text x="{left + (W - left - right) / 2}" y="{H - 10}" text-anchor="middle">'
                f'compute ratio (FLOPs per token / dense)</text>')
     svg.append(f'<text transform="translate(14 {top + (H - top - bottom) / 2}) rotate(-90)" '
@@ -657,7 +678,8 @@ def main(argv):
                   f"compute ratio {out['compute_ratio']:.3f}")
     else:
         path = "masked" if config["gates"] == "peek" else config["path"]         # peek decides from f(x)
-        out.update(path=path, gates=config["gates"], route=model.cfg.route, kv=model.cfg.kv)
+        out.update(path=path, gates=config["gates"], route=model.cfg.route, kv=model.cfg.kv,
+                   method=method(meta.get("train_config", {}) if config["ckpt"] else {}, config["gates"]))
         out.update(evaluate_sparse(model, chunks, config["seq_len"], config["batch_size"], config["path"], config["gates"],
                                    config["seed"], config["target_compute"]))
         print(f"perplexity {out['perplexity']:.4f} (dense {out['dense_perplexity']:.4f}) over {out['tokens']} "

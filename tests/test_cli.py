@@ -372,17 +372,25 @@ def test_gates_peek_lands_on_the_target_compute_with_the_base_weights(ckpts, tex
         eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.01)
 
 
-def test_frontier_draws_one_line_per_kind_of_gates(tmp_path):
-    for i, (gates, compute, ppl) in enumerate([("learned", 0.9, 11.0), ("learned", 0.95, 10.5),
-                                                ("random", 0.9, 15.0), ("peek", 0.9, 12.0)]):
-        row = dict(model="m", gates=gates, compute_ratio=compute, perplexity=ppl, dense_perplexity=10.0)
-        (tmp_path / f"r{i}.json").write_text("a line that is not JSON\n" + json.dumps(row) + "\n")
+def test_frontier_draws_one_line_per_method(tmp_path):
+    rows = [dict(gates="learned", compute_ratio=0.9, perplexity=11.0), dict(gates="learned", compute_ratio=0.95, perplexity=10.5),
+            dict(gates="random", compute_ratio=0.9, perplexity=15.0), dict(gates="peek", compute_ratio=0.9, perplexity=12.0),
+            dict(gates="learned", method="static blocks (ShortGPT)", compute_ratio=0.9, perplexity=20.0)]
+    for i, row in enumerate(rows):   # results without a method (older files) are named by their gates
+        (tmp_path / f"r{i}.json").write_text("a line that is not JSON\n" + json.dumps(dict(model="m", dense_perplexity=10.0, **row)) + "\n")
     eval_cli.main([f"--frontier={tmp_path}/r*.json", f"--plot={tmp_path / 'f.svg'}"])
     svg = (tmp_path / "f.svg").read_text()
-    assert svg.count("<polyline") == 3 and svg.count("<circle") == 4
-    assert all(f">{g}</text>" in svg for g in ("learned", "random", "peek"))
+    assert svg.count("<polyline") == 4 and svg.count("<circle") == 5
+    assert all(f">{g}</text>" in svg for g in ("routed (ours)", "random gates", "peek rule", "static blocks (ShortGPT)"))
     with pytest.raises(ValueError, match="needs result files"):
         eval_cli.main([f"--frontier={tmp_path}/none*.json", f"--plot={tmp_path / 'g.svg'}"])
+
+
+def test_a_result_names_the_method_that_made_its_skips():
+    assert eval_cli.method(dict(route="sublayer", kv="all"), "learned") == "routed (ours)"
+    assert eval_cli.method(dict(route="block", kv="kept"), "learned") == "routed, route=block, kv=kept"
+    assert eval_cli.method(dict(prune="kl"), "learned") == "static sublayers, KL"
+    assert eval_cli.method(dict(prune="kl"), "random") == "random gates"
 
 
 @torch.no_grad()
