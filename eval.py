@@ -63,6 +63,11 @@ and `target_scores` {choice: score}, the highest-scored choices correct; arithme
   masked path, and generates on the masked path without a KV cache (each new token recomputes
   the whole sequence: slower, and the same tokens as cached decoding would give).
 
+--by_class and --by_position show what skips, under the gates of --gates: density per token
+class (digits, punctuation, first piece of a word, function words, code, ...) and per position
+bucket in the window, overall and per layer (skips.py defines the classes and the buckets); with
+--plot, a heatmap of both.
+
 Every option below is --key=value or --key value (python eval.py --help lists them). --json
 prints the results as one JSON object on the last line.
 """
@@ -88,6 +93,7 @@ import load_weights
 import lora
 import router
 import sample
+import skips
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from data.prepare import consecutive_windows
 from flops import compute_ratio, skip_savings
@@ -106,13 +112,16 @@ DEFAULTS = dict(
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random
     json=False,                     # print the results as one JSON object on the last line
-    plot="",                        # --ckpt: write density per layer to this .svg file
+    plot="",                        # --ckpt: write density per layer to this .svg file (with
+                                    # --by_class/--by_position: density per group and layer)
     frontier="",                    # eval.py --json result files (comma-separated, globs allowed):
                                     # draw perplexity vs compute ratio per gates to --plot, then stop
     tasks="",                       # benchmarks: a folder of BIG-bench task .json files, or files joined by ","
     limit=0,                        # benchmarks: the first N examples of each task; 0 = all
     requests_per_batch=16,          # benchmarks: (context, continuation) pairs or prompts per forward pass
     max_new_tokens=16,              # benchmarks: longest generated answer (exact match)
+    by_class=False,                 # density by token class (skips.py)
+    by_position=False,              # density by position in the window (skips.py)
 )
 RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
               target_compute=Range(0, 1, open_lo=True), limit=AT_LEAST_0, requests_per_batch=AT_LEAST_1,
@@ -642,6 +651,32 @@ def main_benchmarks(config, model, tok, name):
 
 
 # ----------------------------------------------------------------------------------------------
+# What skips (--by_class, --by_position)
+# ----------------------------------------------------------------------------------------------
+
+def main_study(config, model, tok, name) -> dict:
+    """--by_class / --by_position: what skips, as tables (and with --plot, a heatmap)."""
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    classes = skips.window_classes(tok, chunks, tok.adds_bos) if config["by_class"] else None
+    with gates_as(model, chunks, config["seq_len"], config["gates"], config["path"], config["batch_size"],
+                  config["seed"], config["target_compute"]) as path:
+        found = skips.study(model, chunks, classes, config["batch_size"], path)
+    if not config["by_position"]:
+        del found["positions"]
+    out = dict(model=name, ckpt=config["ckpt"] or None, gates=config["gates"], path=path, text=config["text"],
+               seq_len=config["seq_len"], windows=len(chunks), **found)
+    print(f"{name}, gates {config['gates']}: {len(chunks)} windows of {config['seq_len']} tokens")
+    groups = [(title, out[key]) for key, title in (("classes", "token class"), ("positions", "position in the window"))
+              if key in out]
+    for title, rows in groups:
+        print(skips.table(rows, title))
+    if config["plot"]:
+        title = f"{name}: where it skips ({config['gates']} gates, {config['seq_len']}-token windows)"
+        write_plot(config["plot"], skips.heatmap_svg(groups, model.cfg.n_layers, title))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 
 def check(config):
     if not config["text"] and not config["tasks"]:
@@ -653,11 +688,16 @@ def check(config):
     if config["tasks"] and config["gates"] == "peek" and not config["text"]:
         raise ValueError("--tasks with --gates=peek needs --text=FILE, the text on which the threshold for "
                          "--target_compute is chosen")
+    study = config["by_class"] or config["by_position"]
+    if study and not config["text"]:
+        raise ValueError("--by_class/--by_position needs --text=FILE")
+    if study and config["tasks"]:
+        raise ValueError("--by_class/--by_position study --text, not benchmarks: drop --tasks")
     if config["path"] not in ("compact", "masked"):
         raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
     if config["gates"] not in ("learned", "random", "open", "peek"):
         raise ValueError(f"--gates must be learned, random, open or peek, got {config['gates']!r}")
-    if config["plot"] and not config["ckpt"]:
+    if config["plot"] and not (config["ckpt"] or study):
         raise ValueError("--plot draws the densities of a sparse model: pass --ckpt=OUT_DIR too")
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
@@ -706,8 +746,10 @@ def main(argv):
         name = config["init"]
         if config["gates"] == "peek":                  # the reference needs a gate on every sublayer
             router.add_routers(model)
-    if config["tasks"]:
-        out = main_benchmarks(config, model, tok, name)
+    mode = (main_study if config["by_class"] or config["by_position"]
+            else main_benchmarks if config["tasks"] else None)
+    if mode is not None:
+        out = mode(config, model, tok, name)
         if config["json"]:
             print(json.dumps(out))
         return
