@@ -63,6 +63,17 @@ and `target_scores` {choice: score}, the highest-scored choices correct; arithme
   masked path, and generates on the masked path without a KV cache (each new token recomputes
   the whole sequence: slower, and the same tokens as cached decoding would give).
 
+--suite is one table for one checkpoint (--ckpt and --text; with --tasks, its benchmarks too),
+one row per metric, dense | sparse | sparse vs dense, and its JSON:
+- quality on --text as above: perplexity of both and their ratio, KL, top-1 agreement, density,
+  compute ratio; with --tasks every benchmark, dense vs sparse;
+- speed, measured last, with bench.py's timing: the LoRA adapters are merged into the weights
+  first (so they cost nothing), and the model with its gates runs against the same model with
+  routers off, in this process, interleaved: prefill of the text's first 1 x seq_len tokens, and
+  --decode_tokens greedy KV-cached steps after a prompt of seq_len tokens; medians of --repeat
+  runs; speedup = dense seconds / sparse seconds, beside the FLOP model's 1 / compute ratio.
+  Peek gates compute f(x) to decide, so they save nothing: they get no speed.
+
 --by_class and --by_position show what skips, under the gates of --gates: density per token
 class (digits, punctuation, first piece of a word, function words, code, ...) and per position
 bucket in the window, overall and per layer (skips.py defines the classes and the buckets); with
@@ -89,6 +100,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import bench
 import load_weights
 import lora
 import router
@@ -120,12 +132,15 @@ DEFAULTS = dict(
     limit=0,                        # benchmarks: the first N examples of each task; 0 = all
     requests_per_batch=16,          # benchmarks: (context, continuation) pairs or prompts per forward pass
     max_new_tokens=16,              # benchmarks: longest generated answer (exact match)
+    suite=False,                    # --ckpt: one table of speed, compute, quality and benchmarks (see above)
+    repeat=3,                       # --suite: timed runs per path (the median is reported)
+    decode_tokens=32,               # --suite: greedy steps timed after a prompt of seq_len tokens
     by_class=False,                 # density by token class (skips.py)
     by_position=False,              # density by position in the window (skips.py)
 )
 RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
               target_compute=Range(0, 1, open_lo=True), limit=AT_LEAST_0, requests_per_batch=AT_LEAST_1,
-              max_new_tokens=AT_LEAST_1)
+              max_new_tokens=AT_LEAST_1, repeat=AT_LEAST_1, decode_tokens=AT_LEAST_1)
 HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
 
 
@@ -651,8 +666,97 @@ def main_benchmarks(config, model, tok, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# What skips (--by_class, --by_position)
+# One table (--suite) and what skips (--by_class, --by_position)
 # ----------------------------------------------------------------------------------------------
+
+def synced_clock():
+    """bench.py's clock on a GPU: wait for its queued work, so that the work is counted."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def speed(model, tok, config) -> list:
+    """bench.py's [prefill row, decode row] for the model's gates as they are set now, after
+    merging LoRA into the weights (for good: call it last). Dense = the same model, routers off."""
+    T, n = config["seq_len"], config["decode_tokens"]
+    if T + n > model.cfg.max_seq_len:
+        raise ValueError(f"--seq_len={T} plus --decode_tokens={n} exceed the model's context of "
+                         f"{model.cfg.max_seq_len}: lower one of them")
+    lora.merge(model)                                  # W += scale * B A: adapters cost nothing
+    if torch.device(config["device"]).type == "cuda":
+        bench.clock = synced_clock
+    ids = bench.token_ids(tok, config["text"], T).to(model.tok_emb.weight.device)      # (T,)
+    timing = dict(prefill=(f"1x{T}",), decode_batch=1, prompt_len=T, new_tokens=n, repeat=config["repeat"])
+    print(f"speed, LoRA merged, median of {config['repeat']} runs each, dense and sparse interleaved:")
+    print(bench.HEADER)
+    return bench.bench_gates(model, timing, config["gates"], ids)
+
+
+def suite(config, model, tok, name) -> dict:
+    """--suite: speed, compute, quality and benchmarks of one sparse model (see the top)."""
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    tasks = [read_task(p) for p in task_paths(config["tasks"])] if config["tasks"] else []
+    out = dict(model=name, ckpt=config["ckpt"] or None, gates=config["gates"], text=config["text"],
+               seq_len=config["seq_len"], windows=len(chunks), route=model.cfg.route, kv=model.cfg.kv)
+    with gates_as(model, chunks, config["seq_len"], config["gates"], config["path"], config["batch_size"],
+                  config["seed"], config["target_compute"]) as path:
+        quality = compare_dense(model, chunks, config["seq_len"], config["batch_size"], path)
+        for key in ("sparse_s", "dense_s", "speedup"):   # the eval loop's seconds: the speed is timed below
+            del quality[key]
+        out.update(path=path, **quality)
+        out["perplexity_ratio"] = out["perplexity"] / out["dense_perplexity"]
+        out["tasks"] = [benchmark(model, tok, t, config["limit"], config["requests_per_batch"],
+                                  config["max_new_tokens"], ("dense", "sparse"), path)
+                        for t in tqdm(tasks, desc="tasks")]
+        out["prefill"], out["decode"] = speed(model, tok, config) if config["gates"] != "peek" else (None, None)
+    for mode in ("prefill", "decode"):                 # peek gates compute f(x) to decide: nothing to time
+        out[f"{mode}_speedup"] = out[mode]["speedup"] if out[mode] else None
+    out["repeat"] = config["repeat"]
+    return out
+
+
+def pm(row, key) -> str:
+    return f"{row[key]:.3f} ± {row[key + '_stderr']:.3f}"
+
+
+def suite_table(r) -> str:
+    """The suite's result as a Markdown table, one row per metric: dense | sparse | sparse vs dense."""
+    lines = [f"| metric | dense | sparse ({r['gates']} gates) | sparse vs dense |", "|---|---|---|---|"]
+    for mode in ("prefill", "decode"):
+        b = r[mode]
+        if b is None:
+            lines.append(f"| {mode} seconds | – | – | not timed: peek gates compute f(x) to decide, "
+                         "they save nothing |")
+            continue
+        what = (f"prefill 1 x {b['seq_len']} tokens" if mode == "prefill"
+                else f"decode {b['new_tokens']} tokens after {b['seq_len'] - b['new_tokens']}")
+        lines.append(f"| {what}, seconds (LoRA merged; median of {r['repeat']}) | {b['dense_s']:.4f} | "
+                     f"{b['sparse_s']:.4f} | speedup {b['speedup']:.2f}x (FLOP model: {b['ideal_speedup']:.2f}x) |")
+    lines += [f"| compute ratio ({r['seq_len']}-token windows of the text) | 1 | {r['compute_ratio']:.3f} | "
+              f"{1 - r['compute_ratio']:.1%} fewer FLOPs per token |",
+              f"| density attn / mlp | 1 / 1 | {r['density_attn']:.3f} / {r['density_mlp']:.3f} | |",
+              f"| perplexity ({r['tokens']} tokens) | {r['dense_perplexity']:.3f} | {r['perplexity']:.3f} | "
+              f"{r['perplexity_ratio']:.3f}x |",
+              f"| KL(dense ‖ sparse) per token | 0 | {r['kl_to_dense']:.4f} | |",
+              f"| top-1 agreement with dense | 1 | {r['top1_agreement']:.3f} | |"]
+    for t in r["tasks"]:
+        compute = f", sparse compute ratio {t['compute_ratio_sparse']:.3f}" if "compute_ratio_sparse" in t else ""
+        for metric in ("acc", "acc_norm", "exact_match"):
+            if f"{metric}_dense" in t:
+                chance = f", chance {t['chance']:.3f}" if metric != "exact_match" else ""
+                delta = t[f"{metric}_sparse"] - t[f"{metric}_dense"]
+                lines.append(f"| {t['task']} {metric} (n={t['examples']}{chance}{compute}) | "
+                             f"{pm(t, f'{metric}_dense')} | {pm(t, f'{metric}_sparse')} | {delta:+.3f} |")
+    return "\n".join(lines)
+
+
+def main_suite(config, model, tok, name) -> dict:
+    out = suite(config, model, tok, name)
+    print(f"{name}, {config['ckpt'] or 'no checkpoint'}: {out['windows']} windows of {out['seq_len']} tokens "
+          f"of {config['text']}" + (f", first {config['limit'] or 'all'} examples per task" if out["tasks"] else ""))
+    print(suite_table(out))
+    return out
+
 
 def main_study(config, model, tok, name) -> dict:
     """--by_class / --by_position: what skips, as tables (and with --plot, a heatmap)."""
@@ -689,10 +793,15 @@ def check(config):
         raise ValueError("--tasks with --gates=peek needs --text=FILE, the text on which the threshold for "
                          "--target_compute is chosen")
     study = config["by_class"] or config["by_position"]
-    if study and not config["text"]:
-        raise ValueError("--by_class/--by_position needs --text=FILE")
+    if (config["suite"] or study) and not config["text"]:
+        raise ValueError(f"--{'suite' if config['suite'] else 'by_class/--by_position'} needs --text=FILE")
+    if config["suite"] and study:
+        raise ValueError("--suite and --by_class/--by_position are separate runs: pass one of them")
     if study and config["tasks"]:
         raise ValueError("--by_class/--by_position study --text, not benchmarks: drop --tasks")
+    if config["suite"] and not config["ckpt"] and config["gates"] != "peek":
+        raise ValueError("--suite compares a sparse checkpoint with its base: pass --ckpt=OUT_DIR "
+                         "(or --gates=peek for the training-free reference on --init)")
     if config["path"] not in ("compact", "masked"):
         raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
     if config["gates"] not in ("learned", "random", "open", "peek"):
@@ -746,7 +855,7 @@ def main(argv):
         name = config["init"]
         if config["gates"] == "peek":                  # the reference needs a gate on every sublayer
             router.add_routers(model)
-    mode = (main_study if config["by_class"] or config["by_position"]
+    mode = (main_suite if config["suite"] else main_study if config["by_class"] or config["by_position"]
             else main_benchmarks if config["tasks"] else None)
     if mode is not None:
         out = mode(config, model, tok, name)

@@ -1,9 +1,10 @@
-"""tests/test_eval_suite.py — eval.py's --gates=peek for --tasks, and what skips (skips.py: token
-classes, density by class and by position).
+"""tests/test_eval_suite.py — eval.py --suite (one table), --gates=peek for --tasks, and what
+skips (skips.py: token classes, density by class and by position).
 
 Hand-made pieces and gate records check the definitions; tiny model folders (conftest.py) with a
 fabricated checkpoint (test_cli.make_checkpoint: random routers, about half the gates closed)
-check that the numbers agree with eval.py's own perplexity evaluation.
+check that the numbers agree with eval.py's own perplexity evaluation. No wall-clock thresholds:
+timings are only checked for being what their ratios say.
 """
 import json
 import xml.etree.ElementTree as ET
@@ -185,6 +186,53 @@ def test_a_model_without_routers_has_nothing_to_study(ckpt, text_file):
     _, folder, _ = ckpt
     with pytest.raises(ValueError, match="no routers"):
         eval_cli.main([f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--by_position"])
+
+
+def test_suite_table_keys_and_ratios(ckpt, text_file, task_file, capsys):
+    ck, _, _ = ckpt
+    eval_cli.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--suite", f"--tasks={task_file}",
+                   "--repeat=1", "--decode_tokens=4", "--max_new_tokens=3", "--json"])
+    printed = capsys.readouterr().out
+    out = json.loads(printed.strip().splitlines()[-1])
+    model, tok, _ = load_weights.load_sparse(ck)
+    ref = eval_cli.evaluate_sparse(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN), SEQ_LEN)
+    for key in ("perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "compute_ratio", "density"):
+        assert out[key] == pytest.approx(ref[key], rel=1e-6), key
+    assert out["perplexity_ratio"] == pytest.approx(out["perplexity"] / out["dense_perplexity"])
+    assert "speedup" not in out                                         # one speed: the timed one
+    for mode, queries in (("prefill", None), ("decode", 4)):
+        b = out[mode]
+        assert b["gates"] == "learned" and b["new_tokens"] == queries
+        assert out[f"{mode}_speedup"] == b["speedup"] == pytest.approx(b["dense_s"] / b["sparse_s"])
+        assert b["efficiency"] == pytest.approx(b["speedup"] / b["ideal_speedup"])
+        assert 0 < b["density"] < 1 and b["ideal_speedup"] > 1
+    assert out["prefill"]["seq_len"] == SEQ_LEN and out["decode"]["seq_len"] == SEQ_LEN + 4
+    task, = out["tasks"]
+    for metric in ("acc", "acc_norm", "exact_match"):
+        assert {f"{metric}_dense", f"{metric}_sparse", f"{metric}_sparse_stderr"} <= set(task)
+    assert 0 < task["density_sparse"] < 1 and 0 < task["compute_ratio_sparse"] < 1
+    for label in ("prefill 1 x 16 tokens", "decode 4 tokens after 16", "perplexity", "KL", "top-1",
+                  "tiny acc (n=3", "tiny exact_match"):
+        assert f"| {label}" in printed, label
+
+
+def test_suite_with_peek_gates_has_no_speed_and_lands_on_its_target(ckpt, text_file, capsys):
+    ck, _, _ = ckpt
+    eval_cli.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--suite", "--gates=peek",
+                   "--target_compute=0.8", "--json"])
+    printed = capsys.readouterr().out
+    out = json.loads(printed.strip().splitlines()[-1])
+    assert out["prefill"] is out["decode"] is out["prefill_speedup"] is out["decode_speedup"] is None
+    assert out["path"] == "masked" and out["compute_ratio"] == pytest.approx(0.8, abs=0.005)
+    assert "not timed: peek gates" in printed
+
+
+def test_suite_needs_a_checkpoint_or_peek(ckpt, text_file):
+    _, folder, _ = ckpt
+    with pytest.raises(ValueError, match="--suite compares a sparse checkpoint"):
+        eval_cli.main([f"--init={folder}", f"--text={text_file}", "--suite"])
+    with pytest.raises(ValueError, match="--suite needs --text"):
+        eval_cli.main([f"--ckpt={ckpt[0]}", "--tasks=x.json", "--suite"])
 
 
 # ----------------------------------------------------------------------------------------------
