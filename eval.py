@@ -55,7 +55,29 @@ and `target_scores` {choice: score}, the highest-scored choices correct; arithme
   the first match of the file's output_regex in the generated text, else the first number
   ([-+]?\\d+(\\.\\d+)?); it scores 1 when it equals the target.
 - each score is a mean over n examples, reported with its standard error sqrt(p (1 - p) / n);
-  with --ckpt, dense (LoRA off, every gate open) and sparse (--gates) side by side.
+  with --ckpt, dense (LoRA off, every gate open) and sparse (--gates) side by side, and the
+  sparse model's density and compute ratio on the multiple-choice tokens themselves (padding
+  left out; the compute ratio at their mean length).
+- --gates=random keeps the densities the learned gates show on --text; --gates=peek takes the
+  threshold that gives --target_compute on --text (so both need it), scores the choices on the
+  masked path, and generates on the masked path without a KV cache (each new token recomputes
+  the whole sequence: slower, and the same tokens as cached decoding would give).
+
+--suite is one table for one checkpoint (--ckpt and --text; with --tasks, its benchmarks too),
+one row per metric, dense | sparse | sparse vs dense, and its JSON:
+- quality on --text as above: perplexity of both and their ratio, KL, top-1 agreement, density,
+  compute ratio; with --tasks every benchmark, dense vs sparse;
+- speed, measured last, with bench.py's timing: the LoRA adapters are merged into the weights
+  first (so they cost nothing), and the model with its gates runs against the same model with
+  routers off, in this process, interleaved: prefill of the text's first 1 x seq_len tokens, and
+  --decode_tokens greedy KV-cached steps after a prompt of seq_len tokens; medians of --repeat
+  runs; speedup = dense seconds / sparse seconds, beside the FLOP model's 1 / compute ratio.
+  Peek gates compute f(x) to decide, so they save nothing: they get no speed.
+
+--by_class and --by_position show what skips, under the gates of --gates: density per token
+class (digits, punctuation, first piece of a word, function words, code, ...) and per position
+bucket in the window, overall and per layer (skips.py defines the classes and the buckets); with
+--plot, a heatmap of both.
 
 Every option below is --key=value or --key value (python eval.py --help lists them). --json
 prints the results as one JSON object on the last line.
@@ -78,10 +100,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import bench
 import load_weights
 import lora
 import router
 import sample
+import skips
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from data.prepare import consecutive_windows
 from flops import compute_ratio, skip_savings
@@ -100,17 +124,23 @@ DEFAULTS = dict(
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random
     json=False,                     # print the results as one JSON object on the last line
-    plot="",                        # --ckpt: write density per layer to this .svg file
+    plot="",                        # --ckpt: write density per layer to this .svg file (with
+                                    # --by_class/--by_position: density per group and layer)
     frontier="",                    # eval.py --json result files (comma-separated, globs allowed):
                                     # draw perplexity vs compute ratio per gates to --plot, then stop
     tasks="",                       # benchmarks: a folder of BIG-bench task .json files, or files joined by ","
     limit=0,                        # benchmarks: the first N examples of each task; 0 = all
     requests_per_batch=16,          # benchmarks: (context, continuation) pairs or prompts per forward pass
     max_new_tokens=16,              # benchmarks: longest generated answer (exact match)
+    suite=False,                    # --ckpt: one table of speed, compute, quality and benchmarks (see above)
+    repeat=3,                       # --suite: timed runs per path (the median is reported)
+    decode_tokens=32,               # --suite: greedy steps timed after a prompt of seq_len tokens
+    by_class=False,                 # density by token class (skips.py)
+    by_position=False,              # density by position in the window (skips.py)
 )
 RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
               target_compute=Range(0, 1, open_lo=True), limit=AT_LEAST_0, requests_per_batch=AT_LEAST_1,
-              max_new_tokens=AT_LEAST_1)
+              max_new_tokens=AT_LEAST_1, repeat=AT_LEAST_1, decode_tokens=AT_LEAST_1)
 HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
 
 
@@ -150,10 +180,10 @@ def dense_hidden(model, x):
 
 
 @torch.no_grad()
-def evaluate(model, chunks, batch_size=4, compare=False, path="compact"):
+def evaluate(model, chunks, batch_size=4, compare=False, path="compact", desc=None):
     """Sums over the windows chunks (N, L): the model's NLL and seconds (model_s); with compare,
     the model is the sparse one (path), also run against its dense base: the base's NLL,
-    KL, top-1 agreement and seconds (dense_s).
+    KL, top-1 agreement and seconds (dense_s). desc: the progress bar's label (None: no bar).
 
     Returns (sums, router.GateStats of the model's gate decisions).
     """
@@ -164,7 +194,7 @@ def evaluate(model, chunks, batch_size=4, compare=False, path="compact"):
         first = chunks[:1, :-1].to(device)
         sparse_hidden(model, first, path)
         dense_hidden(model, first)
-    for batch in chunks.to(device).split(batch_size):
+    for batch in tqdm(chunks.to(device).split(batch_size), desc=desc, disable=desc is None, leave=False):
         x, y = batch[:, :-1], batch[:, 1:]                        # (B, T) inputs and their next tokens
         with watch("model"):
             h, records = sparse_hidden(model, x, path)            # (B, T, d)
@@ -191,10 +221,11 @@ def evaluate(model, chunks, batch_size=4, compare=False, path="compact"):
 
 
 @torch.no_grad()
-def gate_stats(model, chunks, batch_size=4, path="compact") -> router.GateStats:
+def gate_stats(model, chunks, batch_size=4, path="compact", desc=None) -> router.GateStats:
     """The gate decisions of the model on the windows chunks (N, L), without scoring them."""
     stats = router.GateStats()
-    for batch in chunks.to(model.tok_emb.weight.device).split(batch_size):
+    batches = chunks.to(model.tok_emb.weight.device).split(batch_size)
+    for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
         stats.add(model(batch[:, :-1], masked=path == "masked", return_hidden=True)[1])
     return stats
 
@@ -209,7 +240,8 @@ def peek_threshold(model, chunks, seq_len, target: float, batch_size=4, tol=0.00
 
     def excess(t):                                       # compute ratio at threshold t, minus target
         with router.forced(model, router.peek_gates(model, t, savings)), lora.disabled(model):
-            return compute_ratio(model.cfg, seq_len, gate_stats(model, chunks, batch_size, "masked").density()) - target
+            stats = gate_stats(model, chunks, batch_size, "masked", f"peek threshold {t:.2f}")
+            return compute_ratio(model.cfg, seq_len, stats.density()) - target
 
     lo, hi = -40.0, 10.0                                 # every token computes / only the sinks do
     f_lo, f_hi = excess(lo), excess(hi)
@@ -231,21 +263,36 @@ def peek_threshold(model, chunks, seq_len, target: float, batch_size=4, tol=0.00
     raise ValueError(f"no peek threshold reaches --target_compute={target} within {tol}")
 
 
+@contextmanager
+def gates_as(model, chunks, seq_len, gates="learned", path="compact", batch_size=4, seed=1337, target_compute=0.9):
+    """Inside the block the model's gates are as --gates says (see the docstring on top); yields
+    the path to run them on (peek gates decide from f(x): masked). chunks (N, L): the windows on
+    which random gates measure the learned densities and peek gates choose their threshold."""
+    table = {} if gates == "learned" else gates
+    if gates == "random":
+        # the densities the learned routers show on this text, then coin flips at those rates
+        table = gate_stats(model, chunks, batch_size, path).density()
+    adapters_off = lora.disabled(model) if gates == "peek" else contextlib.nullcontext()
+    if gates == "peek":
+        table, path = peek_threshold(model, chunks, seq_len, target_compute, batch_size), "masked"
+    torch.manual_seed(seed)
+    with router.forced(model, table), adapters_off:
+        yield path
+
+
 def evaluate_sparse(model, chunks, seq_len, batch_size=4, path="compact", gates="learned", seed=1337,
                     target_compute=0.9) -> dict:
-    """The sparse model against its base model on the same windows (see the docstring on top).
+    """The sparse model against its base model on the same windows (see the docstring on top)."""
+    with gates_as(model, chunks, seq_len, gates, path, batch_size, seed, target_compute) as path:
+        return compare_dense(model, chunks, seq_len, batch_size, path)
+
+
+def compare_dense(model, chunks, seq_len, batch_size=4, path="compact") -> dict:
+    """The model as its gates are set now against its base (LoRA off, routers off) on chunks (N, L).
 
     Densities count a sublayer without a router as computed (1), per layer and in the averages.
     """
-    if gates == "random":
-        # the densities the learned routers show on this text, then coin flips at those rates
-        gates = gate_stats(model, chunks, batch_size, path).density()
-    adapters_off = lora.disabled(model) if gates == "peek" else contextlib.nullcontext()
-    if gates == "peek":
-        gates, path = peek_threshold(model, chunks, seq_len, target_compute, batch_size), "masked"
-    torch.manual_seed(seed)
-    with router.forced(model, {} if gates == "learned" else gates), adapters_off:
-        sums, stats = evaluate(model, chunks, batch_size, compare=True, path=path)
+    sums, stats = evaluate(model, chunks, batch_size, compare=True, path=path, desc="sparse and dense")
     n, L = sums["tokens"], model.cfg.n_layers
     return dict(
         perplexity=math.exp(sums["nll"] / n), nll=sums["nll"] / n, tokens=int(n),
@@ -419,14 +466,17 @@ def encode_pair(tok, context: str, continuation: str):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, requests, batch_size=16, dense=False, desc=None) -> list:
+def continuation_logprobs(model, requests, batch_size=16, dense=False, desc=None, path="compact",
+                          stats=None) -> list:
     """requests: (context ids, continuation ids) pairs -> (log p(continuation | context), greedy) each.
 
     Each pair is read as context + continuation without its last token, right-padded to the
     longest of its batch (attention is causal: padding after a sequence never reaches it); the
     continuation's log-probabilities come from the positions just before its tokens. greedy:
     every continuation token is the argmax (lm_eval's is_greedy). A pair longer than the model's
-    context keeps its last max_seq_len + 1 tokens, as lm_eval truncates. dense: LoRA off, routers off.
+    context keeps its last max_seq_len + 1 tokens, as lm_eval truncates. dense: LoRA off, routers off;
+    else the model as its gates are set, on path. stats: a router.GateStats that counts the gates
+    of the requests' own tokens (not the padding).
     """
     device, L = model.tok_emb.weight.device, model.cfg.max_seq_len
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
@@ -436,7 +486,14 @@ def continuation_logprobs(model, requests, batch_size=16, dense=False, desc=None
             seqs = [(requests[i][0] + requests[i][1])[-(L + 1):-1] for i in idx]
             T = max(map(len, seqs))
             x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)   # (B, T) right-padded
-            h = dense_hidden(model, x) if dense else sparse_hidden(model, x)[0]        # (B, T, d)
+            if dense:
+                h = dense_hidden(model, x)                                              # (B, T, d)
+            else:
+                h, records = sparse_hidden(model, x, path)
+                if stats is not None:                                                   # padding left out
+                    lengths = torch.tensor([len(s) for s in seqs], device=device)
+                    real = torch.arange(T, device=device) < lengths[:, None]               # (B, T)
+                    stats.add(router.GateRecord(r.layer, r.kind, r.z, r.keep[real]) for r in records)
             for b, i in enumerate(idx):
                 cont = torch.tensor(requests[i][1], device=device)                      # (n,)
                 end = len(seqs[b])
@@ -453,13 +510,33 @@ def cut_at(text: str, until) -> str:
     return text
 
 
-def generate_batch(model, tok, x, until, max_new_tokens, dense=False, temperature=0.0) -> list:
+@torch.no_grad()
+def masked_decode(model, idx, max_new_tokens, temperature=0.0):
+    """Yield next ids (B, 1) step by step like sample.decode, without a KV cache: every step runs
+    the whole sequence (B, T + steps) on the masked path, where peek gates can decide."""
+    if idx.shape[1] + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"the prompt ({idx.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceed "
+                         f"the model's context of {model.cfg.max_seq_len} tokens: lower --max_new_tokens")
+    x = idx
+    for _ in range(max_new_tokens):
+        logits, records = model(x, masked=True, last_only=True)                   # (B, 1, V)
+        nxt = sample.sample_next(load_weights.finite(logits[:, -1]), temperature)   # (B, 1)
+        x = torch.cat([x, nxt], dim=1)
+        yield nxt, records
+
+
+def generate_batch(model, tok, x, until, max_new_tokens, dense=False, temperature=0.0, path="compact") -> list:
     """x (B, T) prompts of one length -> the text each generates, cut before its first stop string.
 
-    A sequence stops at EOS or once its text holds a stop string, the batch once all stopped."""
+    A sequence stops at EOS or once its text holds a stop string, the batch once all stopped.
+    The sparse model on the masked path decodes without a cache (masked_decode)."""
     new, done = [[] for _ in range(len(x))], [False] * len(x)
+    if path == "masked" and not dense:
+        steps = masked_decode(model, x, max_new_tokens, temperature)
+    else:
+        steps = sample.decode(model, x, max_new_tokens, temperature, eos_ids=tok.eos_ids, routers_off=dense)
     with lora.disabled(model) if dense else contextlib.nullcontext():
-        for step, _ in sample.decode(model, x, max_new_tokens, temperature, eos_ids=tok.eos_ids, routers_off=dense):
+        for step, _ in steps:
             for b, t in enumerate(step[:, 0].tolist()):                # step (B, 1)
                 if done[b]:
                     continue
@@ -474,9 +551,10 @@ def generate_batch(model, tok, x, until, max_new_tokens, dense=False, temperatur
 
 @torch.no_grad()
 def generate_until(model, tok, prompts, until=("\n",), max_new_tokens=16, batch_size=16, dense=False,
-                   temperature=0.0, desc=None) -> list:
+                   temperature=0.0, desc=None, path="compact") -> list:
     """prompts: lists of token ids -> the text generated after each (KV-cached, sample.decode;
-    greedy at temperature 0), cut before the first stop string of until.
+    greedy at temperature 0), cut before the first stop string of until; the sparse model on
+    path="masked" decodes without a cache (peek gates need it).
 
     A batch holds prompts of one token length only, so nothing is padded (the model has no
     padding mask). A prompt longer than the context less max_new_tokens keeps its last tokens.
@@ -496,7 +574,8 @@ def generate_until(model, tok, prompts, until=("\n",), max_new_tokens=16, batch_
         for members in by_length.values():
             for idx in (members[i:i + batch_size] for i in range(0, len(members), batch_size)):
                 x = torch.tensor([prompts[i] for i in idx], device=device)            # (B, T)
-                for i, text in zip(idx, generate_batch(model, tok, x, until, max_new_tokens, dense, temperature)):
+                texts = generate_batch(model, tok, x, until, max_new_tokens, dense, temperature, path)
+                for i, text in zip(idx, texts):
                     out[i] = text
                 bar.update(len(idx))
     return out
@@ -516,10 +595,12 @@ def choice_hits(lls, choices, scores):
     return float(pred in best), float(pred_norm in best)
 
 
-def multiple_choice(model, tok, task, examples, batch_size=16, dense=False, desc=None) -> dict:
-    """{"acc": [0/1 per example], "acc_norm": [...]} of the choices' log-likelihoods."""
+def multiple_choice(model, tok, task, examples, batch_size=16, dense=False, desc=None, path="compact",
+                    stats=None) -> dict:
+    """{"acc": [0/1 per example], "acc_norm": [...]} of the choices' log-likelihoods
+    (path, stats: as continuation_logprobs takes them)."""
     requests = [encode_pair(tok, prompt(task, ex), choice) for ex in examples for choice in ex["target_scores"]]
-    lls = iter([ll for ll, _ in continuation_logprobs(model, requests, batch_size, dense, desc)])
+    lls = iter([ll for ll, _ in continuation_logprobs(model, requests, batch_size, dense, desc, path, stats)])
     hits = {"acc": [], "acc_norm": []}
     for ex in examples:
         mine = [next(lls) for _ in ex["target_scores"]]           # this example's choices, in order
@@ -529,10 +610,11 @@ def multiple_choice(model, tok, task, examples, batch_size=16, dense=False, desc
     return hits
 
 
-def exact_match(model, tok, task, examples, batch_size=16, max_new_tokens=16, dense=False, desc=None) -> list:
+def exact_match(model, tok, task, examples, batch_size=16, max_new_tokens=16, dense=False, desc=None,
+                path="compact") -> list:
     """0/1 per example: the answer extracted from the greedy generation equals the target."""
     prompts = [tok.encode(prompt(task, ex)) for ex in examples]
-    texts = generate_until(model, tok, prompts, ("\n",), max_new_tokens, batch_size, dense, desc=desc)
+    texts = generate_until(model, tok, prompts, ("\n",), max_new_tokens, batch_size, dense, desc=desc, path=path)
     targets = [ex["target"] if isinstance(ex["target"], list) else [ex["target"]] for ex in examples]
     return [float(extract_answer(t, task.output_regex) in [str(a).strip() for a in ts])
             for t, ts in zip(texts, targets)]
@@ -544,21 +626,31 @@ def mean_stderr(hits) -> tuple:
     return p, math.sqrt(p * (1 - p) / len(hits))
 
 
-def benchmark(model, tok, task, limit=0, batch_size=16, max_new_tokens=16, variants=("dense",)) -> dict:
+def benchmark(model, tok, task, limit=0, batch_size=16, max_new_tokens=16, variants=("dense",),
+              path="compact") -> dict:
     """One task's row: examples, chance, and for each metric and variant ("dense": LoRA off,
-    routers off; "sparse": the model as its routers are set) the score and its standard error."""
+    routers off; "sparse": the model as its routers are set, on path) the score and its standard
+    error; for "sparse" also the density and compute ratio on the multiple-choice tokens."""
     examples = task.examples[:limit or None]
     scores = [list(ex["target_scores"].values()) for ex in examples]
     row = dict(task=task.name, examples=len(examples),
                chance=sum(s.count(max(s)) / len(s) for s in scores) / len(examples))
     for variant in variants:
         dense = variant == "dense"
-        metrics = multiple_choice(model, tok, task, examples, batch_size, dense, f"{task.name} {variant} mc")
+        stats = None if dense else router.GateStats()
+        metrics = multiple_choice(model, tok, task, examples, batch_size, dense, f"{task.name} {variant} mc",
+                                  path, stats)
         if task.exact_match and all("target" in ex for ex in examples):
             metrics["exact_match"] = exact_match(model, tok, task, examples, batch_size, max_new_tokens, dense,
-                                                 f"{task.name} {variant} generate")
+                                                 f"{task.name} {variant} generate", path)
         for metric, hits in metrics.items():
             row[f"{metric}_{variant}"], row[f"{metric}_{variant}_stderr"] = mean_stderr(hits)
+        if stats is not None and stats.slots:
+            tokens = next(iter(stats.slots.values()))             # the requests' tokens, all of them
+            requests = sum(len(ex["target_scores"]) for ex in examples)
+            row[f"density_{variant}"] = stats.mean(n_layers=model.cfg.n_layers)
+            row[f"compute_ratio_{variant}"] = compute_ratio(model.cfg, max(1, round(tokens / requests)),
+                                                            stats.density())
     return row
 
 
@@ -575,28 +667,138 @@ def benchmark_table(rows, variants) -> str:
     return "\n".join(lines)
 
 
-def benchmark_gates(model, tok, config):
-    """What router.forced gets for --gates on a benchmark: {} (learned), "open", or for random
-    the per-sublayer densities the learned gates show on --text (its first --max_chunks windows)."""
-    if config["gates"] != "random":
-        return {} if config["gates"] == "learned" else config["gates"]
-    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
-    return gate_stats(model, chunks, config["batch_size"]).density()
-
-
 def main_benchmarks(config, model, tok, name):
-    """--tasks: every task file, dense (and with --ckpt, sparse), printed as a table."""
-    variants = ("dense", "sparse") if config["ckpt"] else ("dense",)
+    """--tasks: every task file, dense (and with --ckpt or --gates=peek, sparse), printed as a table."""
+    variants = ("dense", "sparse") if config["ckpt"] or config["gates"] == "peek" else ("dense",)
     tasks = [read_task(p) for p in task_paths(config["tasks"])]
-    torch.manual_seed(config["seed"])
-    with router.forced(model, benchmark_gates(model, tok, config) if config["ckpt"] else {}):
+    gates = config["gates"] if "sparse" in variants else "learned"
+    chunks = None                                       # the windows random and peek gates are set on
+    if config["text"]:
+        chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    with gates_as(model, chunks, config["seq_len"], gates, config["path"], config["batch_size"], config["seed"],
+                  config["target_compute"]) as path:
         rows = [benchmark(model, tok, t, config["limit"], config["requests_per_batch"], config["max_new_tokens"],
-                          variants) for t in tqdm(tasks, desc="tasks")]
-    print(f"{name}" + (f", sparse gates {config['gates']}" if config["ckpt"] else "")
+                          variants, path) for t in tqdm(tasks, desc="tasks")]
+    print(f"{name}" + (f", sparse gates {gates}" if "sparse" in variants else "")
           + f": first {config['limit'] or 'all'} examples per task")
     print(benchmark_table(rows, variants))
-    return dict(model=name, ckpt=config["ckpt"] or None, gates=config["gates"] if config["ckpt"] else None,
+    return dict(model=name, ckpt=config["ckpt"] or None, gates=gates if "sparse" in variants else None,
                 limit=config["limit"], tasks=rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# One table (--suite) and what skips (--by_class, --by_position)
+# ----------------------------------------------------------------------------------------------
+
+def synced_clock():
+    """bench.py's clock on a GPU: wait for its queued work, so that the work is counted."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def speed(model, tok, config) -> list:
+    """bench.py's [prefill row, decode row] for the model's gates as they are set now, after
+    merging LoRA into the weights (for good: call it last). Dense = the same model, routers off."""
+    T, n = config["seq_len"], config["decode_tokens"]
+    if T + n > model.cfg.max_seq_len:
+        raise ValueError(f"--seq_len={T} plus --decode_tokens={n} exceed the model's context of "
+                         f"{model.cfg.max_seq_len}: lower one of them")
+    lora.merge(model)                                  # W += scale * B A: adapters cost nothing
+    if torch.device(config["device"]).type == "cuda":
+        bench.clock = synced_clock
+    ids = bench.token_ids(tok, config["text"], T).to(model.tok_emb.weight.device)      # (T,)
+    timing = dict(prefill=(f"1x{T}",), decode_batch=1, prompt_len=T, new_tokens=n, repeat=config["repeat"])
+    print(f"speed, LoRA merged, median of {config['repeat']} runs each, dense and sparse interleaved:")
+    print(bench.HEADER)
+    return bench.bench_gates(model, timing, config["gates"], ids)
+
+
+def suite(config, model, tok, name) -> dict:
+    """--suite: speed, compute, quality and benchmarks of one sparse model (see the top)."""
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    tasks = [read_task(p) for p in task_paths(config["tasks"])] if config["tasks"] else []
+    out = dict(model=name, ckpt=config["ckpt"] or None, gates=config["gates"], text=config["text"],
+               seq_len=config["seq_len"], windows=len(chunks), route=model.cfg.route, kv=model.cfg.kv)
+    with gates_as(model, chunks, config["seq_len"], config["gates"], config["path"], config["batch_size"],
+                  config["seed"], config["target_compute"]) as path:
+        quality = compare_dense(model, chunks, config["seq_len"], config["batch_size"], path)
+        for key in ("sparse_s", "dense_s", "speedup"):   # the eval loop's seconds: the speed is timed below
+            del quality[key]
+        out.update(path=path, **quality)
+        out["perplexity_ratio"] = out["perplexity"] / out["dense_perplexity"]
+        out["tasks"] = [benchmark(model, tok, t, config["limit"], config["requests_per_batch"],
+                                  config["max_new_tokens"], ("dense", "sparse"), path)
+                        for t in tqdm(tasks, desc="tasks")]
+        out["prefill"], out["decode"] = speed(model, tok, config) if config["gates"] != "peek" else (None, None)
+    for mode in ("prefill", "decode"):                 # peek gates compute f(x) to decide: nothing to time
+        out[f"{mode}_speedup"] = out[mode]["speedup"] if out[mode] else None
+    out["repeat"] = config["repeat"]
+    return out
+
+
+def pm(row, key) -> str:
+    return f"{row[key]:.3f} ± {row[key + '_stderr']:.3f}"
+
+
+def suite_table(r) -> str:
+    """The suite's result as a Markdown table, one row per metric: dense | sparse | sparse vs dense."""
+    lines = [f"| metric | dense | sparse ({r['gates']} gates) | sparse vs dense |", "|---|---|---|---|"]
+    for mode in ("prefill", "decode"):
+        b = r[mode]
+        if b is None:
+            lines.append(f"| {mode} seconds | – | – | not timed: peek gates compute f(x) to decide, "
+                         "they save nothing |")
+            continue
+        what = (f"prefill 1 x {b['seq_len']} tokens" if mode == "prefill"
+                else f"decode {b['new_tokens']} tokens after {b['seq_len'] - b['new_tokens']}")
+        lines.append(f"| {what}, seconds (LoRA merged; median of {r['repeat']}) | {b['dense_s']:.4f} | "
+                     f"{b['sparse_s']:.4f} | speedup {b['speedup']:.2f}x (FLOP model: {b['ideal_speedup']:.2f}x) |")
+    lines += [f"| compute ratio ({r['seq_len']}-token windows of the text) | 1 | {r['compute_ratio']:.3f} | "
+              f"{1 - r['compute_ratio']:.1%} fewer FLOPs per token |",
+              f"| density attn / mlp | 1 / 1 | {r['density_attn']:.3f} / {r['density_mlp']:.3f} | |",
+              f"| perplexity ({r['tokens']} tokens) | {r['dense_perplexity']:.3f} | {r['perplexity']:.3f} | "
+              f"{r['perplexity_ratio']:.3f}x |",
+              f"| KL(dense ‖ sparse) per token | 0 | {r['kl_to_dense']:.4f} | |",
+              f"| top-1 agreement with dense | 1 | {r['top1_agreement']:.3f} | |"]
+    for t in r["tasks"]:
+        compute = f", sparse compute ratio {t['compute_ratio_sparse']:.3f}" if "compute_ratio_sparse" in t else ""
+        for metric in ("acc", "acc_norm", "exact_match"):
+            if f"{metric}_dense" in t:
+                chance = f", chance {t['chance']:.3f}" if metric != "exact_match" else ""
+                delta = t[f"{metric}_sparse"] - t[f"{metric}_dense"]
+                lines.append(f"| {t['task']} {metric} (n={t['examples']}{chance}{compute}) | "
+                             f"{pm(t, f'{metric}_dense')} | {pm(t, f'{metric}_sparse')} | {delta:+.3f} |")
+    return "\n".join(lines)
+
+
+def main_suite(config, model, tok, name) -> dict:
+    out = suite(config, model, tok, name)
+    print(f"{name}, {config['ckpt'] or 'no checkpoint'}: {out['windows']} windows of {out['seq_len']} tokens "
+          f"of {config['text']}" + (f", first {config['limit'] or 'all'} examples per task" if out["tasks"] else ""))
+    print(suite_table(out))
+    return out
+
+
+def main_study(config, model, tok, name) -> dict:
+    """--by_class / --by_position: what skips, as tables (and with --plot, a heatmap)."""
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    classes = skips.window_classes(tok, chunks, tok.adds_bos) if config["by_class"] else None
+    with gates_as(model, chunks, config["seq_len"], config["gates"], config["path"], config["batch_size"],
+                  config["seed"], config["target_compute"]) as path:
+        found = skips.study(model, chunks, classes, config["batch_size"], path)
+    if not config["by_position"]:
+        del found["positions"]
+    out = dict(model=name, ckpt=config["ckpt"] or None, gates=config["gates"], path=path, text=config["text"],
+               seq_len=config["seq_len"], windows=len(chunks), **found)
+    print(f"{name}, gates {config['gates']}: {len(chunks)} windows of {config['seq_len']} tokens")
+    groups = [(title, out[key]) for key, title in (("classes", "token class"), ("positions", "position in the window"))
+              if key in out]
+    for title, rows in groups:
+        print(skips.table(rows, title))
+    if config["plot"]:
+        title = f"{name}: where it skips ({config['gates']} gates, {config['seq_len']}-token windows)"
+        write_plot(config["plot"], skips.heatmap_svg(groups, model.cfg.n_layers, title))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,19 +807,39 @@ def check(config):
     if not config["text"] and not config["tasks"]:
         raise ValueError("nothing to score: pass --text=FILE (perplexity) or --tasks=DIR (benchmarks)")
     check_ranges(config, RANGES)
-    if config["tasks"] and config["gates"] == "peek":
-        raise ValueError("--gates=peek is not available for --tasks yet: use learned, random or open")
     if config["tasks"] and config["gates"] == "random" and not (config["ckpt"] and config["text"]):
         raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
                          "learned gates' densities are measured")
+    if config["tasks"] and config["gates"] == "peek" and not config["text"]:
+        raise ValueError("--tasks with --gates=peek needs --text=FILE, the text on which the threshold for "
+                         "--target_compute is chosen")
+    study = config["by_class"] or config["by_position"]
+    if (config["suite"] or study) and not config["text"]:
+        raise ValueError(f"--{'suite' if config['suite'] else 'by_class/--by_position'} needs --text=FILE")
+    if config["suite"] and study:
+        raise ValueError("--suite and --by_class/--by_position are separate runs: pass one of them")
+    if study and config["tasks"]:
+        raise ValueError("--by_class/--by_position study --text, not benchmarks: drop --tasks")
+    if config["suite"] and not config["ckpt"] and config["gates"] != "peek":
+        raise ValueError("--suite compares a sparse checkpoint with its base: pass --ckpt=OUT_DIR "
+                         "(or --gates=peek for the training-free reference on --init)")
     if config["path"] not in ("compact", "masked"):
         raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
     if config["gates"] not in ("learned", "random", "open", "peek"):
         raise ValueError(f"--gates must be learned, random, open or peek, got {config['gates']!r}")
-    if config["plot"] and not config["ckpt"]:
+    if config["plot"] and not (config["ckpt"] or study):
         raise ValueError("--plot draws the densities of a sparse model: pass --ckpt=OUT_DIR too")
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
+
+
+def write_plot(path, svg: str):
+    try:
+        with open(path, "w") as f:
+            f.write(svg)
+    except OSError as e:
+        raise ValueError(f"cannot write --plot={path} ({e}): pick a writable path") from None
+    print(f"wrote {path}")
 
 
 def read_text(path):
@@ -645,7 +867,6 @@ def main(argv):
     if config["frontier"]:
         return draw_frontier(config["frontier"], config["plot"])
     check(config)
-    text = None if config["tasks"] else read_text(config["text"])
     if config["ckpt"]:   # --init, when given, says where the checkpoint's base model is now
         model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], config["device"],
                                                     given.get("init"))
@@ -655,12 +876,14 @@ def main(argv):
         name = config["init"]
         if config["gates"] == "peek":                  # the reference needs a gate on every sublayer
             router.add_routers(model)
-    if config["tasks"]:
-        out = main_benchmarks(config, model, tok, name)
+    mode = (main_suite if config["suite"] else main_study if config["by_class"] or config["by_position"]
+            else main_benchmarks if config["tasks"] else None)
+    if mode is not None:
+        out = mode(config, model, tok, name)
         if config["json"]:
             print(json.dumps(out))
         return
-    chunks = windows(tok, text, config["seq_len"], config["max_chunks"])
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
     out = dict(model=name, ckpt=config["ckpt"] or None, text=config["text"], seq_len=config["seq_len"],
                windows=len(chunks), bos=tok.adds_bos)
     print(f"{name}: {len(chunks)} windows of {config['seq_len']} tokens{' + BOS' if tok.adds_bos else ''}")
@@ -690,12 +913,7 @@ def main(argv):
               f"speedup {out['speedup']:.2f}x")
         if config["plot"]:
             title = f"{name}: density {out['density']:.2f}, compute ratio {out['compute_ratio']:.2f}"
-            try:
-                with open(config["plot"], "w") as f:
-                    f.write(density_svg(out["per_layer"], title))
-            except OSError as e:
-                raise ValueError(f"cannot write --plot={config['plot']} ({e}): pick a writable path") from None
-            print(f"wrote {config['plot']}")
+            write_plot(config["plot"], density_svg(out["per_layer"], title))
     if config["json"]:
         print(json.dumps(out))
 

@@ -187,9 +187,16 @@ def test_random_gates_on_a_benchmark_take_the_learned_densities_of_text(tiny, tm
     ckpt = make_checkpoint(tmp_path / "ckpt", folder)
     text = tmp_path / "val.txt"
     text.write_text(" ".join(TASK.examples[0]["input"].split() * 40))
+    task = tmp_path / "tiny.json"
+    task.write_text(json.dumps({"examples": TASK.examples, "example_input_prefix": "", "example_output_prefix": " "}))
+    seen, real = {}, eval_cli.benchmark
+
+    def spy(model, *args, **kwargs):                    # the gates while the task is scored
+        seen.update({(layer, kind): (r.mode, r.density) for layer, kind, r in router.routers(model)})
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(eval_cli, "benchmark", spy)
+    eval_cli.main([f"--ckpt={ckpt}", f"--tasks={task}", "--gates=random", f"--text={text}", "--seq_len=16"])
     model, tok, _ = load_weights.load_sparse(ckpt)
-    config = dict(eval_cli.DEFAULTS, ckpt=str(ckpt), gates="random", text=str(text), seq_len=16)
-    densities = eval_cli.benchmark_gates(model, tok, config)
-    chunks = eval_cli.windows(tok, text.read_text(), 16)
-    assert densities == eval_cli.gate_stats(model, chunks).density()
+    densities = eval_cli.gate_stats(model, eval_cli.windows(tok, text.read_text(), 16)).density()
+    assert seen == {key: ("random", d) for key, d in densities.items()}
     assert 0 < min(densities.values()) and max(densities.values()) < 1     # gates really half open
