@@ -497,19 +497,46 @@ def fsync(path: Path):
         os.close(fd)
 
 
-def write_parts(folder: Path, model, opt, state: dict, meta: dict):
-    """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
-    (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors)."""
-    it = str(state["iter"])
+def trained_state(model, opt) -> tuple:
+    """What a checkpoint keeps of a run: ({name: tensor} of the routers and LoRA, {name.key: tensor}
+    of their AdamW moments and step counts), whole, as plain tensors.
+
+    Under train.py --fsdp these parameters and moments are shards (DTensors), gathered here into
+    whole tensors: every process must call this, in the same order, even those that write nothing.
+    """
     params = trained_parameters(model)
-    tensors = {n: p.detach().contiguous() for n, p in params.items()}
-    save_file(tensors, str(folder / CKPT_TENSORS), metadata={"iter": it})
-    save_step("trained written")
+    tensors = {n: whole(p.detach()) for n, p in params.items()}
     names = {p: n for n, p in params.items()}
-    optim = {"rng.torch": torch.get_rng_state(), "rng.data": state.pop("data_rng")}
+    optim = {}
     for p, s in opt.state.items():
         for k, v in s.items():
-            optim[f"{names[p]}.{k}"] = v.detach().reshape(-1) if k == "step" else v.detach().contiguous()
+            optim[f"{names[p]}.{k}"] = whole(v.detach()).reshape(-1) if k == "step" else whole(v.detach())
+    return tensors, optim
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """t, or the whole tensor when train.py --fsdp holds t sharded across processes (a DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def held_as(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor t as parameter p holds it: t itself, or under train.py --fsdp (p a DTensor)
+    this process's shard of t (every process must call this, in the same order)."""
+    if not hasattr(p, "device_mesh"):
+        return t
+    from torch.distributed.tensor import distribute_tensor   # already loaded, since p is a DTensor
+    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+
+
+def write_parts(folder: Path, tensors: dict, optim: dict, state: dict, meta: dict):
+    """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
+    (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors).
+    tensors, optim: trained_state(model, opt)."""
+    it = str(state["iter"])
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / CKPT_TENSORS), metadata={"iter": it})
+    save_step("trained written")
+    optim = {"rng.torch": torch.get_rng_state(), "rng.data": state.pop("data_rng"),
+             **{k: v.contiguous() for k, v in optim.items()}}
     save_file(optim, str(folder / CKPT_OPTIM), metadata={"iter": it})
     save_step("optim written")
     (folder / CKPT_JSON).write_text(json.dumps(dict(meta, train_state=state), indent=1))
@@ -537,8 +564,9 @@ def current_name(out_dir: Path):
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
-    """Write a checkpoint of out_dir as a new set, then make it the current one (see above)."""
+def save_checkpoint(out_dir, tensors: dict, optim: dict, state: dict, meta: dict):
+    """Write a checkpoint of out_dir as a new set, then make it the current one (see above).
+    tensors, optim: trained_state(model, opt)."""
     out_dir, folder = Path(out_dir), None
     previous = current_name(out_dir)
     try:
@@ -546,7 +574,7 @@ def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
         folder = out_dir / f"{CKPT_PREFIX}{state['iter']:06d}-{os.urandom(3).hex()}"   # a new name every save
         folder.mkdir()
         save_step("folder made")
-        write_parts(folder, model, opt, state, meta)
+        write_parts(folder, tensors, optim, state, meta)
         switch_latest(out_dir, folder.name)
     except OSError as e:   # a full disk, a quota, a read-only file system
         if folder is not None and current_name(out_dir) != folder.name:
@@ -625,7 +653,9 @@ def load_trained(model, out_dir):
         if tensors[n].shape != p.shape:
             raise LoadError(f"{folder}/{CKPT_TENSORS}: {n} has shape {tuple(tensors[n].shape)}, the model "
                             f"expects {tuple(p.shape)}: the checkpoint does not match {CKPT_JSON}")
-    model.load_state_dict(tensors, strict=False)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(held_as(p, tensors[n]))
 
 
 def load_checkpoint(out_dir, model, opt) -> dict:
@@ -635,8 +665,8 @@ def load_checkpoint(out_dir, model, opt) -> dict:
     optim = read_part(checkpoint_folder(out_dir), CKPT_OPTIM, state["iter"])
     for n, p in trained_parameters(model).items():
         if f"{n}.exp_avg" in optim:
-            opt.state[p] = {"step": optim[f"{n}.step"].reshape(()), "exp_avg": optim[f"{n}.exp_avg"],
-                            "exp_avg_sq": optim[f"{n}.exp_avg_sq"]}
+            opt.state[p] = {"step": optim[f"{n}.step"].reshape(()), "exp_avg": held_as(p, optim[f"{n}.exp_avg"]),
+                            "exp_avg_sq": held_as(p, optim[f"{n}.exp_avg_sq"])}
     torch.set_rng_state(optim["rng.torch"])
     state["data_rng"] = optim["rng.data"]
     return state

@@ -372,16 +372,22 @@ def gated(h, y, g: Optional[router.GateRecord]):
     return h + y if g is None else h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
 
 
-@dataclass
 class Context:
-    """What every block of one forward call shares."""
-    pos: torch.Tensor            # (1, T) original positions
-    rope: dict                   # is_sliding -> (cos, sin), each (1, T, D)
-    cache: Optional[compact.KVCache]
-    masked: bool                 # the training path
-    routers_off: bool            # every token computes every sublayer
-    records: list                # router.GateRecord of every routed sublayer, in order
-    sink: Optional[torch.Tensor] = None   # (B, T) bool tokens that always compute, or None
+    """What every block of one forward call shares.
+
+    A plain class, not a dataclass: FSDP (train.py --fsdp) rebuilds a sharded module's dataclass
+    arguments that hold tensors needing gradients, so every block after the first would append
+    its gate records to a copy of `records`.
+    """
+
+    def __init__(self, pos, rope, cache, masked, routers_off, records, sink=None):
+        self.pos = pos                   # (1, T) original positions
+        self.rope = rope                 # is_sliding -> (cos, sin), each (1, T, D)
+        self.cache = cache               # compact.KVCache or None
+        self.masked = masked             # the training path
+        self.routers_off = routers_off   # every token computes every sublayer
+        self.records = records           # router.GateRecord of every routed sublayer, in order
+        self.sink = sink                 # (B, T) bool tokens that always compute, or None
 
 
 class Model(nn.Module):
