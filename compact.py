@@ -134,9 +134,10 @@ def attention(a, out, h, x, keep, cos, sin, pos, cache, kv: str):
         k, v = a.project_kv(x, cos, sin)                        # (B, Hkv, T, D)
         if cache is not None:
             cache.append(k, v, pos)
-            k, v, _, _ = cache.view()                           # key s is the token at position s
     if n == 0:
-        return h                                                # nobody asks: no q, no wo
+        return h                                                # nobody asks: no q, no wo, no keys read
+    if kv == "all" and cache is not None:
+        k, v, _, _ = cache.view()                               # key s is the token at position s
     p = pack(keep)
     xp = to_packed(x.flatten(0, 1)[p.flat], p, B)               # (B, Tp, d)
     q_pos = to_packed(pos[0][p.t_idx], p, B)                    # (B, Tp) original positions
