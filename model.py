@@ -260,13 +260,18 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos, cache=None, key_ok=None):
         """x (B, T, d) -> (B, T, d): every token attends to the keys before it (and itself).
         cos, sin (1, T, D); pos (B, T) positions; cache: this layer's compact.LayerCache, which
-        the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept")."""
+        the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept").
+        A sliding layer over more tokens than its window attends in blocks of queries, each over
+        the band of keys its window reaches (T x (window + block) scores, not T x T); without a
+        cache the call's tokens start at position 0, so key s is the token at position s."""
         q = self.project_q(x, cos, sin)                                   # (B, H, T, D)
         k, v = self.project_kv(x, cos, sin)                               # (B, Hkv, T, D)
         if cache is not None:
             return self.wo(compact.attend_cache(self, q, k, v, pos, cache))
         if key_ok is None and self.window is None and self.softcap is None:
             return self.wo(self.attend(q, k, v, None, causal=True))      # the fused causal kernel
+        if key_ok is None and self.window is not None and x.shape[1] > self.window:
+            return self.wo(compact.attend_blocks(self, q, k, v, pos))    # a sliding layer: only its band
         mask = self.mask(pos, pos)                                        # (B, 1, T, T)
         return self.wo(self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None]))
 
