@@ -6,6 +6,7 @@
     python bench.py --ckpt=out/smol         # its base model, plus the learned gates of this train.py checkpoint
     python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
     python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --vs_hf      # ours vs transformers
+    python bench.py --init=checkpoints/smollm2-135m-instruct --dtype=bfloat16 --load_rss   # loading's memory
 
 Both paths run in the same process on the same weights: the dense path is
 model(idx, routers_off=True), the sparse path is the compacted default, where a skipped
@@ -28,6 +29,10 @@ turned into saved time).
 same folder: one forward over 1 x hf_seq_len tokens, and greedy generation of hf_new_tokens
 after hf_prompt_len prompt tokens with a KV cache (speedup = hf_s / ours_s).
 
+--load_rss measures loading instead (Linux): a fresh process loads the weights in --dtype and reads
+each of them once, and the row gives its peak resident memory above what it held before the load
+(torch, and its ~70 MB of one-time imports on the first model built), against the weights' size.
+
 Timings on a shared CPU are noisy: read the ratios, and keep --threads at what you deploy.
 OMP_WAIT_POLICY defaults to PASSIVE here (see below); export OMP_WAIT_POLICY=ACTIVE to bench
 with spinning threads on a machine of your own.
@@ -36,6 +41,7 @@ Every option below is --key=value or --key value (python bench.py --help lists t
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,6 +78,7 @@ DEFAULTS = dict(
     hf_prompt_len=128,                # --vs_hf: generate hf_new_tokens after hf_prompt_len tokens
     hf_new_tokens=128,
     clock="wall",                     # wall | cpu (process CPU seconds: steadier on a shared machine)
+    load_rss=False,                   # measure the peak memory of loading the model instead
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
@@ -260,6 +267,53 @@ def bench_vs_hf(model, folder, config, ids) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
+# Loading's peak memory
+# ----------------------------------------------------------------------------------------------
+
+LOAD_RSS = """
+import json, resource, sys
+import torch
+import load_weights
+
+def resident():                                       # bytes resident now
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+folder, dtype = load_weights.resolve(sys.argv[1]), load_weights.DTYPES[sys.argv[2]]
+with torch.device("meta"):
+    load_weights.Model(load_weights.read_config(folder))   # torch's one-time imports, no weights
+before = resident()
+model = load_weights.load_model(folder, dtype)
+with torch.no_grad():
+    for p in model.parameters():
+        p.sum()        # every weight read once: a view of a file's memory map is read on first use
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: kilobytes
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps(dict(before=before, peak=peak, weights=weights)))
+"""
+
+
+def bench_load(base: str, dtype: str) -> dict:
+    """Peak resident memory of loading base in dtype, in a fresh process (this one may hold a
+    model already), above the memory it held before, against the weights' size."""
+    if not Path("/proc/self/status").is_file():
+        raise ValueError("--load_rss reads /proc/self/status, which only Linux has")
+    folder = load_weights.resolve(base)
+    child = subprocess.run([sys.executable, "-c", LOAD_RSS, str(folder), dtype], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parent)
+    if child.returncode != 0:
+        raise ValueError(f"loading {folder} in a fresh process failed: {child.stderr.strip()[-500:]}")
+    m = json.loads(child.stdout.splitlines()[-1])
+    mb = 2 ** 20
+    r = dict(mode="load", dtype=dtype, weights_mb=m["weights"] / mb,
+             disk_mb=sum(f.stat().st_size for f in load_weights.weight_files(folder)) / mb,
+             before_mb=m["before"] / mb, peak_mb=m["peak"] / mb, ratio=(m["peak"] - m["before"]) / m["weights"])
+    print(f"load     {dtype}: weights {r['weights_mb']:.0f} MB ({r['disk_mb']:.0f} MB on disk), peak resident "
+          f"{r['peak_mb']:.0f} MB, {r['before_mb']:.0f} MB before loading: {r['ratio']:.2f}x the weights")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
 
 def check(config):
     check_ranges(config, RANGES)
@@ -294,6 +348,11 @@ def main(argv):
     base = config["init"]
     if config["ckpt"] and "init" not in given:     # --init, when given, says where the checkpoint's base is now
         base = load_weights.read_checkpoint_meta(config["ckpt"])["base"]
+    if config["load_rss"]:
+        rows = [bench_load(base, config["dtype"])]
+        if config["json"]:
+            print(json.dumps(rows))
+        return
     model, tok = load_weights.load(base, config["dtype"])
     model.requires_grad_(False).eval()
     exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates

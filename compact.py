@@ -134,16 +134,17 @@ def attention(a, out, h, x, keep, cos, sin, pos, cache, kv: str):
         k, v = a.project_kv(x, cos, sin)                        # (B, Hkv, T, D)
         if cache is not None:
             cache.append(k, v, pos)
-            k, v, _, _ = cache.view()                           # key s is the token at position s
     if n == 0:
-        return h                                                # nobody asks: no q, no wo
+        return h                                                # nobody asks: no q, no wo, no keys read
+    if kv == "all" and cache is not None:
+        k, v, _, _ = cache.view()                               # key s is the token at position s
     p = pack(keep)
     xp = to_packed(x.flatten(0, 1)[p.flat], p, B)               # (B, Tp, d)
     q_pos = to_packed(pos[0][p.t_idx], p, B)                    # (B, Tp) original positions
     cos_p, sin_p = to_packed(cos[0][p.t_idx], p, B), to_packed(sin[0][p.t_idx], p, B)
     q = a.project_q(xp, cos_p, sin_p)                           # (B, H, Tp, D)
     if kv == "all":
-        y = attend_blocks(a, q, k, v, q_pos, p)                 # (B, Tp, H*D)
+        y = attend_blocks(a, q, k, v, q_pos, None if p.even else p.valid)   # (B, Tp, H*D)
     else:
         y = attend_kept(a, xp, q, q_pos, cos_p, sin_p, p, cache)
     return scatter_add_rows(h, p.flat, out(a.wo(from_packed(y, p))))   # (N, d) added back
@@ -159,13 +160,15 @@ def attend_cache(a, q, k, v, pos, cache):
     return a.attend(q, k, v, a.mask(pos, k_pos, k_valid))
 
 
-def attend_blocks(a, q, k, v, q_pos, p: Packing, block: int = 128):
-    """kv="all": packed queries q (B, H, Tp, D) over keys k, v (B, Hkv, S, D) that sit at
-    their positions (key s is the token at position s, cached or not).
+def attend_blocks(a, q, k, v, q_pos, valid=None, block: int = 128):
+    """Queries q (B, H, Tq, D) at positions q_pos (B, Tq) over keys k, v (B, Hkv, S, D) that sit
+    at their positions (key s is the token at position s, cached or not) -> (B, Tq, H*D).
 
     A block of queries needs only the keys from its earliest window start to its last
-    position, so the work follows the visible pairs, not the whole (Tp x S) rectangle
-    that one masked call would compute.
+    position, so the work follows the visible pairs, not the whole (Tq x S) rectangle
+    that one masked call would compute. Used by kv="all" for the packed kept queries
+    (valid (B, Tq) bool: which slots hold a token; None: all), and by model.Attention for
+    every token of a sliding layer (its band).
     """
     ys = []
     for i in range(0, q.shape[2], block):
@@ -174,8 +177,8 @@ def attend_blocks(a, q, k, v, q_pos, p: Packing, block: int = 128):
         lo = 0 if a.window is None else max(0, int(qp.min()) - a.window + 1)
         k_pos = torch.arange(lo, hi, device=q.device).expand(q.shape[0], -1)
         mask = a.mask(qp, k_pos)                                      # (B, 1, Tb, hi - lo)
-        if not p.even:
-            mask |= ~p.valid[:, None, i:i + block, None]              # padded queries: no all-masked rows
+        if valid is not None:
+            mask |= ~valid[:, None, i:i + block, None]                # padded queries: no all-masked rows
         ys.append(a.attend(q[:, :, i:i + block], k[:, :, lo:hi], v[:, :, lo:hi], mask))
     return torch.cat(ys, dim=1)
 

@@ -91,7 +91,7 @@ def weight_entries(model, base: Path, dtype: str) -> list:
     ours = merged_state(model)
     by_key = {key: name for name, key in load_weights.hf_keys(ours, model.cfg, where, base).items()}
     entries = []
-    for key, handle in where.items():
+    for key, (_, handle) in where.items():
         stored = handle.get_slice(key)
         disk = SAFETENSORS_DTYPES[stored.get_dtype()]
         out = disk if dtype == "auto" or not disk.is_floating_point else load_weights.DTYPES[dtype]

@@ -9,7 +9,9 @@ download with huggingface_hub (HF_TOKEN and HF_ENDPOINT honoured; Gemma and Llam
 accept the licence on the model's page first).
 
 The model is built on the `meta` device (no memory), then its tensors are read one by one
-from the safetensors file(s) and assigned, so peak memory stays near one copy of the weights.
+from the safetensors file(s) and assigned, so peak memory stays near one copy of the weights:
+views of the files' memory maps, or in another dtype converted one at a time (read_tensor).
+`python bench.py --load_rss` measures it (1.00x to 1.03x the weights on SmolLM2 and Gemma 3).
 
 Everything this project knows about Hugging Face's formats is here: HF_NAMES maps their
 tensor names onto ours (weights keep their names on disk), and HF_FAMILIES says what each
@@ -330,7 +332,7 @@ def hf_name(ours: str, table: dict) -> str:
 
 
 def open_files(files):
-    """name -> open safetensors handle, for every tensor in the files."""
+    """name -> (file, open safetensors handle), for every tensor in the files."""
     where = {}
     for f in files:
         try:
@@ -339,13 +341,30 @@ def open_files(files):
         except (SafetensorError, OSError) as e:
             raise LoadError(f"{f} is corrupt or truncated ({e}): delete it and download it again") from None
         for k in keys:
-            where[k] = handle
+            where[k] = f, handle
     return where
+
+
+def read_tensor(where: dict, key: str, dtype) -> torch.Tensor:
+    """Tensor key of open_files' where, in dtype.
+
+    Read as stored, it is a view of the file's memory map: nothing is copied, and its pages come
+    in when first used. Read as another dtype (a bfloat16 file as float32), it goes through a map
+    of its own, closed once the tensor is converted, so that the source's pages leave memory at
+    once: read through the shared map they would all stay resident until the load ends, and the
+    peak would be the converted weights plus the whole file (1.5x the weights from bfloat16).
+    """
+    path, handle = where[key]
+    t = handle.get_tensor(key)                                # a view: nothing read yet
+    if t.dtype == dtype:
+        return t
+    with safe_open(str(path), framework="pt") as own:
+        return own.get_tensor(key).to(dtype)
 
 
 def hf_keys(names, cfg: ModelConfig, where: dict, folder: Path) -> dict:
     """{our name: the HF tensor name it has in the files} for our base-model names (no routers,
-    no LoRA), checking that each one is there. where: open_files' name -> handle."""
+    no LoRA), checking that each one is there. where: open_files' name -> (file, handle)."""
     emb = next((k for k in where if k.endswith("embed_tokens.weight")), None)
     if emb is None:
         raise LoadError(f"{folder} has no embed_tokens.weight: not a Gemma/LLaMA checkpoint")
@@ -369,19 +388,19 @@ def hf_keys(names, cfg: ModelConfig, where: dict, folder: Path) -> dict:
 
 
 def load_state(model: Model, files, dtype) -> dict:
-    """Read every tensor the model expects, checking presence and shape."""
+    """Read every tensor the model expects (read_tensor), checking presence and shape."""
     where = open_files(files)
     params = model.state_dict()
     state = {}
     for name, key in hf_keys(params, model.cfg, where, files[0].parent).items():
         try:
-            t = where[key].get_tensor(key)
+            t = read_tensor(where, key, dtype)
         except (SafetensorError, OSError) as e:
             raise LoadError(f"cannot read tensor {key} ({e}): the file is corrupt; download it again") from None
         if tuple(t.shape) != tuple(params[name].shape):
             raise LoadError(f"tensor {key} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)} "
                             "from config.json: the weights and the config do not belong together")
-        state[name] = t.to(dtype)
+        state[name] = t
     return state
 
 
@@ -497,19 +516,46 @@ def fsync(path: Path):
         os.close(fd)
 
 
-def write_parts(folder: Path, model, opt, state: dict, meta: dict):
-    """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
-    (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors)."""
-    it = str(state["iter"])
+def trained_state(model, opt) -> tuple:
+    """What a checkpoint keeps of a run: ({name: tensor} of the routers and LoRA, {name.key: tensor}
+    of their AdamW moments and step counts), whole, as plain tensors.
+
+    Under train.py --fsdp these parameters and moments are shards (DTensors), gathered here into
+    whole tensors: every process must call this, in the same order, even those that write nothing.
+    """
     params = trained_parameters(model)
-    tensors = {n: p.detach().contiguous() for n, p in params.items()}
-    save_file(tensors, str(folder / CKPT_TENSORS), metadata={"iter": it})
-    save_step("trained written")
+    tensors = {n: whole(p.detach()) for n, p in params.items()}
     names = {p: n for n, p in params.items()}
-    optim = {"rng.torch": torch.get_rng_state(), "rng.data": state.pop("data_rng")}
+    optim = {}
     for p, s in opt.state.items():
         for k, v in s.items():
-            optim[f"{names[p]}.{k}"] = v.detach().reshape(-1) if k == "step" else v.detach().contiguous()
+            optim[f"{names[p]}.{k}"] = whole(v.detach()).reshape(-1) if k == "step" else whole(v.detach())
+    return tensors, optim
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """t, or the whole tensor when train.py --fsdp holds t sharded across processes (a DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def held_as(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor t as parameter p holds it: t itself, or under train.py --fsdp (p a DTensor)
+    this process's shard of t (every process must call this, in the same order)."""
+    if not hasattr(p, "device_mesh"):
+        return t
+    from torch.distributed.tensor import distribute_tensor   # already loaded, since p is a DTensor
+    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+
+
+def write_parts(folder: Path, tensors: dict, optim: dict, state: dict, meta: dict):
+    """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
+    (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors).
+    tensors, optim: trained_state(model, opt)."""
+    it = str(state["iter"])
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / CKPT_TENSORS), metadata={"iter": it})
+    save_step("trained written")
+    optim = {"rng.torch": torch.get_rng_state(), "rng.data": state.pop("data_rng"),
+             **{k: v.contiguous() for k, v in optim.items()}}
     save_file(optim, str(folder / CKPT_OPTIM), metadata={"iter": it})
     save_step("optim written")
     (folder / CKPT_JSON).write_text(json.dumps(dict(meta, train_state=state), indent=1))
@@ -537,8 +583,9 @@ def current_name(out_dir: Path):
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
-    """Write a checkpoint of out_dir as a new set, then make it the current one (see above)."""
+def save_checkpoint(out_dir, tensors: dict, optim: dict, state: dict, meta: dict):
+    """Write a checkpoint of out_dir as a new set, then make it the current one (see above).
+    tensors, optim: trained_state(model, opt)."""
     out_dir, folder = Path(out_dir), None
     previous = current_name(out_dir)
     try:
@@ -546,7 +593,7 @@ def save_checkpoint(out_dir, model, opt, state: dict, meta: dict):
         folder = out_dir / f"{CKPT_PREFIX}{state['iter']:06d}-{os.urandom(3).hex()}"   # a new name every save
         folder.mkdir()
         save_step("folder made")
-        write_parts(folder, model, opt, state, meta)
+        write_parts(folder, tensors, optim, state, meta)
         switch_latest(out_dir, folder.name)
     except OSError as e:   # a full disk, a quota, a read-only file system
         if folder is not None and current_name(out_dir) != folder.name:
@@ -625,7 +672,9 @@ def load_trained(model, out_dir):
         if tensors[n].shape != p.shape:
             raise LoadError(f"{folder}/{CKPT_TENSORS}: {n} has shape {tuple(tensors[n].shape)}, the model "
                             f"expects {tuple(p.shape)}: the checkpoint does not match {CKPT_JSON}")
-    model.load_state_dict(tensors, strict=False)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(held_as(p, tensors[n]))
 
 
 def load_checkpoint(out_dir, model, opt) -> dict:
@@ -635,8 +684,8 @@ def load_checkpoint(out_dir, model, opt) -> dict:
     optim = read_part(checkpoint_folder(out_dir), CKPT_OPTIM, state["iter"])
     for n, p in trained_parameters(model).items():
         if f"{n}.exp_avg" in optim:
-            opt.state[p] = {"step": optim[f"{n}.step"].reshape(()), "exp_avg": optim[f"{n}.exp_avg"],
-                            "exp_avg_sq": optim[f"{n}.exp_avg_sq"]}
+            opt.state[p] = {"step": optim[f"{n}.step"].reshape(()), "exp_avg": held_as(p, optim[f"{n}.exp_avg"]),
+                            "exp_avg_sq": held_as(p, optim[f"{n}.exp_avg_sq"])}
     torch.set_rng_state(optim["rng.torch"])
     state["data_rng"] = optim["rng.data"]
     return state

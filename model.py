@@ -260,13 +260,18 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos, cache=None, key_ok=None):
         """x (B, T, d) -> (B, T, d): every token attends to the keys before it (and itself).
         cos, sin (1, T, D); pos (B, T) positions; cache: this layer's compact.LayerCache, which
-        the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept")."""
+        the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept").
+        A sliding layer over more tokens than its window attends in blocks of queries, each over
+        the band of keys its window reaches (T x (window + block) scores, not T x T); without a
+        cache the call's tokens start at position 0, so key s is the token at position s."""
         q = self.project_q(x, cos, sin)                                   # (B, H, T, D)
         k, v = self.project_kv(x, cos, sin)                               # (B, Hkv, T, D)
         if cache is not None:
             return self.wo(compact.attend_cache(self, q, k, v, pos, cache))
         if key_ok is None and self.window is None and self.softcap is None:
             return self.wo(self.attend(q, k, v, None, causal=True))      # the fused causal kernel
+        if key_ok is None and self.window is not None and x.shape[1] > self.window:
+            return self.wo(compact.attend_blocks(self, q, k, v, pos))    # a sliding layer: only its band
         mask = self.mask(pos, pos)                                        # (B, 1, T, T)
         return self.wo(self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None]))
 
@@ -372,16 +377,22 @@ def gated(h, y, g: Optional[router.GateRecord]):
     return h + y if g is None else h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
 
 
-@dataclass
 class Context:
-    """What every block of one forward call shares."""
-    pos: torch.Tensor            # (1, T) original positions
-    rope: dict                   # is_sliding -> (cos, sin), each (1, T, D)
-    cache: Optional[compact.KVCache]
-    masked: bool                 # the training path
-    routers_off: bool            # every token computes every sublayer
-    records: list                # router.GateRecord of every routed sublayer, in order
-    sink: Optional[torch.Tensor] = None   # (B, T) bool tokens that always compute, or None
+    """What every block of one forward call shares.
+
+    A plain class, not a dataclass: FSDP (train.py --fsdp) rebuilds a sharded module's dataclass
+    arguments that hold tensors needing gradients, so every block after the first would append
+    its gate records to a copy of `records`.
+    """
+
+    def __init__(self, pos, rope, cache, masked, routers_off, records, sink=None):
+        self.pos = pos                   # (1, T) original positions
+        self.rope = rope                 # is_sliding -> (cos, sin), each (1, T, D)
+        self.cache = cache               # compact.KVCache or None
+        self.masked = masked             # the training path
+        self.routers_off = routers_off   # every token computes every sublayer
+        self.records = records           # router.GateRecord of every routed sublayer, in order
+        self.sink = sink                 # (B, T) bool tokens that always compute, or None
 
 
 class Model(nn.Module):

@@ -3,6 +3,7 @@
     python train.py --init=checkpoints/smollm2-135m-instruct-f32     # the README recipe
     python train.py --init=resume --out_dir=out                       # continue a run
     torchrun --standalone --nproc_per_node=2 train.py --init=...      # data parallel (DDP; gloo on CPU)
+    torchrun --standalone --nproc_per_node=2 train.py --fsdp=True ... # the frozen base sharded (FSDP)
 
 Every default is in the block below and can be overridden as --key=value or --key value; RANGES
 below it holds the valid values of every numeric flag.
@@ -26,6 +27,12 @@ peek-rule fit), then train_step() per iteration, held_out() every eval_interval,
 of the run. Whatever stops a run early (Ctrl-C, SIGTERM, a NaN or infinite loss or gradient, any
 error) first saves its last good state, so --init=resume continues it; an interrupted run then
 exits with 130 (Ctrl-C) or 143 (SIGTERM), a failed one with 1.
+
+Several processes (torchrun) split each batch. By default each holds the whole model and DDP
+averages the gradients (data_parallel); --fsdp=True shards every weight, frozen or trained,
+across them instead (shard), for a model that does not fit one device. Checkpoints are the same
+either way: the whole routers and LoRA, loadable on one device. (Under FSDP a signal or an error
+other than a NaN keeps the last periodic checkpoint instead of saving: can_save_after.)
 """
 import json
 import math
@@ -33,13 +40,15 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -50,8 +59,9 @@ from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Range, chec
 from data.prepare import RandomWindows, load_sources, spread_windows, tokenizer_key
 from eval import evaluate_sparse
 from flops import compute_ratio, skip_savings
-from load_weights import (LIKELY_NONFINITE, CheckpointError, LoadError, NonFiniteError, has_checkpoint, load,
-                          load_checkpoint, read_checkpoint_meta, resolve, save_checkpoint, trained_parameters)
+from load_weights import (LIKELY_NONFINITE, CheckpointError, LoadError, NonFiniteError, has_checkpoint, held_as,
+                          load, load_checkpoint, read_checkpoint_meta, resolve, save_checkpoint, trained_parameters,
+                          trained_state, whole)
 from model import softcap
 
 DEFAULTS = dict(
@@ -95,6 +105,7 @@ DEFAULTS = dict(
     dtype="float32",               # or bfloat16: frozen weights and activations (routers, LoRA, KL stay float32)
     device="cpu",
     grad_checkpoint=False,
+    fsdp=False,                    # torchrun: shard the model across the processes instead of copying it
 )
 RANGES = dict(   # the valid values of every numeric flag (configurator.check_ranges)
     max_iters=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=Range(2), grad_accum=AT_LEAST_1,
@@ -221,7 +232,7 @@ def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
             penalty = ridge * A.diagonal()[:-1].mean() * torch.eye(len(A), dtype=A.dtype, device=A.device)
             penalty[-1, -1] = 0                                           # the intercept is not shrunk
             w = torch.linalg.solve(A + penalty, moment[(layer, kind)])    # (d + 1,)
-            r.proj.weight.copy_(w[:-1][None])
+            r.proj.weight.copy_(held_as(r.proj.weight, w[:-1][None]))
             r.proj.bias.fill_(float(w[-1]) - math.log(savings[kind]))
 
 
@@ -265,10 +276,10 @@ def init_routers(run: "Run"):
         return prune_routers(run, batches)
     fit_routers(model, batches, run.savings)
     density = set_density(model, batches, run.weights, config["target_density"][0])
+    rows = [dict(layer=l, kind=k, bias=whole(r.proj.bias).item(), weight_norm=whole(r.proj.weight).norm().item())
+            for l, k, r in router.routers(model)]                    # every rank: --fsdp gathers them
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        rows = [dict(layer=l, kind=k, bias=r.proj.bias.item(), weight_norm=r.proj.weight.norm().item())
-                for l, k, r in router.routers(model)]
         (run.out_dir / "routers_init.json").write_text(json.dumps(dict(density=density, routers=rows), indent=1))
 
 
@@ -377,6 +388,8 @@ def read_config(argv) -> dict:
     check_ranges(config, RANGES)
     if config["prune"] and config["prune"] not in prune.RANKINGS:
         raise ValueError(f"--prune={config['prune']!r} is not a ranking: choose one of {', '.join(prune.RANKINGS)}")
+    if config["prune"] and config["fsdp"]:
+        raise ValueError("--prune is not tested under --fsdp: run the static baselines without it (DDP or one process)")
     if config["prune"] and (config["route"] != "sublayer" or len(config["target_density"]) > 1):
         raise ValueError("--prune sets one static gate per sublayer at --prune_compute: use --route=sublayer "
                          "and no staged --target_density")
@@ -442,23 +455,62 @@ def all_reduce_mean(values: list, world: int) -> list:
     return (t / world).tolist()
 
 
-def data_parallel(model, world: int):
-    """The student pass's module: model itself, or over several processes its DDP wrapper,
-    which averages the trained gradients across processes during backward.
+def data_parallel(model, world: int, config: dict):
+    """The student pass's module: model itself; over several processes its DDP wrapper, which
+    averages the trained gradients across processes during backward; or with --fsdp the model
+    itself, sharded in place (shard).
 
     Only routers and LoRA require gradients, so only they are reduced; every one of them is
     used by every student pass (all routers run on the masked path), so no search for unused
     parameters. No initial broadcast either: every rank built the same model from the same
     files and seed, and fits its routers on the same windows (a resume reads the same checkpoint).
     """
-    return model if world == 1 else DistributedDataParallel(model, init_sync=False)
+    if world == 1:
+        return model
+    if config["fsdp"]:
+        return shard(model, world, config["device"])
+    return DistributedDataParallel(model, init_sync=False)
+
+
+def shard(model, world: int, device: str):
+    """--fsdp: every weight, frozen or trained, split into one shard per process (fully_shard,
+    in place); returns the model.
+
+    Each Block is one unit and the root (embeddings, final norm, head) another: a unit's weights
+    are gathered whole just before it runs and freed after, so a process holds its shards plus
+    about one block at a time (the root's stay whole from the forward to the backward: the loss
+    uses the head). Backward reduce-scatters the routers' and LoRA's gradients, and each
+    process's AdamW updates its own shard of them. The shards go to the mesh's device: on CUDA,
+    the process's GPU, from the host memory the model was loaded into (setup).
+    """
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextmanager
+def no_sync(student):
+    """Backward without the exchange of gradients, which stay with each process until a later
+    backward exchanges their sum (the micro-batches before the last one)."""
+    if isinstance(student, DistributedDataParallel):
+        with student.no_sync():
+            yield
+        return
+    student.set_requires_gradient_sync(False)      # --fsdp
+    try:
+        yield
+    finally:
+        student.set_requires_gradient_sync(True)
+
 
 @dataclass
 class Run:
     """What one training run holds between steps."""
     config: dict
     model: torch.nn.Module
-    student: torch.nn.Module      # runs the student pass: model, or its DDP wrapper (data_parallel)
+    student: torch.nn.Module      # runs the student pass: model, its DDP wrapper or model sharded (data_parallel)
     data: RandomWindows
     val: Optional[torch.Tensor]   # (N, L) fixed held-out windows, or None: no periodic eval
     opt: torch.optim.Optimizer
@@ -475,7 +527,8 @@ class Run:
 def setup(config: dict) -> Run:
     """Model, data, optimizer and controller of a run (routers not yet fitted, nothing resumed)."""
     rank, world = setup_distributed(config)
-    model, tok, folder = build(config)
+    fsdp = config["fsdp"] and world > 1
+    model, tok, folder = build(dict(config, device="cpu") if fsdp else config)   # FSDP: shards to the device
     bos, key = (tok.bos_id if tok.adds_bos else None), tokenizer_key(folder)
     data = RandomWindows(load_sources(config["data"], tok, key), config["seq_len"], bos, config["seed"])
     val = None
@@ -489,7 +542,8 @@ def setup(config: dict) -> Run:
     meta = dict(base=config["base"], model_config=model.cfg.to_dict(),
                 lora=dict(rank=config["lora_rank"], alpha=config["lora_alpha"], targets=lora_targets(config)),
                 train_config={k: v for k, v in config.items() if k != "base"})
-    return Run(config, model, data_parallel(model, world), data, val, make_optimizer(model, config), ctrl,
+    student = data_parallel(model, world, config)     # before the optimizer: FSDP replaces the parameters
+    return Run(config, model, student, data, val, make_optimizer(model, config), ctrl,
                savings, weights, meta,
                rank, world, Path(config["out_dir"]))
 
@@ -502,9 +556,18 @@ def resume(run: Run):
 
 
 def save(run: Run, it: int, folder: Optional[Path] = None):
+    tensors, optim = trained_state(run.model, run.opt)     # on every rank: --fsdp gathers the shards
     if run.rank == 0:
         state = dict(iter=it, data_rng=run.data.gen.get_state())
-        save_checkpoint(folder or run.out_dir, run.model, run.opt, state, run.meta)
+        save_checkpoint(folder or run.out_dir, tensors, optim, state, run.meta)
+
+
+def can_save_after(run: Run, e: BaseException) -> bool:
+    """Whether a run stopped by e can still save: always in one process or under DDP (rank 0
+    holds everything), under --fsdp only after a NaN, which every process meets at the same point.
+    After an error or a signal the processes stand at different places, and gathering the shards
+    would wait forever: the last periodic checkpoint stands."""
+    return run.world == 1 or not run.config["fsdp"] or isinstance(e, NonFiniteError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,9 +585,9 @@ def train_step(run: Run, it: int) -> dict:
     sums = dict(kl=0.0, ce=0.0, l1=0.0, density=0.0)
     for i in range(accum):
         x = run.data.batch(B * run.world)[run.rank * B:(run.rank + 1) * B]   # this rank's share
-        # DDP: all-reduce the gradients once, in the last micro-batch's backward
+        # DDP, FSDP: exchange the gradients once, in the last micro-batch's backward
         last = i == accum - 1 or run.world == 1
-        with nullcontext() if last else run.student.no_sync():
+        with nullcontext() if last else no_sync(run.student):
             kl, ce, records = distill_losses(model, x.to(config["device"]), config["ce"], run.student)
             l1 = router.l1_loss(records, run.weights)
             loss = kl + config["ce"] * ce + config["l1"] * l1
@@ -562,14 +625,19 @@ def held_out(run: Run) -> dict:
 
 
 def report(run: Run, row: dict, bar, log):
-    """Progress bar, held-out eval when due, one JSON line in log.jsonl (rank 0 only)."""
+    """Held-out eval when due (on every rank: under --fsdp a forward needs them all), then on rank 0
+    the progress bar and one JSON line in log.jsonl."""
     it, config = row["iter"], run.config
-    shown = dict(kl=f"{row['kl']:.4f}", dens=f"{row['density']:.3f}", tok_s=f"{row['tok_s']:.0f}")
-    if row["target"] is not None:
-        shown["tgt"] = f"{row['target']:.3f}"
-    bar.set_postfix(shown)
+    evals = {}
     if run.val is not None and ((it + 1) % config["eval_interval"] == 0 or it + 1 == config["max_iters"]):
         evals = held_out(run)
+    if run.rank != 0:
+        return
+    shown = dict(kl=f"{row['kl']:.4f}", dens=f"{row['density']:.3f}", tok_s=f"{row['tok_s']:.0f}")
+    if row["target"] is not None:                        # a static baseline (--prune) has none
+        shown["tgt"] = f"{row['target']:.3f}"
+    bar.set_postfix(shown)
+    if evals:
         row.update(evals)
         tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in evals.items()))
     log.write(json.dumps(row) + "\n")
@@ -643,8 +711,7 @@ def train(config: dict):
             rng_before = rng_states(run)
             row = train_step(run, it)
             done = it + 1
-            if master:
-                report(run, row, bar, log)
+            report(run, row, bar, log)
             stage = done // run.ctrl.stage_iters
             if done % run.ctrl.stage_iters == 0 and stage < len(run.ctrl.targets):   # a stage ends: keep it
                 save(run, done, run.out_dir / f"stage{stage}")
@@ -654,7 +721,7 @@ def train(config: dict):
     except BaseException as e:   # Ctrl-C, SIGTERM, NaN, any error: keep the last good state, then stop
         if done == it:           # stopped inside a step, before its update: forget it
             forget_step(run, rng_before)
-        if done > saved and not isinstance(e, CheckpointError):
+        if done > saved and not isinstance(e, CheckpointError) and can_save_after(run, e):
             if master:
                 tqdm.write(f"{stopped_by(e)}: saving iteration {done} to {run.out_dir} (continue with --init=resume)")
             save(run, done)

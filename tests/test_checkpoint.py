@@ -50,7 +50,8 @@ def sparse_model(seed=0):
 
 def save(out_dir, model, opt, it):
     meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
-    load_weights.save_checkpoint(out_dir, model, opt, dict(iter=it, data_rng=torch.tensor([it])), meta)
+    state = dict(iter=it, data_rng=torch.tensor([it]))
+    load_weights.save_checkpoint(out_dir, *load_weights.trained_state(model, opt), state, meta)
 
 
 def change(model):
@@ -193,7 +194,8 @@ def old_layout(out_dir, model, opt, it):
     """A checkpoint as train.py wrote it before the sets: the three files directly in out_dir."""
     out_dir.mkdir(parents=True)
     meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
-    load_weights.write_parts(out_dir, model, opt, dict(iter=it, data_rng=torch.tensor([it])), meta)
+    state = dict(iter=it, data_rng=torch.tensor([it]))
+    load_weights.write_parts(out_dir, *load_weights.trained_state(model, opt), state, meta)
 
 
 def test_the_older_layout_still_loads(tmp_path):

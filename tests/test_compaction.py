@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import router
 from conftest import TINY as BASE
-from model import Model, ModelConfig
+from model import Model, ModelConfig, rope_cos_sin
 _GEMMA = dict(norm_eps=1e-6, norm_offset=True, act="gelu_tanh", embed_scale=True)
 FAMILIES = {
     # grouped K/V heads, llama3 rope scaling, untied head
@@ -167,6 +167,27 @@ def test_long_sequences_attend_in_blocks_of_queries(family, kv, B):
         masked, _ = model(idx, masked=True)
         compact, _ = model(idx)
     assert_logits_close(compact, masked)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_sliding_layer_attends_only_its_band(family, monkeypatch):
+    """Every token of a sliding layer (dense prefill, training) in blocks of queries over the keys
+    their window reaches = one call over the whole (T, T) masked scores; no call sees more keys
+    than window + block - 1."""
+    model = tiny_model(family)
+    a = model.layers[0].attn
+    a.window, T = 40, 300
+    x = torch.randn(2, T, model.cfg.dim, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(T)[None].expand(2, -1)                                 # (B, T)
+    cos, sin = rope_cos_sin(model.inv_freq(True, "cpu"), pos[:1], torch.float32)
+    with torch.no_grad():
+        q, (k, v) = a.project_q(x, cos, sin), a.project_kv(x, cos, sin)
+        whole = a.wo(a.attend(q, k, v, a.mask(pos, pos)))                     # (B, T, d)
+        widths, attend = [], a.attend
+        monkeypatch.setattr(a, "attend", lambda q, k, v, mask: widths.append(k.shape[2]) or attend(q, k, v, mask))
+        band = a(x, cos, sin, pos)
+    assert len(widths) == 3 and max(widths) == 40 + 128 - 1
+    torch.testing.assert_close(band, whole)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -206,6 +206,18 @@ def test_sharded_checkpoint_loads(sharded):
         assert_close(logits, ref(idx).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bfloat16_file_loads_in_either_dtype(model_dir, dtype):
+    """Read as stored (views of the file) or converted tensor by tensor: the file's numbers."""
+    path = model_dir / "model.safetensors"
+    stored = {k: v.bfloat16() for k, v in load_file(path).items()}
+    save_file(stored, path, metadata={"format": "pt"})
+    state = load_model(model_dir, dtype).state_dict()
+    for ours, theirs in (("tok_emb.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight"),
+                         ("layers.1.mlp.up.weight", "model.layers.1.mlp.up_proj.weight")):
+        assert state[ours].dtype == dtype and torch.equal(state[ours], stored[theirs].to(dtype)), ours
+
+
 def test_missing_shard(sharded):
     _, folder = sharded
     shard = sorted(folder.glob("model-*-of-*.safetensors"))[1]

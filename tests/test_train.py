@@ -2,8 +2,9 @@
 
 Checks the losses (chunked KL and CE against the direct formulas, value and gradient; KL = 0
 with open gates), the routers' fit to the peek rule and the density controller, resume (N
-straight = N/2 + resume + N/2, same losses), DDP with two CPU processes (losses and trained
-weights = one process on the same global batches), bfloat16 (finite losses near float32's),
+straight = N/2 + resume + N/2, same losses), DDP and FSDP with two CPU processes (losses, held-out
+eval and trained weights = one process on the same global batches; FSDP's checkpoint resumed
+sharded and loaded by sample.py), bfloat16 (finite losses near float32's),
 and the errors a user can cause.
 """
 import errno
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 import load_weights
 import router
+import sample
 import train
 from load_weights import NonFiniteError
 from conftest import tiny_model_folder
@@ -287,27 +289,47 @@ def test_a_signal_leaves_a_checkpoint_and_an_exit_code(folder, corpus, tmp_path,
             assert a["iter"] == b["iter"] and a["kl"] == pytest.approx(b["kl"], rel=1e-6, abs=1e-9)
 
 
-def test_ddp_matches_one_process(folder, corpus, tmp_path):
-    """Two gloo processes of batch 2 (DDP) = one process of batch 4 on the same global batches,
-    step after step: the later steps' losses depend on the averaged gradients of the earlier."""
-    common = args(folder, corpus, tmp_path / "x", max_iters=3, val_data="", ce=0.5, grad_accum=2, router_lr=0.1)
-    one = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'one'}" for a in common]
-    one = [a if not a.startswith("--batch_size") else "--batch_size=4" for a in one]
-    two = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'two'}" for a in common]
-    subprocess.run([sys.executable, "train.py", *one], cwd=REPO, check=True, capture_output=True)
+def torchrun(*argv):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *two], cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+                          "train.py", *argv], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_match_one(folder, corpus, tmp_path, capsys, fsdp):
+    """Two gloo processes of batch 2 (DDP, or FSDP with the model sharded) = one process of batch 4
+    on the same global batches, step after step: the later steps' losses depend on the averaged
+    gradients of the earlier. The held-out eval runs in both (under FSDP on both ranks). The FSDP
+    run stops after 2 steps and resumes for the third (its shards of the routers, LoRA and AdamW
+    moments filled from the whole tensors of the checkpoint), and sample.py loads its checkpoint.
+    min_lr_frac=1: a constant learning rate after warmup, the same whatever max_iters is."""
+    common = dict(val_data=str(corpus / "val"), ce=0.5, grad_accum=2, router_lr=0.1, min_lr_frac=1.0)
+    one = args(folder, corpus, tmp_path / "one", max_iters=3, batch_size=4, eval_batches=1, **common)
+    two = args(folder, corpus, tmp_path / "two", max_iters=2 if fsdp else 3, batch_size=2, eval_batches=2,
+               fsdp=fsdp, **common)
+    subprocess.run([sys.executable, "train.py", *one], cwd=REPO, check=True, capture_output=True)
+    torchrun(*two)
+    if fsdp:
+        torchrun("--init=resume", f"--out_dir={tmp_path / 'two'}", "--max_iters=3")
     ones, twos = log_rows(tmp_path / "one"), log_rows(tmp_path / "two")
     assert len(ones) == len(twos) == 3
     assert ones[0]["kl"] > 0   # the fitted gates start partly closed, so there is a loss
     for a, b in zip(ones, twos):
-        for key in ("kl", "ce", "l1", "density"):
+        for key in ("kl", "ce", "l1", "density") + (("val_kl",) if "val_kl" in a else ()):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["iter"], key)
+    assert "val_kl" in twos[1] and "val_kl" in twos[2]
     trained = [load_weights.load_sparse(tmp_path / name)[0] for name in ("one", "two")]
     for (n, p), q in zip(load_weights.trained_parameters(trained[0]).items(),
                          load_weights.trained_parameters(trained[1]).values()):
+        assert type(q) is torch.nn.Parameter                 # whole tensors in the checkpoint
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+    texts = []
+    for name in ("one", "two"):
+        sample.main([f"--ckpt={tmp_path / name}", "--prompt=the cat", "--temperature=0", "--max_new_tokens=8",
+                     "--no_color"])
+        texts.append(capsys.readouterr().out.splitlines()[0])
+    assert texts[0] == texts[1] and texts[0].startswith("the cat")
 
 
 def test_bfloat16_trains_with_float32_routers_lora_and_kl(folder, corpus, tmp_path):
