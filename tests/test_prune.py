@@ -108,6 +108,7 @@ def test_a_pruned_run_trains_lora_only_and_its_ranking_is_reused(folder, corpus,
     (dict(prune="random"), "not a ranking"),
     (dict(prune="kl", route="block"), "--route=sublayer"),
     (dict(prune="kl", target_density="0.9,0.8"), "no staged"),
+    (dict(prune="kl", fsdp=True), "not tested under --fsdp"),
 ])
 def test_bad_prune_flags_are_clear_errors(folder, corpus, tmp_path, over, message):  # noqa: F811
     with pytest.raises(ValueError, match=message):
