@@ -261,6 +261,9 @@ SIGNAL_AT_3 = """
 import os, signal, sys
 import train
 lr_at, sig = train.lr_at, getattr(signal, sys.argv[1])
+# a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore
+# Ctrl-C's KeyboardInterrupt so that the test does not depend on how pytest was launched
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def signal_at_3(it, config):
     if it == 3:
