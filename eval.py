@@ -350,7 +350,7 @@ def method(train_config: dict, gates: str) -> str:
     if gates != "learned":
         return GATES_METHOD[gates]
     if train_config.get("prune"):
-        return STATIC_METHOD[train_config["prune"]]
+        return STATIC_METHOD[train_config["prune"]] + (" + routed" if train_config.get("prune_routed") else "")
     variants = [f"{k}={train_config[k]}" for k, plain in (("route", "sublayer"), ("kv", "all"))
                 if train_config.get(k, plain) != plain]
     return "routed, " + ", ".join(variants) if variants else GATES_METHOD["learned"]

@@ -21,7 +21,9 @@ router that always says skip (weight 0, bias -FIXED_LOGIT), a kept one a router 
 says compute (+FIXED_LOGIT): the result is an ordinary checkpoint that compaction, eval.py,
 bench.py and export.py take unchanged. The attention sinks (position 0, BOS) still compute
 every sublayer, because router.decide pins them, as for every routed model they are compared
-with. train.py --prune=kl|bi|layer --prune_compute=R does all of this, then trains LoRA only.
+with. train.py --prune=kl|bi|layer --prune_compute=R does all of this, then trains LoRA only;
+with --prune_routed=True it closes only the removed sublayers and routes the rest per token with
+the usual recipe (a hybrid of static removal and routing).
 """
 import json
 import os
@@ -133,13 +135,24 @@ def removal_set(cfg, scores: dict, seq_len: int, target_compute: float) -> list:
 
 
 @torch.no_grad()
+def close(model, removed):
+    """Make the routers of the removed sublayers skip every token (but the sinks), for good:
+    weight 0, bias -FIXED_LOGIT (sigmoid' ~ 0, so training does not move them)."""
+    gone = set(removed)
+    for layer, kind, r in router.routers(model):
+        if (layer, kind) in gone:
+            r.proj.weight.zero_()
+            r.proj.bias.fill_(-FIXED_LOGIT)
+
+
+@torch.no_grad()
 def set_static(model, removed):
     """Make every router a constant: skip for every token in the removed sublayers, compute in
     the others (the sinks still compute everywhere; see router.decide)."""
-    gone = set(removed)
-    for layer, kind, r in router.routers(model):
+    for _, _, r in router.routers(model):
         r.proj.weight.zero_()
-        r.proj.bias.fill_(-FIXED_LOGIT if (layer, kind) in gone else FIXED_LOGIT)
+        r.proj.bias.fill_(FIXED_LOGIT)
+    close(model, removed)
 
 
 def write_json(path: Path, record: dict):

@@ -95,6 +95,7 @@ DEFAULTS = dict(
     prune="",                      # a static baseline instead of routing: kl | bi | layer (prune.py)
     prune_compute=0.9,             # --prune: remove sublayers until the compute ratio is at most this
     prune_scores="",               # --prune: reuse the ranking in an earlier run's prune.json (same base)
+    prune_routed=False,            # --prune: route what it keeps per token (a hybrid) instead of keeping it whole
     l1=0.0,                        # weight of an L1 push on sigmoid(z) (0: the controller alone sets the density)
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
@@ -272,10 +273,12 @@ def init_routers(run: "Run"):
     config, model = run.config, run.model
     windows = run.data.batch(config["fit_windows"]).to(config["device"])     # the same on every rank
     batches = windows.split(config["batch_size"])
-    if config["prune"]:
+    if static(config):
         return prune_routers(run, batches)
     fit_routers(model, batches, run.savings)
+    removed = prune_routers(run, batches) if config["prune"] else []     # a hybrid: close those, route the rest
     density = set_density(model, batches, run.weights, config["target_density"][0])
+    prune.close(model, removed)                           # whatever common shift set_density chose
     rows = [dict(layer=l, kind=k, bias=whole(r.proj.bias).item(), weight_norm=whole(r.proj.weight).norm().item())
             for l, k, r in router.routers(model)]                    # every rank: --fsdp gathers them
     if run.rank == 0:
@@ -286,13 +289,18 @@ def init_routers(run: "Run"):
 def prune_routers(run: "Run", batches):
     """--prune: rank the sublayers on the fit windows, remove the least harmful ones for every
     token until the compute ratio is --prune_compute (prune.py), freeze the routers so that only
-    LoRA trains; write out_dir/prune.json (the scores and what was removed)."""
+    LoRA trains; write out_dir/prune.json (the scores and what was removed). With --prune_routed
+    only the removed sublayers' routers are closed, the others keep their fit and train.
+    Returns the removed sublayers."""
     config, model = run.config, run.model
     scores = (prune.read_scores(config["prune_scores"], config["prune"]) if config["prune_scores"]
               else prune.rank(model, batches, config["prune"]))
     window = config["seq_len"] + (run.data.bos is not None)
     removed = prune.removal_set(model.cfg, scores, window, config["prune_compute"])
-    prune.set_static(model, removed)                      # frozen by build(): AdamW skips them
+    if config["prune_routed"]:
+        prune.close(model, removed)
+    else:
+        prune.set_static(model, removed)                  # frozen by build(): AdamW skips them
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         rows = [dict(layer=l, kind=k, score=v) for (l, k), v in sorted(scores.items(), key=lambda kv: kv[1])]
@@ -301,6 +309,12 @@ def prune_routers(run: "Run", batches):
                                                           compute_ratio=ratio, removed=removed, scores=rows))
         print(f"--prune={config['prune']}: removed {len(removed)} sublayers for every token, "
               f"compute ratio {ratio:.3f}")
+    return removed
+
+
+def static(config: dict) -> bool:
+    """A static baseline: --prune without --prune_routed (constant gates, no controller)."""
+    return bool(config["prune"]) and not config["prune_routed"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +367,8 @@ def lr_at(it: int, config: dict) -> float:
     return config["min_lr_frac"] + (1 - config["min_lr_frac"]) * cosine
 
 
-FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "route", "kv", "prune", "prune_compute")   # what the trained tensors mean
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "route", "kv",          # what the trained
+                   "prune", "prune_compute", "prune_routed")                          # tensors mean
 
 
 def resumed_config(saved: dict, given: dict, out_dir: str) -> dict:
@@ -390,9 +405,10 @@ def read_config(argv) -> dict:
         raise ValueError(f"--prune={config['prune']!r} is not a ranking: choose one of {', '.join(prune.RANKINGS)}")
     if config["prune"] and config["fsdp"]:
         raise ValueError("--prune is not tested under --fsdp: run the static baselines without it (DDP or one process)")
-    if config["prune"] and (config["route"] != "sublayer" or len(config["target_density"]) > 1):
-        raise ValueError("--prune sets one static gate per sublayer at --prune_compute: use --route=sublayer "
-                         "and no staged --target_density")
+    if config["prune"] and config["route"] != "sublayer":
+        raise ValueError("--prune sets one gate per sublayer: use --route=sublayer")
+    if static(config) and len(config["target_density"]) > 1:
+        raise ValueError("--prune without --prune_routed has no density to stage: give no staged --target_density")
     return config
 
 
@@ -413,7 +429,7 @@ def build(config: dict):
         lora.inject(model, lora_targets(config), config["lora_rank"], config["lora_alpha"])
     for p in trained_parameters(model).values():
         p.requires_grad_(True)
-    for p in router.parameters(model) if config["prune"] else []:
+    for p in router.parameters(model) if static(config) else []:
         p.requires_grad_(False)                            # a static baseline trains LoRA only
     model.grad_checkpoint = config["grad_checkpoint"]
     return model, tok, folder
@@ -601,10 +617,10 @@ def train_step(run: Run, it: int) -> dict:
     check_finite(it, dict(sums, grad_norm=grad_norm))    # the same on every rank: DDP reduced the gradients
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    if not config["prune"]:                              # a static baseline's gates never move
+    if not static(config):                               # a static baseline's gates never move
         ctrl.update(model, it, sums["density"])
     tokens = B * config["seq_len"] * accum * run.world
-    target = None if config["prune"] else ctrl.target(it)    # a static baseline has no density target
+    target = None if static(config) else ctrl.target(it)     # a static baseline has no density target
     return dict(iter=it, **sums, target=target, lr_scale=scale,
                 tok_s=tokens / (time.time() - t0))
 

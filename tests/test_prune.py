@@ -3,7 +3,8 @@
 Checks the two measures against sublayers made harmless by hand (zero output: KL 0 and Block
 Influence 0, ranked first), the removal order and where it stops, that static gates skip the
 removed sublayers for every token but the sinks, and a --prune run end to end: the routers do
-not move, LoRA does, prune.json holds the ranking, and a second run reuses it.
+not move, LoRA does, prune.json holds the ranking, and a second run reuses it; and the hybrid
+(--prune_routed) closes the removed sublayers and routes the others.
 """
 import json
 
@@ -14,6 +15,7 @@ import load_weights
 import prune
 import router
 import train
+import eval as eval_cli
 from conftest import tiny_model_folder
 from flops import compute_ratio
 from test_train import args, corpus  # noqa: F401  (the corpus fixture)
@@ -102,6 +104,24 @@ def test_a_pruned_run_trains_lora_only_and_its_ranking_is_reused(folder, corpus,
     train.train(train.read_config(args(folder, corpus, again, prune="kl", prune_scores=out,
                                        prune_compute=0.9, max_iters=1)))
     assert json.loads((again / "prune.json").read_text())["removed"] == record["removed"]
+
+
+def test_a_hybrid_closes_the_removed_sublayers_and_routes_the_rest(folder, corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "hybrid"
+    train.train(train.read_config(args(folder, corpus, out, prune="layer", prune_compute=0.9, prune_routed=True,
+                                       target_density="0.8,0.7", max_iters=4)))
+    removed = {tuple(k) for k in json.loads((out / "prune.json").read_text())["removed"]}
+    assert removed and all(kind in ("attn", "mlp") for _, kind in removed)
+    model, _, meta = load_weights.load_sparse(out)
+    for layer, kind, r in router.routers(model):
+        if (layer, kind) in removed:        # closed for good: sigmoid'(-30) ~ 1e-13 moves them by ~1e-9
+            assert float(r.proj.weight.abs().max()) < 1e-6 and float(r.proj.bias) < -20
+        else:                                                             # fitted, then trained
+            assert float(r.proj.weight.abs().max()) > 0
+    rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["target"] is not None for r in rows)                     # the controller holds a target
+    assert load_weights.load_sparse(out / "stage1")[2]["train_state"]["iter"] == 2
+    assert eval_cli.method(meta["train_config"], "learned") == "static blocks (ShortGPT) + routed"
 
 
 @pytest.mark.parametrize("over, message", [
