@@ -21,6 +21,11 @@ while the KL decides which tokens and which sublayers keep their compute. Severa
 previous one over its first --anneal fraction; every stage but the last leaves a checkpoint in
 out_dir/stage<k>/: one run, several operating points.
 
+The baselines and the hybrid (prune.py): --prune=kl|bi|layer --prune_compute=R removes the least
+useful sublayers (or ShortGPT's blocks) for every token down to compute ratio R and trains LoRA
+alone; with --prune_routed=True the removed ones stay closed and every other sublayer is routed
+per token as above.
+
 The run: setup() (model, data windows from data/prepare.py, optimizer), init_routers() (the
 peek-rule fit), then train_step() per iteration, held_out() every eval_interval, and a checkpoint
 (load_weights.save_checkpoint, all-or-nothing) every save_interval, at the end of every stage and
@@ -92,7 +97,7 @@ DEFAULTS = dict(
     anneal=0.1,                    # fraction of each later stage over which its target slides down
     density_gain=2.0,              # controller: every router bias -= gain * (density - target) per step
     flop_weighted=True,            # density weighted by the FLOPs each skip saves
-    prune="",                      # a static baseline instead of routing: kl | bi | layer (prune.py)
+    prune="",                      # remove sublayers for every token, ranked by: kl | bi | layer (prune.py)
     prune_compute=0.9,             # --prune: remove sublayers until the compute ratio is at most this
     prune_scores="",               # --prune: reuse the ranking in an earlier run's prune.json (same base)
     prune_routed=False,            # --prune: route what it keeps per token (a hybrid) instead of keeping it whole
