@@ -76,11 +76,13 @@ def influence(model, batches, whole_blocks: bool) -> dict:
     for x in batches:
         io = sublayer_io(model, x)
         for (layer, kind), (h, _, y) in io.items():
-            if whole_blocks and kind == "mlp":
-                h_in = io[(layer, "attn")][0]
-                scores[(layer, "block")] = scores.get((layer, "block"), 0.0) + turn(h_in, h + y) / len(batches)
-            elif not whole_blocks:
-                scores[(layer, kind)] = scores.get((layer, kind), 0.0) + turn(h, h + y) / len(batches)
+            if not whole_blocks:                           # the sublayer: h before it, h + y after
+                key, before = (layer, kind), h
+            elif kind == "mlp":                            # the block: before its attention, after its MLP
+                key, before = (layer, "block"), io[(layer, "attn")][0]
+            else:
+                continue
+            scores[key] = scores.get(key, 0.0) + turn(before, h + y) / len(batches)
     return scores
 
 
@@ -124,12 +126,13 @@ def rank(model, batches, by: str) -> dict:
 def removal_set(cfg, scores: dict, seq_len: int, target_compute: float) -> list:
     """The sublayers to remove, least harmful first, until the compute ratio at seq_len is at
     most target_compute: [(layer, kind)]; a block's score removes both of its sublayers."""
-    removed = []
+    removed, ratio = [], compute_ratio(cfg, seq_len)
     for layer, kind in sorted(scores, key=scores.get):
-        if compute_ratio(cfg, seq_len, {key: 0.0 for key in removed}) <= target_compute:
+        if ratio <= target_compute:
             break
         removed += [(layer, "attn"), (layer, "mlp")] if kind == "block" else [(layer, kind)]
-    if compute_ratio(cfg, seq_len, {key: 0.0 for key in removed}) > target_compute:
+        ratio = compute_ratio(cfg, seq_len, {key: 0.0 for key in removed})
+    if ratio > target_compute:
         raise ValueError(f"removing every sublayer does not reach --prune_compute={target_compute}: raise it")
     return removed
 

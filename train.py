@@ -117,7 +117,8 @@ RANGES = dict(   # the valid values of every numeric flag (configurator.check_ra
     max_iters=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=Range(2), grad_accum=AT_LEAST_1,
     lr=AT_LEAST_0, router_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, min_lr_frac=FRACTION, grad_clip=POSITIVE,
     lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1,
-    target_density=FRACTION, prune_compute=Range(0, 1, open_lo=True), anneal=FRACTION, density_gain=AT_LEAST_0, l1=AT_LEAST_0, ce=AT_LEAST_0,
+    target_density=FRACTION, anneal=FRACTION, density_gain=AT_LEAST_0, l1=AT_LEAST_0, ce=AT_LEAST_0,
+    prune_compute=Range(0, 1, open_lo=True),
     eval_interval=AT_LEAST_1, save_interval=AT_LEAST_0, eval_batches=AT_LEAST_1, seed=AT_LEAST_0,
 )
 
