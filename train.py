@@ -95,7 +95,7 @@ DEFAULTS = dict(
     # sparsity
     target_density=(0.87,),        # FLOP-weighted fraction of routed work to keep (one per stage)
     anneal=0.1,                    # fraction of each later stage over which its target slides down
-    density_gain=2.0,              # controller: every router bias -= gain * (density - target) per step
+    density_gain=0.5,              # controller: share of the batch's balancing bias shift applied per step
     flop_weighted=True,            # density weighted by the FLOPs each skip saves
     prune="",                      # remove sublayers for every token, ranked by: kl | bi | layer (prune.py)
     prune_compute=0.9,             # --prune: remove sublayers until the compute ratio is at most this
@@ -117,7 +117,7 @@ RANGES = dict(   # the valid values of every numeric flag (configurator.check_ra
     max_iters=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=Range(2), grad_accum=AT_LEAST_1,
     lr=AT_LEAST_0, router_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, min_lr_frac=FRACTION, grad_clip=POSITIVE,
     lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1,
-    target_density=FRACTION, anneal=FRACTION, density_gain=AT_LEAST_0, l1=AT_LEAST_0, ce=AT_LEAST_0,
+    target_density=FRACTION, anneal=FRACTION, density_gain=FRACTION, l1=AT_LEAST_0, ce=AT_LEAST_0,
     prune_compute=Range(0, 1, open_lo=True),
     eval_interval=AT_LEAST_1, save_interval=AT_LEAST_0, eval_batches=AT_LEAST_1, seed=AT_LEAST_0,
 )
@@ -329,14 +329,18 @@ def static(config: dict) -> bool:
 
 class DensityController:
     """Holds the measured FLOP-weighted density at a target by shifting every router's bias by one
-    common amount after each step: bias -= gain * (density - target).
+    common amount after each step: bias -= gain * s, where s is the shift that would have put this
+    step's batch exactly at the target (balancing_shift); gain in [0, 1] damps batch noise.
 
     A shift of the biases moves the density at once (in the same step), where a loss weight on an
     L1 term moves it only after many Adam steps and so lags, then overshoots (the λ controller this
-    replaced oscillated between 0.70 and 0.93 on SmolLM2-135M). The KL alone then decides which
-    tokens and which sublayers keep their compute: a router whose sublayer matters more to the KL
-    rises against the common shift. In a later stage the target slides from the previous one over
-    the stage's first --anneal fraction.
+    replaced oscillated between 0.70 and 0.93 on SmolLM2-135M). Solving for the shift, rather than
+    stepping by gain * (density - target), keeps the loop stable however steeply the density
+    responds: the proportional step it replaced swung between 0.58 and 0.98 every other step in
+    an MLP-only run, whose logits crowd the threshold. The KL alone then decides which tokens and
+    which sublayers keep their compute: a router whose sublayer matters more to the KL rises
+    against the common shift. In a later stage the target slides from the previous one over the
+    stage's first --anneal fraction.
     """
 
     def __init__(self, targets, stage_iters: int, anneal: float, gain: float):
@@ -349,8 +353,33 @@ class DensityController:
         frac = min(1.0, (it - stage * self.stage_iters) / self.anneal_iters)
         return start + (self.targets[stage] - start) * frac
 
-    def update(self, model, it: int, density: float):
-        shift_routers(model, self.gain * (density - self.target(it)))
+    def update(self, model, it: int, records, weights: dict, world: int = 1):
+        """Shift the routers after step it, whose gate records (every micro-batch's) are records;
+        across processes, by the shift of the whole global batch, so the replicas stay the same."""
+        z, share = gate_logits(records, weights)
+        if world > 1:
+            z, share = gathered(z, world), gathered(share, world)
+        shift_routers(model, self.gain * balancing_shift(z, share, self.target(it)))
+
+
+def gate_logits(records, weights: dict):
+    """Every logit of the gate records, flat (N,), and its share of the FLOP-weighted density
+    (N,): weights[kind] / (its record's tokens), as in GateStats.mean."""
+    z = torch.cat([r.z.detach().flatten().float() for r in records])
+    share = torch.cat([torch.full((r.z.numel(),), weights[r.kind] / r.z.numel(), dtype=torch.float64)
+                       for r in records])
+    return z, share
+
+
+def balancing_shift(z: torch.Tensor, share: torch.Tensor, target: float) -> float:
+    """The common bias shift s after which the logits z (N,) would keep the share target of the
+    FLOP-weighted density (a token keeps while z > s): a weighted quantile. s falls halfway
+    between the last logit kept and the first one dropped."""
+    z, order = z.sort(descending=True)
+    kept = (share[order] / share.sum()).cumsum(0)          # kept[i]: density when z[0..i] keep
+    i = min(int(torch.searchsorted(kept, torch.tensor([target - 1e-9], dtype=kept.dtype))), len(z) - 1)
+    below = z[i + 1] if i + 1 < len(z) else z[i] - 1.0
+    return float((z[i] + below) / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,6 +504,13 @@ def all_reduce_mean(values: list, world: int) -> list:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return (t / world).tolist()
+
+
+def gathered(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Every process's t (the same shape on each), concatenated in rank order."""
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
 
 
 def data_parallel(model, world: int, config: dict):
@@ -605,6 +641,7 @@ def train_step(run: Run, it: int) -> dict:
         g["lr"] = g["base_lr"] * scale
     B, accum = config["batch_size"], config["grad_accum"]
     sums = dict(kl=0.0, ce=0.0, l1=0.0, density=0.0)
+    gates = []                                           # every micro-batch's gate records, for the controller
     for i in range(accum):
         x = run.data.batch(B * run.world)[run.rank * B:(run.rank + 1) * B]   # this rank's share
         # DDP, FSDP: exchange the gradients once, in the last micro-batch's backward
@@ -615,6 +652,7 @@ def train_step(run: Run, it: int) -> dict:
             loss = kl + config["ce"] * ce + config["l1"] * l1
             (loss / accum).backward()
         density = router.GateStats(records).mean(weights=run.weights)   # share of the routed FLOPs run
+        gates += records
         for k, v in zip(sums, (kl.item(), ce.item(), l1.item(), density)):
             sums[k] += v / accum
     params = list(trained_parameters(model).values())
@@ -624,7 +662,7 @@ def train_step(run: Run, it: int) -> dict:
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     if not static(config):                               # a static baseline's gates never move
-        ctrl.update(model, it, sums["density"])
+        ctrl.update(model, it, gates, run.weights, run.world)
     tokens = B * config["seq_len"] * accum * run.world
     target = None if static(config) else ctrl.target(it)     # a static baseline has no density target
     return dict(iter=it, **sums, target=target, lr_scale=scale,

@@ -106,16 +106,56 @@ def biases(model):
     return torch.stack([r.proj.bias[0] for _, _, r in router.routers(model)])
 
 
-def test_controller_shifts_every_router_against_the_density_error(folder):
+def records_of(z_attn, z_mlp):
+    return [router.GateRecord(0, "attn", torch.tensor([z_attn]), torch.tensor([z_attn]) > 0),
+            router.GateRecord(0, "mlp", torch.tensor([z_mlp]), torch.tensor([z_mlp]) > 0)]
+
+
+def test_balancing_shift_lands_the_batch_on_its_target():
+    records = records_of([-1.0, 0.5, 2.0, 3.0], [-2.0, -0.5, 1.0, 4.0])
+    weights = {"attn": 1.0, "mlp": 3.0}
+    for target in (0.25, 0.4, 0.5, 0.6, 0.8, 1.0):
+        s = train.balancing_shift(*train.gate_logits(records, weights), target)
+        shifted = [router.GateRecord(r.layer, r.kind, r.z - s, r.z - s > 0) for r in records]
+        density = router.GateStats(shifted).mean(weights=weights)
+        # the smallest density the logits allow at or above the target (steps of 1/16 and 3/16)
+        assert target <= density < target + 3 / 16 + 1e-9
+    shift = lambda target: train.balancing_shift(*train.gate_logits(records, weights), target)
+    assert shift(0.5) == pytest.approx(0.75)                            # mlp 1.0 kept | attn 0.5 dropped
+    assert shift(0.25) == pytest.approx(2.5)                            # mlp 4.0 keeps alone
+
+
+def test_controller_shifts_every_router_by_its_share_of_the_balancing_shift(folder):
     model, _ = load_weights.load(str(folder))
     router.add_routers(model)
     before = biases(model).clone()
-    c = train.DensityController([0.6], stage_iters=20, anneal=0.5, gain=2.0)
+    c = train.DensityController([0.6], stage_iters=20, anneal=0.5, gain=0.5)
     assert c.target(0) == 0.6 and c.target(50) == 0.6                   # the first stage starts there
-    c.update(model, 5, density=0.9)                                     # too dense: every gate closes a bit
-    torch.testing.assert_close(biases(model), before - 0.6)
-    c.update(model, 6, density=0.4)                                     # too sparse: they open
-    torch.testing.assert_close(biases(model), before - 0.6 + 0.4)
+    weights = {"attn": 1.0, "mlp": 1.0}
+    dense = records_of([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0])   # all keep: too dense
+    c.update(model, 5, dense, weights)                                  # every gate closes by half of 2.5
+    torch.testing.assert_close(biases(model), before - 1.25)
+    sparse = records_of([-4.0, -3.0, -2.0, -1.0, 0.0], [-4.0, -3.0, -2.0, -1.0, 0.0])
+    c.update(model, 6, sparse, weights)                                 # too sparse: they open by half of 2.5
+    torch.testing.assert_close(biases(model), before)
+
+
+def test_the_controller_settles_where_a_proportional_step_would_swing():
+    """Logits that crowd the threshold (uniform on 0.8: the density moves 1.25 per unit of
+    shift): the old step 2 * (density - target) overshoots further every step, while half the
+    balancing shift settles on the target."""
+    z0 = torch.linspace(-0.2, 0.6, 4000)                               # density 0.75 at bias 0
+    weights = {"attn": 1.0, "mlp": 1.0}
+    def density(bias):
+        return float(((z0 + bias) > 0).float().mean())
+    proportional, balanced = 0.0, 0.0
+    for _ in range(12):
+        proportional -= 2.0 * (density(proportional) - 0.5)
+        z = z0 + balanced
+        logits = train.gate_logits(records_of(z[:2000].tolist(), z[2000:].tolist()), weights)
+        balanced -= 0.5 * train.balancing_shift(*logits, 0.5)
+    assert abs(density(balanced) - 0.5) < 0.01
+    assert abs(density(proportional) - 0.5) > 0.2
 
 
 def test_fit_routers_is_least_squares_on_the_residual_moves(folder):
