@@ -243,11 +243,13 @@ def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
             r.proj.bias.fill_(float(w[-1]) - math.log(savings[kind]))
 
 
-def shift_routers(model, step: float):
-    """Move every router's threshold by one common step (positive: fewer tokens compute)."""
+def shift_routers(model, step: float, fixed=()):
+    """Move every router's threshold by one common step (positive: fewer tokens compute), but
+    those of the fixed sublayers."""
     with torch.no_grad():
-        for _, _, r in router.routers(model):
-            r.proj.bias -= step
+        for layer, kind, r in router.routers(model):
+            if (layer, kind) not in fixed:
+                r.proj.bias -= step
 
 
 @torch.no_grad()
@@ -283,6 +285,7 @@ def init_routers(run: "Run"):
         return prune_routers(run, batches)
     fit_routers(model, batches, run.savings)
     removed = prune_routers(run, batches) if config["prune"] else []     # a hybrid: close those, route the rest
+    run.ctrl.fixed = set(removed)
     density = set_density(model, batches, run.weights, config["target_density"][0])
     prune.close(model, removed)                           # whatever common shift set_density chose
     rows = [dict(layer=l, kind=k, bias=whole(r.proj.bias).item(), weight_norm=whole(r.proj.weight).norm().item())
@@ -346,6 +349,7 @@ class DensityController:
     def __init__(self, targets, stage_iters: int, anneal: float, gain: float):
         self.targets, self.stage_iters, self.gain = list(targets), max(1, stage_iters), gain
         self.anneal_iters = max(1, int(anneal * self.stage_iters))
+        self.fixed = set()      # (layer, kind) a hybrid closed for good: counted, never shifted
 
     def target(self, it: int) -> float:
         stage = min(it // self.stage_iters, len(self.targets) - 1)
@@ -356,16 +360,21 @@ class DensityController:
     def update(self, model, it: int, records, weights: dict, world: int = 1):
         """Shift the routers after step it, whose gate records (every micro-batch's) are records;
         across processes, by the shift of the whole global batch, so the replicas stay the same."""
-        z, share = gate_logits(records, weights)
+        z, share = gate_logits(records, weights, self.fixed)
         if world > 1:
             z, share = gathered(z, world), gathered(share, world)
-        shift_routers(model, self.gain * balancing_shift(z, share, self.target(it)))
+        shift_routers(model, self.gain * balancing_shift(z, share, self.target(it)), self.fixed)
 
 
-def gate_logits(records, weights: dict):
+def gate_logits(records, weights: dict, fixed=()):
     """Every logit of the gate records, flat (N,), and its share of the FLOP-weighted density
-    (N,): weights[kind] / (its record's tokens), as in GateStats.mean."""
-    z = torch.cat([r.z.detach().flatten().float() for r in records])
+    (N,): weights[kind] / (its record's tokens), as in GateStats.mean. The gates of the fixed
+    sublayers do not move with a shift: +inf where they keep, -inf where they skip."""
+    def logits(r):
+        if (r.layer, r.kind) in fixed:
+            return torch.where(r.keep, math.inf, -math.inf).flatten()
+        return r.z.detach().flatten().float()
+    z = torch.cat([logits(r) for r in records])
     share = torch.cat([torch.full((r.z.numel(),), weights[r.kind] / r.z.numel(), dtype=torch.float64)
                        for r in records])
     return z, share
@@ -377,8 +386,12 @@ def balancing_shift(z: torch.Tensor, share: torch.Tensor, target: float) -> floa
     between the last logit kept and the first one dropped."""
     z, order = z.sort(descending=True)
     kept = (share[order] / share.sum()).cumsum(0)          # kept[i]: density when z[0..i] keep
-    i = min(int(torch.searchsorted(kept, torch.tensor([target - 1e-9], dtype=kept.dtype))), len(z) - 1)
-    below = z[i + 1] if i + 1 < len(z) else z[i] - 1.0
+    i = int(torch.searchsorted(kept, torch.tensor([target - 1e-9], dtype=kept.dtype)))
+    movable = torch.isfinite(z).nonzero()[:, 0]            # a target out of reach: as near as it gets
+    if len(movable) == 0:
+        return 0.0
+    i = min(max(i, int(movable[0])), int(movable[-1]))
+    below = z[i + 1] if i + 1 < len(z) and torch.isfinite(z[i + 1]) else z[i] - 1.0
     return float((z[i] + below) / 2)
 
 
@@ -610,6 +623,8 @@ def resume(run: Run):
     """Continue from out_dir's checkpoint: weights, optimizer, RNG, controller, data position."""
     state = load_checkpoint(run.out_dir, run.model, run.opt)
     run.start = state["iter"]
+    if run.config["prune_routed"]:                        # a hybrid: what it closed stays out of the shifts
+        run.ctrl.fixed = {tuple(k) for k in json.loads((run.out_dir / "prune.json").read_text())["removed"]}
     run.data.gen.set_state(state["data_rng"])
 
 

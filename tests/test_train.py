@@ -125,6 +125,17 @@ def test_balancing_shift_lands_the_batch_on_its_target():
     assert shift(0.25) == pytest.approx(2.5)                            # mlp 4.0 keeps alone
 
 
+def test_fixed_gates_count_but_never_move_and_an_unreachable_target_opens_the_rest():
+    """A hybrid's closed sublayer (mlp here: only its sink keeps) weighs in the density but no
+    shift reopens it: a target above what the movable gates can give opens them all, no more."""
+    records = records_of([-3.0, -2.0, -1.0, 1.0], [30.0, -30.0, -30.0, -30.0])
+    weights = {"attn": 1.0, "mlp": 1.0}
+    z, share = train.gate_logits(records, weights, fixed={(0, "mlp")})
+    assert z[4:].tolist() == [math.inf, -math.inf, -math.inf, -math.inf]
+    assert train.balancing_shift(z, share, 0.5) == pytest.approx(-2.5)       # attn keeps 3 of 4, mlp 1 of 4
+    assert train.balancing_shift(z, share, 0.9) == pytest.approx(-3.5)       # out of reach: all of attn keeps
+
+
 def test_controller_shifts_every_router_by_its_share_of_the_balancing_shift(folder):
     model, _ = load_weights.load(str(folder))
     router.add_routers(model)
