@@ -264,4 +264,5 @@ class KVCache:
                              "use a shorter prompt or fewer new tokens")
         self.layers = [LayerCache(batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
                        for _ in range(cfg.n_layers)]
+        self.batch_size = batch_size
         self.seen = 0

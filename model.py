@@ -154,8 +154,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm without a weight is xf * rsqrt(mean(xf^2) + eps), the same float32 ops in one
+        # call (a decoding step runs 61 norms in SmolLM2, and at one token an op costs its overhead)
+        xf = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         if self.offset:
             return (xf * (1.0 + self.weight.float())).type_as(x)
         return self.weight * xf.type_as(x)
@@ -330,12 +331,34 @@ class Block(nn.Module):
         self.attn_router = self.mlp_router = None                        # router.Router, or None
 
     def forward(self, h, ctx: "Context"):
+        if ctx.one_token:
+            return self.step(h, ctx)
         x = self.attn_norm(h)                                             # (B, T, d)
         g = self.gate("attn", x, ctx)                                     # None: every token computes
         h = self.attention(h, x, g, ctx)
         x = self.mlp_norm(h)
         g = self.gate("mlp", x, ctx, g)
         return self.feed_forward(h, x, g, ctx)
+
+    def step(self, h, ctx: "Context"):
+        """forward() for the one token of a decoding step of batch 1: h (1, 1, d), with a cache.
+
+        Each gate is then one bool, so a sublayer simply runs or not: no gather, no scatter, no
+        packing. The same gates and numbers as the compacted path (which this is, at one token),
+        in fewer ops: at one token an op costs its fixed overhead, not its arithmetic, and a
+        skipped sublayer should cost little more than its norm and its router.
+        """
+        a, cache = self.attn, ctx.cache.layers[self.layer]
+        cos, sin = ctx.rope[a.window is not None]                         # (1, 1, D)
+        x = self.attn_norm(h)                                             # (1, 1, d)
+        g = self.gate("attn", x, ctx)
+        if g is None or bool(g.keep):                                     # the gate's one device sync
+            h = h + self.attn_post_norm(a(x, cos, sin, ctx.pos, cache))
+        elif self.cfg.kv == "all":                                        # a skipped token still writes K/V
+            cache.append(*a.project_kv(x, cos, sin), ctx.pos)
+        x = self.mlp_norm(h)
+        g = self.gate("mlp", x, ctx, g)
+        return h + self.mlp_post_norm(self.mlp(x)) if g is None or bool(g.keep) else h
 
     def gate(self, kind, x, ctx, attn_gate=None) -> Optional[router.GateRecord]:
         """This sublayer's gates (noted in ctx.records), or None when every token computes."""
@@ -386,6 +409,7 @@ class Context:
     """
 
     def __init__(self, pos, rope, cache, masked, routers_off, records, sink=None):
+        self.one_token = cache is not None and pos.shape[1] == 1 and cache.batch_size == 1   # Block.step
         self.pos = pos                   # (1, T) original positions
         self.rope = rope                 # is_sliding -> (cos, sin), each (1, T, D)
         self.cache = cache               # compact.KVCache or None

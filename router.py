@@ -77,8 +77,10 @@ class Router(nn.Module):
         # is the fixed cost of an op (wrapping a Python number in a tensor would add another).
         B, T, d = x.shape
         if self.mode == "random":   # -U[-density, 1 - density): density 1 keeps all, 0 none
-            return -torch.empty(B, T, device=x.device).uniform_(-self.density, 1 - self.density)
+            return torch.empty(B, T, device=x.device).uniform_(-self.density, 1 - self.density).neg_()
         w, b = self.proj.weight.float(), self.proj.bias.float()           # (1, d), (1,)
+        if B * T == 1:   # a decoding step of batch 1: a matrix-vector product, the same number
+            return torch.addmv(b, w, x.view(d).float()).view(1, 1)
         return F.linear(x.reshape(B * T, d).float(), w, b).view(B, T)     # 2-D input: one addmm
 
 

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py, compact.py
 
+import compact
 import router
 from conftest import TINY as BASE
 from model import Model, ModelConfig, rope_cos_sin
@@ -235,6 +236,39 @@ def test_cached_greedy_decoding_equals_recomputation(family, kv, B):
     for layer, lc in enumerate(cache.layers):
         kept = keep[(layer, "attn")][:B, :SEQ - 1].sum(1)            # the last token is never fed
         assert lc.lengths == (kept if kv == "kept" else torch.full((B,), SEQ - 1)).tolist()
+
+
+@pytest.mark.parametrize("route", ["sublayer", "block"])
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
+def test_a_decoding_step_of_batch_one_is_a_plain_branch(family, kv, route, monkeypatch):
+    """One token of batch 1 through a cache takes Block.step (each gate one bool, no compaction):
+    learned routers with random weights (some sublayers skip, some compute) give the gates and
+    the logits (so the greedy tokens) of recomputing everything with the masked path."""
+    model = tiny_model(family)
+    router.add_routers(model, route, kv)
+    torch.manual_seed(4)
+    for _, _, r in router.routers(model):                                  # z = w.x: about half skip
+        torch.nn.init.normal_(r.proj.weight, std=0.5)
+        torch.nn.init.zeros_(r.proj.bias)
+    idx, T0 = tokens(1, SEQ), 6
+    skipped = {"attn": 0, "mlp": 0}
+    with torch.no_grad():
+        cache = model.new_cache(1, SEQ)
+        model(idx[:, :T0], cache=cache)                                     # the prefill: compacted
+        for name in ("attention", "kept_rows"):                             # from here on: never
+            monkeypatch.setattr(compact, name, lambda *a, name=name, **k: pytest.fail(f"compact.{name} ran"))
+        for t in range(T0, SEQ):
+            want, want_records = model(idx[:, :t + 1], masked=True)
+            out, records = model(idx[:, t:t + 1], cache=cache)              # (1, 1, V)
+            assert_logits_close(out[:, -1], want[:, -1])
+            assert torch.equal(out[:, -1].argmax(-1), want[:, -1].argmax(-1))
+            assert [(r.layer, r.kind) for r in records] == [(r.layer, r.kind) for r in want_records]
+            assert all(torch.equal(r.keep, w.keep[:, -1:]) for r, w in zip(records, want_records))
+            for r in records:
+                skipped[r.kind] += not bool(r.keep)
+    slots = (SEQ - T0) * model.cfg.n_layers
+    assert all(0 < n < slots for n in skipped.values()), skipped
 
 
 @pytest.mark.parametrize("kv", router.KV_MODES)
