@@ -362,7 +362,7 @@ def frontier_svg(rows, title: str) -> str:
     rows: eval.py --json results (each with compute_ratio, perplexity, dense_perplexity, and
     method, or for older results gates).
     """
-    W, H, left, right, top, bottom = 640, 360, 60, 200, 40, 48
+    W, H, left, right, top, bottom = 700, 360, 60, 250, 40, 48
     curves = defaultdict(list)
     for r in rows:
         name = r.get("method", GATES_METHOD.get(r.get("gates"), "?"))
@@ -372,7 +372,8 @@ def frontier_svg(rows, title: str) -> str:
     x0, x1, y0, y1 = min(xs) - 0.01, 1.0, 1.0, max(ys) * 1.05
     px = lambda x: left + (W - left - right) * (x - x0) / (x1 - x0)          # noqa: E731
     py = lambda y: top + (H - top - bottom) * (1 - (y - y0) / (y1 - y0))    # noqa: E731
-    palette = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2", "#eeca3b", "#999"]
+    palette = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2", "#eeca3b",
+               "#999", "#17becf", "#000", "#ff9da6"]
     fixed = {GATES_METHOD["learned"]: palette[0], GATES_METHOD["random"]: palette[1], GATES_METHOD["peek"]: palette[2]}
     others = iter(palette[3:] * 3)
     colors = {name: fixed.get(name) or next(others) for name in sorted(curves)}
@@ -389,7 +390,8 @@ def frontier_svg(rows, title: str) -> str:
         pts = sorted(pts)
         color = colors[name]
         line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
+        dash = ' stroke-dasharray="5 3"' if name.startswith("static") and "routed" not in name else ""   # no router
+        svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
         svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"/>' for x, y in pts]
         svg.append(f'<rect x="{W - right + 16}" y="{top + 18 * j}" width="10" height="10" fill="{color}"/>')
         svg.append(f'<text x="{W - right + 32}" y="{top + 18 * j + 9}">{escape(name)}</text>')
