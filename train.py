@@ -253,9 +253,9 @@ def shift_routers(model, step: float, fixed=()):
 
 
 @torch.no_grad()
-def set_density(model, batches, weights: dict, target: float, tol: float = 2e-3):
-    """Shift all routers by the one amount that makes their FLOP-weighted density on batches
-    `target` (bisection: density falls as the shift grows)."""
+def set_density(model, batches, weights: dict, target: float, tol: float = 2e-3, fixed=()):
+    """Shift all routers (but the fixed sublayers') by the one amount that makes their
+    FLOP-weighted density on batches `target` (bisection: density falls as the shift grows)."""
     def density():
         stats = router.GateStats()
         for x in batches:
@@ -265,7 +265,7 @@ def set_density(model, batches, weights: dict, target: float, tol: float = 2e-3)
     lo, hi, moved = -50.0, 50.0, 0.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        shift_routers(model, mid - moved)
+        shift_routers(model, mid - moved, fixed)
         moved = mid
         d = density()
         if abs(d - target) <= tol:
@@ -285,9 +285,8 @@ def init_routers(run: "Run"):
         return prune_routers(run, batches)
     fit_routers(model, batches, run.savings)
     removed = prune_routers(run, batches) if config["prune"] else []     # a hybrid: close those, route the rest
-    run.ctrl.fixed = set(removed)
-    density = set_density(model, batches, run.weights, config["target_density"][0])
-    prune.close(model, removed)                           # whatever common shift set_density chose
+    run.ctrl.fixed = set(removed)                         # closed for good: no shift reopens them
+    density = set_density(model, batches, run.weights, config["target_density"][0], fixed=run.ctrl.fixed)
     rows = [dict(layer=l, kind=k, bias=whole(r.proj.bias).item(), weight_norm=whole(r.proj.weight).norm().item())
             for l, k, r in router.routers(model)]                    # every rank: --fsdp gathers them
     if run.rank == 0:
