@@ -7,6 +7,7 @@
     python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
     python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --vs_hf      # ours vs transformers
     python bench.py --init=checkpoints/smollm2-135m-instruct --dtype=bfloat16 --load_rss   # loading's memory
+    python bench.py --init=llama-3.1-8b --random_weights=True --device=cuda --dtype=bfloat16  # a GPU, no download
 
 Both paths run in the same process on the same weights: the dense path is
 model(idx, routers_off=True), the sparse path is the compacted default, where a skipped
@@ -28,6 +29,11 @@ turned into saved time).
 --vs_hf compares our dense model with transformers' (its default sdpa attention) on the
 same folder: one forward over 1 x hf_seq_len tokens, and greedy generation of hf_new_tokens
 after hf_prompt_len prompt tokens with a KV cache (speedup = hf_s / ours_s).
+
+--random_weights builds a preset's architecture with random weights on --device instead of
+loading it (nothing is downloaded): the gates are forced, so the speed of either path does not
+depend on the weights' values, and the token ids are random too. On a GPU the clock waits for
+the device (torch.cuda.synchronize) before every reading.
 
 --load_rss measures loading instead (Linux): a fresh process loads the weights in --dtype and reads
 each of them once, and the row gives its peak resident memory above what it held before the load
@@ -57,6 +63,7 @@ import lora
 import router
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
+from model import PRESETS, Model, ModelConfig
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
@@ -78,13 +85,23 @@ DEFAULTS = dict(
     hf_prompt_len=128,                # --vs_hf: generate hf_new_tokens after hf_prompt_len tokens
     hf_new_tokens=128,
     clock="wall",                     # wall | cpu (process CPU seconds: steadier on a shared machine)
+    device="cpu",                     # cpu | cuda | cuda:1 ...
+    random_weights=False,             # --init is a preset: its shapes, random weights, no download
     load_rss=False,                   # measure the peak memory of loading the model instead
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
               decode_batch=AT_LEAST_1, repeat=AT_LEAST_1, threads=AT_LEAST_1, seed=AT_LEAST_0,
               hf_seq_len=AT_LEAST_1, hf_prompt_len=AT_LEAST_1, hf_new_tokens=AT_LEAST_1)
-clock = time.perf_counter               # --clock=cpu: time.process_time (set in main)
+clock = time.perf_counter               # --clock=cpu: time.process_time; on a GPU: synced (set in main)
+
+
+def synced_clock(device):
+    """perf_counter read after the device has finished the work queued so far."""
+    def read():
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return read
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +120,18 @@ def token_ids(tok, path: str, n: int) -> torch.Tensor:
         raise ValueError(f"--text={path} holds no tokens: pass a longer text file")
     ids = torch.tensor(ids * (n // len(ids) + 1))
     return ids[:n]
+
+
+def random_ids(vocab_size: int, n: int) -> torch.Tensor:
+    """n random token ids (--random_weights: no tokenizer), as (n,)."""
+    return torch.randint(0, vocab_size, (n,))
+
+
+def random_model(name: str, dtype: str, device: str) -> Model:
+    """A preset's architecture with random weights, built on the device (no download)."""
+    with torch.device(device):
+        model = Model(ModelConfig(**PRESETS[name]))                      # default init, float32
+    return model.to(load_weights.DTYPES[dtype])
 
 
 def parse_shape(spec: str):
@@ -322,6 +351,14 @@ def check(config):
             raise ValueError(f"--kv: unknown mode {kv!r}; choose from {', '.join(router.KV_MODES)}")
     if config["clock"] not in ("wall", "cpu"):
         raise ValueError(f"--clock={config['clock']}: choose wall or cpu")
+    if config["clock"] == "cpu" and config["device"] != "cpu":
+        raise ValueError(f"--clock=cpu counts this process's CPU time, not --device={config['device']}'s: use --clock=wall")
+    if config["random_weights"]:
+        if config["init"] not in PRESETS:
+            raise ValueError(f"--random_weights builds a preset's shapes: --init={config['init']} is not one of "
+                             f"{', '.join(PRESETS)}")
+        if config["ckpt"] or config["vs_hf"] or config["load_rss"]:
+            raise ValueError("--random_weights times the forced gates only: drop --ckpt, --vs_hf and --load_rss")
     if config["route"] not in router.ROUTES:
         raise ValueError(f"--route: unknown route {config['route']!r}; choose from {', '.join(router.ROUTES)}")
     for spec in config["prefill"]:
@@ -344,6 +381,8 @@ def main(argv):
     torch.set_num_threads(config["threads"])
     global clock
     clock = time.process_time if config["clock"] == "cpu" else time.perf_counter
+    if config["device"].startswith("cuda"):
+        clock = synced_clock(config["device"])
     torch.manual_seed(config["seed"])
     base = config["init"]
     if config["ckpt"] and "init" not in given:     # --init, when given, says where the checkpoint's base is now
@@ -353,14 +392,20 @@ def main(argv):
         if config["json"]:
             print(json.dumps(rows))
         return
-    model, tok = load_weights.load(base, config["dtype"])
+    device = config["device"]
+    if config["random_weights"]:
+        model, tok = random_model(base, config["dtype"], device), None
+    else:
+        model, tok = load_weights.load(base, config["dtype"], device)
     model.requires_grad_(False).eval()
     exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
     check_context(model, config)
     need = max([b * t for b, t in map(parse_shape, config["prefill"])]
                + [config["decode_batch"] * config["prompt_len"], config["hf_seq_len"], config["hf_prompt_len"]])
-    ids = token_ids(tok, config["text"], need)
-    print(f"{base}: {config['dtype']}, {config['threads']} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+    ids = (random_ids(model.cfg.vocab_size, need) if tok is None else token_ids(tok, config["text"], need)).to(device)
+    where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+             else f"{config['threads']} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
+    print(f"{base}{' (random weights)' if tok is None else ''}: {config['dtype']}, {where}, "
           f"{config['clock']} clock, median of {config['repeat']}")
     if config["vs_hf"]:
         rows = bench_vs_hf(model, load_weights.resolve(base), config, ids)
@@ -373,12 +418,12 @@ def main(argv):
                 with router.forced(model, density):
                     rows += bench_gates(model, config, "random", ids)
         if config["ckpt"]:
-            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], base=base)
+            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], device, base=base)
             lora.merge(model)                        # W += scale * B A: adapters cost nothing
             print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
             rows += bench_gates(model, config, "learned", ids)
         elif exported:                               # the random gates replaced its routers: reload
-            model, tok = load_weights.load(base, config["dtype"])
+            model, tok = load_weights.load(base, config["dtype"], device)
             print(f"learned gates of {base} (exported, LoRA merged)")
             rows += bench_gates(model, config, "learned", ids)
     if config["json"]:

@@ -374,8 +374,8 @@ def gate_logits(records, weights: dict, fixed=()):
             return torch.where(r.keep, math.inf, -math.inf).flatten()
         return r.z.detach().flatten().float()
     z = torch.cat([logits(r) for r in records])
-    share = torch.cat([torch.full((r.z.numel(),), weights[r.kind] / r.z.numel(), dtype=torch.float64)
-                       for r in records])
+    share = torch.cat([torch.full((r.z.numel(),), weights[r.kind] / r.z.numel(), dtype=torch.float64,
+                                  device=r.z.device) for r in records])
     return z, share
 
 
@@ -385,7 +385,7 @@ def balancing_shift(z: torch.Tensor, share: torch.Tensor, target: float) -> floa
     between the last logit kept and the first one dropped."""
     z, order = z.sort(descending=True)
     kept = (share[order] / share.sum()).cumsum(0)          # kept[i]: density when z[0..i] keep
-    i = int(torch.searchsorted(kept, torch.tensor([target - 1e-9], dtype=kept.dtype)))
+    i = int(torch.searchsorted(kept, kept.new_tensor([target - 1e-9])))
     movable = torch.isfinite(z).nonzero()[:, 0]            # a target out of reach: as near as it gets
     if len(movable) == 0:
         return 0.0
@@ -510,10 +510,10 @@ def setup_distributed(config):
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_mean(values: list, world: int) -> list:
+def all_reduce_mean(values: list, world: int, device="cpu") -> list:
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)     # NCCL reduces device tensors only
     dist.all_reduce(t)
     return (t / world).tolist()
 
@@ -650,6 +650,9 @@ def train_step(run: Run, it: int) -> dict:
     """One optimizer step over grad_accum micro-batches; returns its row of log.jsonl."""
     config, model, ctrl = run.config, run.model, run.ctrl
     t0 = time.time()
+    cuda = torch.device(config["device"]).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(config["device"])
     scale = lr_at(it, config)
     for g in run.opt.param_groups:
         g["lr"] = g["base_lr"] * scale
@@ -671,7 +674,7 @@ def train_step(run: Run, it: int) -> dict:
             sums[k] += v / accum
     params = list(trained_parameters(model).values())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]))
-    sums = dict(zip(sums, all_reduce_mean(list(sums.values()), run.world)))
+    sums = dict(zip(sums, all_reduce_mean(list(sums.values()), run.world, config["device"])))
     check_finite(it, dict(sums, grad_norm=grad_norm))    # the same on every rank: DDP reduced the gradients
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
@@ -679,8 +682,10 @@ def train_step(run: Run, it: int) -> dict:
         ctrl.update(model, it, gates, run.weights, run.world)
     tokens = B * config["seq_len"] * accum * run.world
     target = None if static(config) else ctrl.target(it)     # a static baseline has no density target
-    return dict(iter=it, **sums, target=target, lr_scale=scale,
-                tok_s=tokens / (time.time() - t0))
+    row = dict(iter=it, **sums, target=target, lr_scale=scale, tok_s=tokens / (time.time() - t0))
+    if cuda:                                             # the most this step held on the device
+        row["peak_gib"] = torch.cuda.max_memory_allocated(config["device"]) / 2**30
+    return row
 
 
 def check_finite(it: int, values: dict):

@@ -188,6 +188,24 @@ def test_bench_runs_learned_gates_of_an_exported_folder(exported, text_file, cap
     assert len(learned) == 2 and all(r["density"] < 0.9 for r in learned)
 
 
+def test_bench_random_weights_builds_a_preset_without_its_files(monkeypatch, capsys):
+    """--random_weights: the preset's shapes with random weights and random ids (no folder, no
+    tokenizer, no download), and the same rows as a loaded model; misuse is named."""
+    monkeypatch.setitem(bench.PRESETS, "tiny-llama", dict(vocab_size=300, dim=32, n_layers=2, n_heads=4,
+                                                         n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=64))
+    monkeypatch.setattr(load_weights, "resolve", lambda *a, **k: pytest.fail("--random_weights read a folder"))
+    bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=1,0.5", "--kv=all", "--prefill=1x32",
+                "--prompt_len=8", "--new_tokens=4", "--repeat=1", "--threads=1", "--json"])
+    rows = last_json(capsys)
+    assert [(r["mode"], r["density"] == 1.0) for r in rows] == [("prefill", True), ("decode", True),
+                                                                ("prefill", False), ("decode", False)]
+    assert 0.2 < rows[2]["density"] < 0.8 and rows[2]["ideal_speedup"] > 1
+    for argv, message in ((["--init=nope"], "not one of"), (["--init=tiny-llama", "--vs_hf=True"], "drop --ckpt"),
+                          (["--init=tiny-llama", "--device=cuda", "--clock=cpu"], "use --clock=wall")):
+        with pytest.raises(ValueError, match=message):
+            bench.main(argv + ["--random_weights=True"])
+
+
 def test_failed_export_leaves_no_folder_and_full_out_is_refused(exported, text_file, tmp_path, monkeypatch):
     ckpt, _ = exported
     out = tmp_path / "half"
