@@ -486,7 +486,8 @@ class Model(nn.Module):
         if cache is not None:
             cache.seen += T
         h = self.norm(h[:, -1:] if last_only else h)                     # norm is per token
-        return (h if return_hidden else self.logits(h)), ctx.records
+        # a copy: with grad_checkpoint, backward reruns every block and its gates append again
+        return (h if return_hidden else self.logits(h)), list(ctx.records)
 
     def new_cache(self, batch_size: int, max_len: int) -> compact.KVCache:
         w = self.tok_emb.weight

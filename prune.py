@@ -165,6 +165,16 @@ def write_json(path: Path, record: dict):
     os.replace(tmp, path)
 
 
+def read_removed(out_dir) -> set:
+    """The sublayers a --prune run removed, from its out_dir/prune.json: {(layer, kind)}."""
+    file = Path(out_dir) / "prune.json"
+    try:
+        return {(layer, kind) for layer, kind in json.loads(file.read_text())["removed"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read what this run removed from {file} ({e}): a --prune run keeps it "
+                         "beside its checkpoints; put it back, or start the run again in a new --out_dir") from None
+
+
 def read_scores(path: str, ranking: str) -> dict:
     """The scores an earlier --prune run wrote to its prune.json (a file or its out_dir), so that
     one ranking serves several --prune_compute targets: {(layer, kind): score}."""

@@ -623,7 +623,7 @@ def resume(run: Run):
     state = load_checkpoint(run.out_dir, run.model, run.opt)
     run.start = state["iter"]
     if run.config["prune_routed"]:                        # a hybrid: what it closed stays out of the shifts
-        run.ctrl.fixed = {tuple(k) for k in json.loads((run.out_dir / "prune.json").read_text())["removed"]}
+        run.ctrl.fixed = prune.read_removed(run.out_dir)
     run.data.gen.set_state(state["data_rng"])
 
 

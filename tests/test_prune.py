@@ -122,6 +122,11 @@ def test_a_hybrid_closes_the_removed_sublayers_and_routes_the_rest(folder, corpu
     assert all(r["target"] is not None for r in rows)                     # the controller holds a target
     assert load_weights.load_sparse(out / "stage1")[2]["train_state"]["iter"] == 2
     assert eval_cli.method(meta["train_config"], "learned") == "static blocks (ShortGPT) + routed"
+    assert prune.read_removed(out) == removed                              # what a resume keeps closed
+    (out / "prune.json").unlink()
+    with pytest.raises(ValueError, match="cannot read what this run removed .* start the run again"):
+        train.train(train.read_config(args(folder, corpus, out, init="resume", prune="layer", prune_compute=0.9,
+                                           prune_routed=True, target_density="0.8,0.7", max_iters=6)))
 
 
 @pytest.mark.parametrize("over, message", [

@@ -102,6 +102,35 @@ def test_kl_is_zero_at_step_zero(folder):
     assert all(r.keep.all() for r in records)
 
 
+def test_grad_checkpoint_gives_the_same_losses_gradients_and_gate_records(folder):
+    """--grad_checkpoint recomputes each block in backward: the same losses and gradients, and the
+    records returned by the forward stay one per routed sublayer (the controller reads them after
+    backward)."""
+    cfg = train.read_config(["--init=" + str(folder), "--out_dir=/nonexistent-nanoskip", "--lora_rank=4",
+                             "--seq_len=16"])
+    model, _, _ = train.build(cfg)
+    x = torch.randint(3, 64, (2, 12))
+    with torch.no_grad():
+        for _, _, r in router.routers(model):
+            r.proj.weight.normal_(0, 1)                                    # logits that differ by token
+    train.set_density(model, [x], dict(attn=0.5, mlp=0.5), 0.7)          # some gates closed
+    runs = []
+    for checkpointed in (False, True):
+        model.grad_checkpoint = checkpointed
+        model.zero_grad(set_to_none=True)
+        kl, ce, records = train.distill_losses(model, x, ce_weight=1.0)
+        n_records = len(records)
+        (kl + ce + router.l1_loss(records, dict(attn=1.0, mlp=1.0))).backward()
+        assert len(records) == n_records == 2 * model.cfg.n_layers, checkpointed
+        grads = {n: p.grad.clone() for n, p in load_weights.trained_parameters(model).items()}
+        runs.append((kl.item(), ce.item(), [bool(r.keep.all()) for r in records], grads))
+    (kl0, ce0, keep0, g0), (kl1, ce1, keep1, g1) = runs
+    assert kl0 > 0 and kl1 == pytest.approx(kl0, rel=1e-6) and ce1 == pytest.approx(ce0, rel=1e-6)
+    assert keep1 == keep0 and not all(keep0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def biases(model):
     return torch.stack([r.proj.bias[0] for _, _, r in router.routers(model)])
 
