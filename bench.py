@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (set before torch loads its OpenMP runtime).
@@ -61,6 +62,7 @@ import torch  # noqa: E402
 import load_weights
 import lora
 import router
+import sample
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
 from model import PRESETS, Model, ModelConfig
@@ -93,15 +95,7 @@ DEFAULTS = dict(
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
               decode_batch=AT_LEAST_1, repeat=AT_LEAST_1, threads=AT_LEAST_1, seed=AT_LEAST_0,
               hf_seq_len=AT_LEAST_1, hf_prompt_len=AT_LEAST_1, hf_new_tokens=AT_LEAST_1)
-clock = time.perf_counter               # --clock=cpu: time.process_time; on a GPU: synced (set in main)
-
-
-def synced_clock(device):
-    """perf_counter read after the device has finished the work queued so far."""
-    def read():
-        torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return read
+clock = time.perf_counter               # --clock=cpu: time.process_time; on a GPU: sample.now (set in main)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +246,6 @@ def bench_vs_hf(model, folder, config, ids) -> list:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ValueError("--vs_hf needs transformers: pip install transformers") from None
-    import sample
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.tok_emb.weight.dtype).eval()
     T, P, n = config["hf_seq_len"], config["hf_prompt_len"], config["hf_new_tokens"]
     idx, prompt = ids[:T][None], ids[:P][None]
@@ -382,7 +375,7 @@ def main(argv):
     global clock
     clock = time.process_time if config["clock"] == "cpu" else time.perf_counter
     if config["device"].startswith("cuda"):
-        clock = synced_clock(config["device"])
+        clock = partial(sample.now, config["device"])    # waits for the GPU's queued work
     torch.manual_seed(config["seed"])
     base = config["init"]
     if config["ckpt"] and "init" not in given:     # --init, when given, says where the checkpoint's base is now
