@@ -13,7 +13,9 @@ Two modes say what a skipped token leaves behind (ModelConfig.kv):
 
 - kv="all" (the default): every token still writes K and V (the KV cache stays complete);
   only kept tokens make a query, scores and an output projection. Queries attend in blocks
-  of 128 over only the keys they can reach (`attend_blocks`).
+  of 128 over only the keys they can reach (`attend_blocks`). While decoding one token at a
+  time, a token that skips the attention defers its K/V (`defer_kv`): the next token that
+  computes it projects them with its own, in one matmul (`write_kv`).
 - kv="kept" (Mixture-of-Depths style): a skipped token is absent from the sublayer, as
   query and as key; each layer's cache grows only by what that layer kept (`attend_kept`).
 
@@ -131,9 +133,10 @@ def attention(a, out, h, x, keep, cos, sin, pos, cache, kv: str):
     if n == B * T:                                              # everyone computes: plain attention
         return h + out(a(x, cos, sin, pos, cache))
     if kv == "all":   # every token writes K/V; only kept tokens ask (query, scores, output projection)
-        k, v = a.project_kv(x, cos, sin)                        # (B, Hkv, T, D)
         if cache is not None:
-            cache.append(k, v, pos)
+            write_kv(a, cache, x, cos, sin, pos)
+        else:
+            k, v = a.project_kv(x, cos, sin)                    # (B, Hkv, T, D)
     if n == 0:
         return h                                                # nobody asks: no q, no wo, no keys read
     if kv == "all" and cache is not None:
@@ -150,14 +153,37 @@ def attention(a, out, h, x, keep, cos, sin, pos, cache, kv: str):
     return scatter_add_rows(h, p.flat, out(a.wo(from_packed(y, p))))   # (N, d) added back
 
 
-def attend_cache(a, q, k, v, pos, cache):
-    """Every token of this call asks: write its k, v (B, Hkv, T, D) at positions pos (B, T) to
-    the layer's cache, then attend over everything cached."""
-    cache.append(k, v, pos)
+def attend_cache(a, q, pos, cache):
+    """Queries q (B, H, T, D) at positions pos (B, T), whose K/V the cache already holds
+    (write_kv), attend over everything cached -> (B, T, H*D)."""
     k, v, k_pos, k_valid = cache.view()                               # (B, Hkv, S, D) ...
     if q.shape[2] == 1 and a.window is None and k_valid is None:
         return a.attend(q, k, v, None)       # one new token and every cached key is visible
     return a.attend(q, k, v, a.mask(pos, k_pos, k_valid))
+
+
+def write_kv(a, cache, x, cos, sin, pos):
+    """Project the K/V of tokens x (B, T, d) at positions pos (B, T) (cos, sin (1, T, D)), and of
+    the tokens that deferred theirs before them, and write them all to the layer's cache."""
+    x, cos, sin, pos = cache.take_deferred(x, cos, sin, pos)
+    cache.append(*a.project_kv(x, cos, sin), pos)
+
+
+# A decoding step of batch 1 whose token skips an attention (kv="all") does not project its K/V:
+# no query needs them until a later token computes this attention, and then they are projected
+# with that token's, in one matmul. At one token a projection is bound by reading its weights
+# (and by the fixed cost of each op), so several tokens' K/V cost about what one token's does.
+# At most MAX_DEFERRED wait: a layer that skips for long holds a bounded list.
+MAX_DEFERRED = 64
+
+
+def defer_kv(a, cache, x, cos, sin, pos):
+    """The one token x (1, 1, d) of a decoding step skips attention a (kv="all"): keep its input
+    for the next write_kv of this layer, or write them all when MAX_DEFERRED are waiting."""
+    if len(cache.deferred) + 1 < MAX_DEFERRED:
+        cache.deferred.append((x, cos, sin, pos))
+    else:
+        write_kv(a, cache, x, cos, sin, pos)
 
 
 def attend_blocks(a, q, k, v, q_pos, valid=None, block: int = 128):
@@ -219,6 +245,15 @@ class LayerCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(B, S, dtype=torch.long, device=device)
         self.lengths = [0] * B
+        self.deferred = []   # (x, cos, sin, pos) of tokens whose K/V wait to be projected (defer_kv)
+
+    def take_deferred(self, x, cos, sin, pos):
+        """The deferred tokens' inputs, then these: x (B, T', d), cos, sin (1, T', D), pos (B, T')."""
+        if not self.deferred:
+            return x, cos, sin, pos
+        parts = zip(*self.deferred, (x, cos, sin, pos))
+        self.deferred = []
+        return tuple(torch.cat(p, dim=1) for p in parts)
 
     def append(self, k, v, pos, p: Optional[Packing] = None):
         """Write new k, v (B, Hkv, T, D) at positions pos (B, T); with p, only its valid slots."""
@@ -248,6 +283,7 @@ class LayerCache:
     def view(self):
         """Filled part: k, v (B, Hkv, S', D), pos (B, S') with S' the longest fill, and
         valid (B, S') bool, or None when every sequence fills all S' slots."""
+        assert not self.deferred, "deferred K/V not written: write_kv first"
         n = max(self.lengths)
         valid = None
         if min(self.lengths) < n:

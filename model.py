@@ -268,9 +268,10 @@ class Attention(nn.Module):
         the band of keys its window reaches (T x (window + block) scores, not T x T); without a
         cache the call's tokens start at position 0, so key s is the token at position s."""
         q = self.project_q(x, cos, sin)                                   # (B, H, T, D)
-        k, v = self.project_kv(x, cos, sin)                               # (B, Hkv, T, D)
         if cache is not None:
-            return self.wo(compact.attend_cache(self, q, k, v, pos, cache))
+            compact.write_kv(self, cache, x, cos, sin, pos)
+            return self.wo(compact.attend_cache(self, q, pos, cache))
+        k, v = self.project_kv(x, cos, sin)                               # (B, Hkv, T, D)
         if key_ok is None and self.window is None and self.softcap is None:
             return self.wo(self.attend(q, k, v, None, causal=True))      # the fused causal kernel
         if key_ok is None and self.window is not None and x.shape[1] > self.window:
@@ -359,15 +360,18 @@ class Block(nn.Module):
         """
         a, cache = self.attn, ctx.cache.layers[self.layer]
         cos, sin = ctx.rope[a.window is not None]                         # (1, 1, D)
+        one_gate = self.cfg.route == "block"                              # it decides both sublayers
         x = self.attn_norm(h)                                             # (1, 1, d)
-        g = self.gate("attn", x, ctx)
-        if g is None or bool(g.keep):                                     # the gate's one device sync
+        keep = router.decide_token(self.attn_router, x, self.layer, ("attn", "mlp") if one_gate else ("attn",),
+                                   ctx.records, ctx.routers_off, ctx.sink)
+        if keep:
             h = h + self.attn_post_norm(a(x, cos, sin, ctx.pos, cache))
-        elif self.cfg.kv == "all":                                        # a skipped token still writes K/V
-            cache.append(*a.project_kv(x, cos, sin), ctx.pos)
+        elif self.cfg.kv == "all":             # a skipped token still has K/V: projected when next needed
+            compact.defer_kv(a, cache, x, cos, sin, ctx.pos)
         x = self.mlp_norm(h)
-        g = self.gate("mlp", x, ctx, g)
-        return h + self.mlp_post_norm(self.mlp(x)) if g is None or bool(g.keep) else h
+        if not one_gate:
+            keep = router.decide_token(self.mlp_router, x, self.layer, ("mlp",), ctx.records, ctx.routers_off, ctx.sink)
+        return h + self.mlp_post_norm(self.mlp(x)) if keep else h
 
     def gate(self, kind, x, ctx, attn_gate=None) -> Optional[router.GateRecord]:
         """This sublayer's gates (noted in ctx.records), or None when every token computes."""

@@ -132,6 +132,40 @@ def decide(r: Optional[Router], x: torch.Tensor, layer: int, kind: str,
     return GateRecord(layer, kind, z, z > ZERO)
 
 
+def decide_token(r: Optional[Router], x: torch.Tensor, layer: int, kinds: tuple, records: list,
+                 routers_off: bool = False, sink: Optional[torch.Tensor] = None) -> bool:
+    """decide() for the one token x (1, 1, d) of a decoding step of batch 1: whether it computes,
+    as a Python bool, with one record per kind in kinds appended to records (a "block" route
+    records its one gate as "attn" and "mlp"). The same logit and rule as decide(), and nothing
+    around them: at one token every op and Python call costs its fixed overhead (several µs
+    between a step's matmuls, which evict the interpreter's code and data from the caches), and
+    a step decides twice per layer."""
+    if r is None or routers_off or r.mode == "open":
+        return True
+    if r.mode == "peek":
+        return decide(r, x, layer, kinds[0])                             # raises: peek needs the masked path
+    z = r(x)                                                             # (1, 1)
+    if sink is not None:
+        z = z.masked_fill(sink, SINK_LOGIT)
+    kept = z.item() > 0                                                  # the one read (a device sync on a GPU)
+    keep = token_keep(kept, z.device)
+    for kind in kinds:
+        records.append(GateRecord(layer, kind, z, keep))
+    return kept
+
+
+_TOKEN_KEEP = {}   # (kept, device) -> (1, 1) bool tensor
+
+
+def token_keep(kept: bool, device) -> torch.Tensor:
+    """The (1, 1) keep tensor of a one-token decision: made once per value and device, so that a
+    decoding step records its decisions without an op. Shared: read it, never write to it."""
+    key = (kept, device)
+    if key not in _TOKEN_KEEP:
+        _TOKEN_KEEP[key] = torch.full((1, 1), kept, device=device)
+    return _TOKEN_KEEP[key]
+
+
 def sink_tokens(idx, start: int, cfg):
     """(B, T) bool: the attention sinks among tokens idx (B, T) starting at position start —
     position 0 and every BOS token — which compute every sublayer; None when there are none

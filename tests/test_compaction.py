@@ -235,7 +235,40 @@ def test_cached_greedy_decoding_equals_recomputation(family, kv, B):
     assert_logits_close(got_logits, want_logits)
     for layer, lc in enumerate(cache.layers):
         kept = keep[(layer, "attn")][:B, :SEQ - 1].sum(1)            # the last token is never fed
-        assert lc.lengths == (kept if kv == "kept" else torch.full((B,), SEQ - 1)).tolist()
+        held = [n + len(lc.deferred) for n in lc.lengths]             # written, or waiting (defer_kv)
+        assert held == (kept if kv == "kept" else torch.full((B,), SEQ - 1)).tolist()
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
+def test_a_skipped_attention_projects_its_kv_with_the_next_token_that_computes(family, monkeypatch):
+    """kv="all", batch 1: a decoding token that skips an attention does not project its K/V
+    (compact.defer_kv); the next token that computes that attention projects them with its own,
+    in one call, and MAX_DEFERRED bounds the wait. Tokens and logits stay those of recomputation
+    (gemma2, gemma3: a sliding window of 4 over the deferred keys)."""
+    model = tiny_model(family)
+    T0, L = 4, model.cfg.n_layers
+    keep = {(l, k): torch.ones(1, SEQ, dtype=torch.bool) for l in range(L) for k in ("attn", "mlp")}
+    keep[(0, "attn")][0, T0:T0 + 5] = False           # layer 0: five decoded tokens skip, then all compute
+    keep[(1, "attn")][0, T0:] = False                 # layer 1: every decoded token skips
+    table = force_gates(model, "sublayer", "all", keep)
+    monkeypatch.setattr(compact, "MAX_DEFERRED", 4)
+    projected = {l: [] for l in range(L)}             # tokens per K/V projection, after the prompt
+    for l, block in enumerate(model.layers):
+        a, project = block.attn, block.attn.project_kv
+        monkeypatch.setattr(a, "project_kv", lambda x, c, s, l=l, f=project: projected[l].append(x.shape[1]) or f(x, c, s))
+    prompt, n_new = tokens(1, T0), SEQ - T0
+    with torch.no_grad():
+        want, want_logits = greedy_by_recomputation(model, table, prompt, n_new)
+        for rows in projected.values():
+            rows.clear()
+        got, got_logits, cache = greedy_with_cache(model, table, prompt, n_new)
+    assert torch.equal(got, want)
+    assert_logits_close(got_logits, want_logits)
+    # decoded positions 4..14: layer 0 defers 4, 5, 6 and writes them with 7 (the fourth waiting),
+    # defers 8 and writes it with 9; layer 1 writes 4..7 and 8..11 and still holds 12, 13, 14
+    assert projected[0] == [T0, 4, 2, 1, 1, 1, 1, 1]
+    assert projected[1] == [T0, 4, 4] and len(cache.layers[1].deferred) == 3
+    assert cache.layers[1].lengths == [T0 + 8]
 
 
 @pytest.mark.parametrize("route", ["sublayer", "block"])

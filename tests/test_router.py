@@ -147,11 +147,12 @@ def test_sinks_compute_under_every_gate_mode_and_only_sinks_get_no_gradient():
         with router.forced(model, gates), torch.no_grad():
             _, records = model(idx)
         assert all(torch.equal(r.keep, sink) for r in records)
-    cache = model.new_cache(2, 12)                                       # decoding: token by token
-    with torch.no_grad():
-        for t in range(idx.shape[1]):
-            _, records = model(idx[:, t:t + 1], cache=cache)
-            assert all(torch.equal(r.keep, sink[:, t:t + 1]) for r in records)
+    for B in (2, 1):                                     # decoding token by token (batch 1: Block.step)
+        cache = model.new_cache(B, 12)
+        with torch.no_grad():
+            for t in range(idx.shape[1]):
+                _, records = model(idx[:B, t:t + 1], cache=cache)
+                assert all(torch.equal(r.keep, sink[:B, t:t + 1]) for r in records)
     _, records = model(idx, masked=True)
     router.l1_loss(records).backward()
     r = router.routers(model)[0][2]
