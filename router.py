@@ -144,7 +144,7 @@ def decide_token(r: Optional[Router], x: torch.Tensor, layer: int, kinds: tuple,
         return True
     if r.mode == "peek":
         return decide(r, x, layer, kinds[0])                             # raises: peek needs the masked path
-    z = r(x)                                                             # (1, 1)
+    z = r.forward(x)       # (1, 1); not r(x): a router has no hooks, and __call__ costs as much as its op
     if sink is not None:
         z = z.masked_fill(sink, SINK_LOGIT)
     kept = z.item() > 0                                                  # the one read (a device sync on a GPU)
