@@ -354,9 +354,11 @@ class Block(nn.Module):
         """forward() for the one token of a decoding step of batch 1: h (1, 1, d), with a cache.
 
         Each gate is then one bool, so a sublayer simply runs or not: no gather, no scatter, no
-        packing. The same gates and numbers as the compacted path (which this is, at one token),
-        in fewer ops: at one token an op costs its fixed overhead, not its arithmetic, and a
-        skipped sublayer should cost little more than its norm and its router.
+        packing. The same gates as the compacted path (which this is, at one token) and the same
+        numbers up to rounding, in fewer ops: at one token an op costs its fixed overhead, not its
+        arithmetic, and a skipped sublayer should cost little more than its norm and its router.
+        A skipped attention's K/V (kv="all") wait for the next token that computes the layer
+        (compact.defer_kv), which projects them with its own in one matmul.
         """
         a, cache = self.attn, ctx.cache.layers[self.layer]
         cos, sin = ctx.rope[a.window is not None]                         # (1, 1, D)
