@@ -20,7 +20,8 @@ counted as computed by the statistics and the FLOP model; sigmoid'(SINK_LOGIT) ~
 router no gradient.
 
     add_routers(model, route, kv)       # attach open routers to a loaded model (in place)
-    decide(r, x, layer, kind)           # the one place where a sublayer's input becomes its gates
+    decide(r, x, layer, kind)           # where a sublayer's input becomes its gates
+    decide_token(r, x, layer, kinds, records)   # the same rule for the one token of a decoding step
     with forced(model, 0.5): ...        # random gates keeping half the tokens; "open": all compute
     with forced(model, peek_gates(model, tau, costs)): ...   # the training-free reference rule
     parameters(model)                   # what train.py trains of the routers
