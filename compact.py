@@ -45,6 +45,12 @@ def count(keep: torch.Tensor) -> int:
     return int(keep.item()) if keep.numel() == 1 else int(keep.sum())
 
 
+def gather_rows(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The rows (N, d) of x (B, T, d) at the flat row indices (N,). index_select rather than
+    x[flat]: general indexing copies 256 rows of 576 three times slower on this CPU."""
+    return x.flatten(0, 1).index_select(0, flat)
+
+
 def scatter_add_rows(h: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """h (B, T, d) with rows (N, d) added at the flat row indices; out of place."""
     B, T, d = h.shape
@@ -62,7 +68,7 @@ def kept_rows(f, h, x, keep):
     if n == 0:
         return h                                              # weights not touched
     flat = keep.flatten().nonzero().squeeze(1)                # (N,) rows of kept tokens
-    return scatter_add_rows(h, flat, f(x.flatten(0, 1)[flat]))
+    return scatter_add_rows(h, flat, f(gather_rows(x, flat)))
 
 
 @dataclass
@@ -142,9 +148,9 @@ def attention(a, out, h, x, keep, cos, sin, pos, cache, kv: str):
     if kv == "all" and cache is not None:
         k, v, _, _ = cache.view()                               # key s is the token at position s
     p = pack(keep)
-    xp = to_packed(x.flatten(0, 1)[p.flat], p, B)               # (B, Tp, d)
-    q_pos = to_packed(pos[0][p.t_idx], p, B)                    # (B, Tp) original positions
-    cos_p, sin_p = to_packed(cos[0][p.t_idx], p, B), to_packed(sin[0][p.t_idx], p, B)
+    xp = to_packed(gather_rows(x, p.flat), p, B)                # (B, Tp, d)
+    q_pos = to_packed(pos[0].index_select(0, p.t_idx), p, B)    # (B, Tp) original positions
+    cos_p, sin_p = (to_packed(c[0].index_select(0, p.t_idx), p, B) for c in (cos, sin))
     q = a.project_q(xp, cos_p, sin_p)                           # (B, H, Tp, D)
     if kv == "all":
         y = attend_blocks(a, q, k, v, q_pos, None if p.even else p.valid)   # (B, Tp, H*D)
