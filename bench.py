@@ -40,8 +40,10 @@ each of them once, and the row gives its peak resident memory above what it held
 (torch, and its ~70 MB of one-time imports on the first model built), against the weights' size.
 
 Timings on a shared CPU are noisy: read the ratios, and keep --threads at what you deploy.
-OMP_WAIT_POLICY defaults to PASSIVE here (see below); export OMP_WAIT_POLICY=ACTIVE to bench
-with spinning threads on a machine of your own.
+OpenMP's wait policy is left as sample.py runs with it (OMP_WAIT_POLICY unset: idle workers spin
+a while before they sleep). On a machine where other processes keep the cores busy, export
+OMP_WAIT_POLICY=PASSIVE: then no worker spins on a core another process wants, but every op that
+OpenMP splits pays ~0.1 ms to wake its workers, which the compacted paths' small ops feel most.
 Every option below is --key=value or --key value (python bench.py --help lists them).
 """
 import json
@@ -53,11 +55,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning (set before torch loads its OpenMP runtime).
-# On a machine shared with other processes, spinning threads take the cores that the working
-# ones wait for, and every parallel op can then cost a scheduler tick (milliseconds).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
+import torch
 
 import load_weights
 import lora
@@ -397,7 +395,7 @@ def main(argv):
                + [config["decode_batch"] * config["prompt_len"], config["hf_seq_len"], config["hf_prompt_len"]])
     ids = (random_ids(model.cfg.vocab_size, need) if tok is None else token_ids(tok, config["text"], need)).to(device)
     where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-             else f"{config['threads']} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
+             else f"{config['threads']} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     print(f"{base}{' (random weights)' if tok is None else ''}: {config['dtype']}, {where}, "
           f"{config['clock']} clock, median of {config['repeat']}")
     if config["vs_hf"]:
