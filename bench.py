@@ -152,14 +152,14 @@ def interleaved(run_dense, run_sparse, repeat: int):
     return statistics.median(dense_s), statistics.median(sparse_s), records
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def prefill_run(model, idx, dense: bool):
     t0 = clock()
     _, records = model(idx, routers_off=dense)                                # logits at every position
     return clock() - t0, records
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_pair(model, prompt, new_tokens: int):
     """Greedy decoding with a KV cache, dense and sparse in lockstep: each one-token step of
     one path is followed by the same step of the other (the order alternates), so that noise
@@ -248,13 +248,13 @@ def bench_vs_hf(model, folder, config, ids) -> list:
     T, P, n = config["hf_seq_len"], config["hf_prompt_len"], config["hf_new_tokens"]
     idx, prompt = ids[:T][None], ids[:P][None]
 
-    @torch.no_grad()
+    @torch.inference_mode()   # both sides, as sample.decode runs
     def ours_forward():
         t0 = clock()
         model(idx)
         return clock() - t0, []
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def hf_forward():
         t0 = clock()
         hf(idx)
@@ -272,7 +272,7 @@ def bench_vs_hf(model, folder, config, ids) -> list:
         tokens["ours"] = sample.generate(model, prompt, n, temperature=0.0)[0, P:]
         return clock() - t0, []
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def hf_generate():
         t0 = clock()
         tokens["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
