@@ -5,18 +5,17 @@
         --prefill=1x256 --prompt_len=128 --new_tokens=16                        # a quick look
     python bench.py --ckpt=out/smol         # its base model, plus the learned gates of this train.py checkpoint
     python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
-    python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --vs_hf      # ours vs transformers
     python bench.py --init=checkpoints/smollm2-135m-instruct --dtype=bfloat16 --load_rss   # loading's memory
     python bench.py --init=llama-3.1-8b --random_weights=True --device=cuda --dtype=bfloat16  # a GPU, no download
 
 Both paths run in the same process on the same weights: the dense path is
 model(idx, routers_off=True), the sparse path is the compacted default, where a skipped
-sublayer is not computed. The gates are forced: `router.forced(model, density)` makes every
+sublayer is not computed. The gates are forced: `gates.forced(model, density)` makes every
 router keep a random share = density of the tokens, so the speed of compaction is measured
 apart from what a trained router decides. With --ckpt the checkpoint's learned gates run
 too (LoRA merged into the weights first, so that adapters cost nothing in either path).
 
-Measured, for each kv mode and density:
+Measured, for each kv mode and density (timing.py, which `python -m research.suite` shares):
 - prefill: one forward over (batch x seq_len) tokens, logits at every position;
 - decode:  new_tokens greedy steps of one token through a KV cache after a prompt of
            prompt_len tokens (the prefill is not timed).
@@ -26,9 +25,7 @@ sparse_s, ideal_speedup = 1 / flops.compute_ratio at the measured per-sublayer d
 and the real context, and efficiency = speedup / ideal_speedup (1 = every skipped FLOP
 turned into saved time).
 
---vs_hf compares our dense model with transformers' (its default sdpa attention) on the
-same folder: one forward over 1 x hf_seq_len tokens, and greedy generation of hf_new_tokens
-after hf_prompt_len prompt tokens with a KV cache (speedup = hf_s / ours_s).
+Our dense model against transformers' on the same folder: `python -m research.vs_hf --init=...`.
 
 --random_weights builds a preset's architecture with random weights on --device instead of
 loading it (nothing is downloaded): the gates are forced, so the speed of either path does not
@@ -48,11 +45,8 @@ Every option below is --key=value or --key value (python bench.py --help lists t
 """
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,10 +54,11 @@ import torch
 import load_weights
 import lora
 import router
-import sample
+from checkpoint import load_sparse, read_checkpoint_meta
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
-from flops import compute_ratio
+from gates import forced
 from model import PRESETS, Model, ModelConfig
+from timing import HEADER, bench_gates, make_clock, parse_shape, token_ids
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
@@ -80,10 +75,6 @@ DEFAULTS = dict(
     threads=2,                        # torch.set_num_threads
     dtype="float32",
     seed=0,
-    vs_hf=False,                      # compare our dense model with transformers instead
-    hf_seq_len=512,                   # --vs_hf: forward over 1 x hf_seq_len tokens
-    hf_prompt_len=128,                # --vs_hf: generate hf_new_tokens after hf_prompt_len tokens
-    hf_new_tokens=128,
     clock="wall",                     # wall | cpu (process CPU seconds: steadier on a shared machine)
     device="cpu",                     # cpu | cuda | cuda:1 ...
     random_weights=False,             # --init is a preset: its shapes, random weights, no download
@@ -91,28 +82,12 @@ DEFAULTS = dict(
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
-              decode_batch=AT_LEAST_1, repeat=AT_LEAST_1, threads=AT_LEAST_1, seed=AT_LEAST_0,
-              hf_seq_len=AT_LEAST_1, hf_prompt_len=AT_LEAST_1, hf_new_tokens=AT_LEAST_1)
-clock = time.perf_counter               # --clock=cpu: time.process_time; on a GPU: sample.now (set in main)
+              decode_batch=AT_LEAST_1, repeat=AT_LEAST_1, threads=AT_LEAST_1, seed=AT_LEAST_0)
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs and timing
+# --random_weights: no folder, no tokenizer
 # ----------------------------------------------------------------------------------------------
-
-def token_ids(tok, path: str, n: int) -> torch.Tensor:
-    """The first n token ids of a text file (repeated if the text is shorter), as (n,)."""
-    if not Path(path).is_file():
-        raise ValueError(f"--text={path} is not a file: pass a UTF-8 text file")
-    try:
-        ids = tok.encode(Path(path).read_text(encoding="utf-8"), special=False)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--text={path} is not UTF-8 text ({e.reason}): pass a UTF-8 text file") from None
-    if not ids:
-        raise ValueError(f"--text={path} holds no tokens: pass a longer text file")
-    ids = torch.tensor(ids * (n // len(ids) + 1))
-    return ids[:n]
-
 
 def random_ids(vocab_size: int, n: int) -> torch.Tensor:
     """n random token ids (--random_weights: no tokenizer), as (n,)."""
@@ -124,166 +99,6 @@ def random_model(name: str, dtype: str, device: str) -> Model:
     with torch.device(device):
         model = Model(ModelConfig(**PRESETS[name]))                      # default init, float32
     return model.to(load_weights.DTYPES[dtype])
-
-
-def parse_shape(spec: str):
-    """'4x256' -> (4, 256)."""
-    try:
-        b, t = (int(v) for v in spec.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--prefill item {spec!r} is not BATCHxSEQ_LEN (e.g. 1x1024)") from None
-    if b < 1 or t < 1:
-        raise ValueError(f"--prefill item {spec!r} needs a positive batch and length")
-    return b, t
-
-
-def interleaved(run_dense, run_sparse, repeat: int):
-    """Median seconds of two timed callables run alternately (after one warm-up of each).
-
-    Each callable returns (seconds, gate records); the sparse records of every run are kept.
-    """
-    run_dense(), run_sparse()
-    dense_s, sparse_s, records = [], [], []
-    for _ in range(repeat):
-        dense_s.append(run_dense()[0])
-        s, recs = run_sparse()
-        sparse_s.append(s)
-        records += recs
-    return statistics.median(dense_s), statistics.median(sparse_s), records
-
-
-@torch.inference_mode()
-def prefill_run(model, idx, dense: bool):
-    t0 = clock()
-    _, records = model(idx, routers_off=dense)                                # logits at every position
-    return clock() - t0, records
-
-
-@torch.inference_mode()
-def decode_pair(model, prompt, new_tokens: int):
-    """Greedy decoding with a KV cache, dense and sparse in lockstep: each one-token step of
-    one path is followed by the same step of the other (the order alternates), so that noise
-    from a busy machine falls on both. The prefill of the prompt is not timed.
-
-    Returns (dense seconds, sparse seconds, sparse gate records of the timed steps).
-    """
-    B, T = prompt.shape
-    caches = {dense: model.new_cache(B, T + new_tokens) for dense in (True, False)}
-    nxt = {dense: model(prompt, cache=caches[dense], routers_off=dense, last_only=True)[0] for dense in (True, False)}
-    seconds, records = {True: 0.0, False: 0.0}, []
-    for step in range(new_tokens):
-        for dense in ((True, False) if step % 2 else (False, True)):
-            x = nxt[dense][:, -1].argmax(-1, keepdim=True)                 # (B, 1) greedy
-            t0 = clock()
-            nxt[dense], recs = model(x, cache=caches[dense], routers_off=dense, last_only=True)
-            seconds[dense] += clock() - t0
-        records += recs
-    return seconds[True], seconds[False], records
-
-
-def decode_runs(model, prompt, new_tokens: int, repeat: int):
-    """Medians over `repeat` decode_pair runs (after a short warm-up)."""
-    decode_pair(model, prompt, min(new_tokens, 4))
-    runs = [decode_pair(model, prompt, new_tokens) for _ in range(repeat)]
-    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
-            [rec for r in runs for rec in r[2]])
-
-
-def row(model, mode, gates, B, seq_len, queries, dense_s, sparse_s, records) -> dict:
-    """One result: the timings, the measured density (over the routed sublayers) and what the
-    FLOP model promises."""
-    stats = router.GateStats(records)
-    ratio = compute_ratio(model.cfg, seq_len, stats.density(), model.cfg.kv, queries)
-    speedup = dense_s / sparse_s
-    return dict(mode=mode, kv=model.cfg.kv, gates=gates, density=stats.mean(),
-                batch=B, seq_len=seq_len, new_tokens=queries if mode == "decode" else None,
-                dense_s=dense_s, sparse_s=sparse_s, speedup=speedup, ideal_speedup=1 / ratio,
-                efficiency=speedup * ratio)
-
-
-def bench_gates(model, config, gates: str, ids: torch.Tensor) -> list:
-    """Prefill and decode rows for the gates the model has now."""
-    out = []
-    for spec in config["prefill"]:
-        B, T = parse_shape(spec)
-        idx = ids[: B * T].view(B, T)
-        d, s, recs = interleaved(lambda: prefill_run(model, idx, True), lambda: prefill_run(model, idx, False),
-                                 config["repeat"])
-        out.append(row(model, "prefill", gates, B, T, None, d, s, recs))
-        print_row(out[-1])
-    B, P, n = config["decode_batch"], config["prompt_len"], config["new_tokens"]
-    prompt = ids[: B * P].view(B, P)
-    d, s, recs = decode_runs(model, prompt, n, config["repeat"])
-    out.append(row(model, "decode", gates, B, P + n, n, d, s, recs))
-    print_row(out[-1])
-    return out
-
-
-def print_row(r: dict):
-    if r.get("density") is None:   # a --vs_hf row
-        print(f"{r['mode']:8s} {r['batch']:>3d} x {r['seq_len']:<5d} ours {r['ours_s']:8.3f} s   "
-              f"transformers {r['hf_s']:8.3f} s   speedup {r['speedup']:5.2f}x"
-              + (f"   same tokens: {r['same_tokens']}" if "same_tokens" in r else ""))
-        return
-    shape = f"{r['batch']} x {r['seq_len']}" + (f" (+{r['new_tokens']})" if r["new_tokens"] else "")
-    print(f"{r['mode']:8s} {r['kv']:5s} {r['gates']:8s} {r['density']:7.3f} {shape:>16s} {r['dense_s']:9.3f} "
-          f"{r['sparse_s']:9.3f} {r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['efficiency']:6.2f}")
-
-
-HEADER = (f"{'mode':8s} {'kv':5s} {'gates':8s} {'density':>7s} {'batch x seq_len':>16s} {'dense_s':>9s} "
-          f"{'sparse_s':>9s} {'speedup':>8s} {'ideal':>6s} {'eff':>6s}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Ours against transformers
-# ----------------------------------------------------------------------------------------------
-
-def bench_vs_hf(model, folder, config, ids) -> list:
-    """Our dense forward and cached greedy generation against transformers on the same weights."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise ValueError("--vs_hf needs transformers: pip install transformers") from None
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.tok_emb.weight.dtype).eval()
-    T, P, n = config["hf_seq_len"], config["hf_prompt_len"], config["hf_new_tokens"]
-    idx, prompt = ids[:T][None], ids[:P][None]
-
-    @torch.inference_mode()   # both sides, as sample.decode runs
-    def ours_forward():
-        t0 = clock()
-        model(idx)
-        return clock() - t0, []
-
-    @torch.inference_mode()
-    def hf_forward():
-        t0 = clock()
-        hf(idx)
-        return clock() - t0, []
-
-    out = []
-    hf_s, ours_s, _ = interleaved(hf_forward, ours_forward, config["repeat"])
-    out.append(dict(mode="prefill", batch=1, seq_len=T, ours_s=ours_s, hf_s=hf_s, speedup=hf_s / ours_s))
-    print_row(out[-1])
-
-    tokens = {}
-
-    def ours_generate():
-        t0 = clock()
-        tokens["ours"] = sample.generate(model, prompt, n, temperature=0.0)[0, P:]
-        return clock() - t0, []
-
-    @torch.inference_mode()
-    def hf_generate():
-        t0 = clock()
-        tokens["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                   min_new_tokens=n, do_sample=False, use_cache=True)[0, P:]
-        return clock() - t0, []
-
-    hf_s, ours_s, _ = interleaved(hf_generate, ours_generate, config["repeat"])
-    out.append(dict(mode="decode", batch=1, seq_len=P + n, new_tokens=n, ours_s=ours_s, hf_s=hf_s,
-                    speedup=hf_s / ours_s, same_tokens=bool(torch.equal(tokens["ours"], tokens["hf"]))))
-    print_row(out[-1])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,8 +163,8 @@ def check(config):
         if config["init"] not in PRESETS:
             raise ValueError(f"--random_weights builds a preset's shapes: --init={config['init']} is not one of "
                              f"{', '.join(PRESETS)}")
-        if config["ckpt"] or config["vs_hf"] or config["load_rss"]:
-            raise ValueError("--random_weights times the forced gates only: drop --ckpt, --vs_hf and --load_rss")
+        if config["ckpt"] or config["load_rss"]:
+            raise ValueError("--random_weights times the forced gates only: drop --ckpt and --load_rss")
     if config["route"] not in router.ROUTES:
         raise ValueError(f"--route: unknown route {config['route']!r}; choose from {', '.join(router.ROUTES)}")
     for spec in config["prefill"]:
@@ -358,11 +173,33 @@ def check(config):
 
 def check_context(model, config):
     longest = max([parse_shape(s)[1] for s in config["prefill"]] + [config["prompt_len"] + config["new_tokens"]])
-    if config["vs_hf"]:
-        longest = max(config["hf_seq_len"], config["hf_prompt_len"] + config["hf_new_tokens"])
     if longest > model.cfg.max_seq_len:
         raise ValueError(f"{longest} tokens exceed the model's context of {model.cfg.max_seq_len}: "
                          "lower --prefill, --prompt_len or --new_tokens")
+
+
+def bench_all(model, base, config, ids, clock) -> list:
+    """The rows of the random gates at every kv mode and density, then of the learned gates
+    (--ckpt, or a folder export.py wrote)."""
+    device = config["device"]
+    exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
+    print(HEADER)
+    rows = []
+    for kv in config["kv"]:
+        router.add_routers(model, config["route"], kv)
+        for density in config["densities"]:
+            with forced(model, density):
+                rows += bench_gates(model, config, "random", ids, clock)
+    if config["ckpt"]:
+        model, tok, meta = load_sparse(config["ckpt"], config["dtype"], device, base=base)
+        lora.merge(model)                        # W += scale * B A: adapters cost nothing
+        print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
+        rows += bench_gates(model, config, "learned", ids, clock)
+    elif exported:                               # the random gates replaced its routers: reload
+        model, tok = load_weights.load(base, config["dtype"], device)
+        print(f"learned gates of {base} (exported, LoRA merged)")
+        rows += bench_gates(model, config, "learned", ids, clock)
+    return rows
 
 
 def main(argv):
@@ -370,14 +207,11 @@ def main(argv):
     config = dict(DEFAULTS, **given)
     check(config)
     torch.set_num_threads(config["threads"])
-    global clock
-    clock = time.process_time if config["clock"] == "cpu" else time.perf_counter
-    if config["device"].startswith("cuda"):
-        clock = partial(sample.now, config["device"])    # waits for the GPU's queued work
+    clock = make_clock(config["clock"], config["device"])    # on a GPU: waits for its queued work
     torch.manual_seed(config["seed"])
     base = config["init"]
     if config["ckpt"] and "init" not in given:     # --init, when given, says where the checkpoint's base is now
-        base = load_weights.read_checkpoint_meta(config["ckpt"])["base"]
+        base = read_checkpoint_meta(config["ckpt"])["base"]
     if config["load_rss"]:
         rows = [bench_load(base, config["dtype"])]
         if config["json"]:
@@ -389,34 +223,15 @@ def main(argv):
     else:
         model, tok = load_weights.load(base, config["dtype"], device)
     model.requires_grad_(False).eval()
-    exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
     check_context(model, config)
     need = max([b * t for b, t in map(parse_shape, config["prefill"])]
-               + [config["decode_batch"] * config["prompt_len"], config["hf_seq_len"], config["hf_prompt_len"]])
+               + [config["decode_batch"] * config["prompt_len"]])
     ids = (random_ids(model.cfg.vocab_size, need) if tok is None else token_ids(tok, config["text"], need)).to(device)
     where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
              else f"{config['threads']} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     print(f"{base}{' (random weights)' if tok is None else ''}: {config['dtype']}, {where}, "
           f"{config['clock']} clock, median of {config['repeat']}")
-    if config["vs_hf"]:
-        rows = bench_vs_hf(model, load_weights.resolve(base), config, ids)
-    else:
-        print(HEADER)
-        rows = []
-        for kv in config["kv"]:
-            router.add_routers(model, config["route"], kv)
-            for density in config["densities"]:
-                with router.forced(model, density):
-                    rows += bench_gates(model, config, "random", ids)
-        if config["ckpt"]:
-            model, tok, meta = load_weights.load_sparse(config["ckpt"], config["dtype"], device, base=base)
-            lora.merge(model)                        # W += scale * B A: adapters cost nothing
-            print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
-            rows += bench_gates(model, config, "learned", ids)
-        elif exported:                               # the random gates replaced its routers: reload
-            model, tok = load_weights.load(base, config["dtype"], device)
-            print(f"learned gates of {base} (exported, LoRA merged)")
-            rows += bench_gates(model, config, "learned", ids)
+    rows = bench_all(model, base, config, ids, clock)
     if config["json"]:
         print(json.dumps(rows))
 

@@ -5,6 +5,7 @@ asks its routers which tokens compute a sublayer (a (B, T) bool `keep`), then ca
 
     kept_rows(f, h, x, keep)      # MLP: gather the kept rows of the whole batch, run f on
                                   # them only, scatter-add the result back into h
+    skipped_rows(skip, h, x, keep)   # what a skipped token adds instead (router.Substitute)
     attention(a, out, h, x, keep, ...)   # attention of the kept tokens only
 
 The MLP is row-wise, so compacting it is a gather and a scatter. Attention is not: a kept
@@ -23,10 +24,11 @@ Kept tokens of each sequence are packed side by side, padded to the longest coun
 (`pack`, `to_packed`, `from_packed`): queries of different sequences never meet, so a
 (B, Tp) layout keeps the batched kernels and wastes only the padding.
 
-Also here: the KV cache (`KVCache`, one `LayerCache` per layer, written by position), whose
-per-sequence fill levels exist because a kv="kept" layer stores only the tokens it kept.
+Also here: the KV cache (`KVCache`, one `LayerCache` per layer, written by position; a
+kv="kept" layer fills each sequence's to its own level), and the decoding step of batch 1
+(`step`), where compaction is a plain branch per gate.
 
-This file imports nothing of the project: model.py imports it. `a` is model.Attention.
+model.py imports this file; it imports router.py. `a` is model.Attention.
 Shapes: B batch, T tokens in this call, N kept tokens, Tp = the most kept by one sequence,
 S cached tokens, d model width, H query heads, Hkv key/value heads, D head dim.
 """
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+import router
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,6 +73,18 @@ def kept_rows(f, h, x, keep):
         return h                                              # weights not touched
     flat = keep.flatten().nonzero().squeeze(1)                # (N,) rows of kept tokens
     return scatter_add_rows(h, flat, f(gather_rows(x, flat)))
+
+
+def skipped_rows(skip, h, x, keep):
+    """h + skip(x) where keep is False, h elsewhere, running the substitute (router.Substitute)
+    on the skipped rows only; h itself when a skip adds 0 (skip None)."""
+    n = 0 if skip is None else keep.numel() - count(keep)
+    if n == 0:
+        return h
+    if n == keep.numel():
+        return h + skip(x)
+    flat = (~keep).flatten().nonzero().squeeze(1)             # (N,) rows of skipped tokens
+    return scatter_add_rows(h, flat, skip(gather_rows(x, flat)))
 
 
 @dataclass
@@ -308,3 +324,62 @@ class KVCache:
                        for _ in range(cfg.n_layers)]
         self.batch_size = batch_size
         self.seen = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# A decoding step of batch 1: one token, so each gate is one bool
+# ----------------------------------------------------------------------------------------------
+
+def step(block, h, ctx):
+    """model.Block.forward for the one token h (1, 1, d) of a decoding step of batch 1, with a
+    cache: each gate is one bool, so a sublayer simply runs or not (no gather, no scatter). The
+    compacted path's gates and numbers in fewer ops: at one token an op costs its fixed overhead,
+    and a skip should cost little more than its norm and its router. A skipped attention's K/V
+    (kv="all") wait for the next token that computes the layer (defer_kv)."""
+    a, cache, layer = block.attn, ctx.cache.layers[block.layer], block.layer
+    cos, sin = ctx.rope[a.window is not None]                         # (1, 1, D)
+    one_gate = block.cfg.route == "block"                             # it decides both sublayers
+    x = block.attn_norm(h)                                            # (1, 1, d)
+    keep = decide_token(block.attn_router, x, layer, ("attn", "mlp") if one_gate else ("attn",),
+                        ctx.records, ctx.routers_off, ctx.sink)
+    if keep:
+        h = h + block.attn_post_norm(a(x, cos, sin, ctx.pos, cache))
+    else:
+        if block.cfg.kv == "all":          # a skipped token still has K/V: projected when next needed
+            defer_kv(a, cache, x, cos, sin, ctx.pos)
+        h = h if block.attn_skip is None else h + block.attn_skip(x)
+    x = block.mlp_norm(h)
+    if not one_gate:
+        keep = decide_token(block.mlp_router, x, layer, ("mlp",), ctx.records, ctx.routers_off, ctx.sink)
+    if keep:
+        return h + block.mlp_post_norm(block.mlp(x))
+    return h if block.mlp_skip is None else h + block.mlp_skip(x)
+
+
+def decide_token(r, x: torch.Tensor, layer: int, kinds: tuple, records: list,
+                 routers_off: bool = False, sink: Optional[torch.Tensor] = None) -> bool:
+    """router.decide for the one token x (1, 1, d) of a decoding step of batch 1, and nothing
+    around it (each op and call costs µs here): whether it computes, as a bool, with one record
+    per kind in kinds appended to records (a "block" route records its gate as both)."""
+    if r is None or routers_off:
+        return True
+    z = r.forward(x)       # (1, 1); not r(x): a router has no hooks, and __call__ costs as much as its op
+    if sink is not None:
+        z = z.masked_fill(sink, router.SINK_LOGIT)
+    kept = z.item() > 0                                                  # the one read (a device sync on a GPU)
+    keep = token_keep(kept, z.device)
+    for kind in kinds:
+        records.append(router.GateRecord(layer, kind, z, keep))
+    return kept
+
+
+_TOKEN_KEEP = {}   # (kept, device) -> (1, 1) bool tensor
+
+
+def token_keep(kept: bool, device) -> torch.Tensor:
+    """The (1, 1) keep tensor of a one-token decision: made once per value and device, so that a
+    decoding step records its decisions without an op. Shared: read it, never write to it."""
+    key = (kept, device)
+    if key not in _TOKEN_KEEP:
+        _TOKEN_KEEP[key] = torch.full((1, 1), kept, device=device)
+    return _TOKEN_KEEP[key]

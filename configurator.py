@@ -1,7 +1,7 @@
 """configurator.py — a CLI's defaults in one dict, overridden from the command line.
 
     DEFAULTS = dict(init="smollm2-135m-instruct", seq_len=512, compile=False)
-    config = configure(DEFAULTS, sys.argv[1:])     # python eval.py --seq_len 1024 --compile
+    config = configure(DEFAULTS, sys.argv[1:])     # python evaluate.py --seq_len 1024 --json
 
 Every flag is --key=value or --key value, with the type of its default: a bool takes
 true/false/1/0 (or --key alone for true), a tuple/list takes comma-separated items, a None

@@ -2,7 +2,7 @@
 
     python export.py --ckpt=out --out=sparse-model/
     python sample.py --init=sparse-model/ --prompt="The for statement"     # the sparse model
-    python eval.py --init=sparse-model/ --text=data/heldout/python_docs.txt
+    python evaluate.py --init=sparse-model/ --text=data/heldout/python_docs.txt
 
 A checkpoint of train.py holds only routers and LoRA, and works next to the exact base folder
 it was trained from. The exported folder stands alone, in the layout of a Hugging Face model:
@@ -20,10 +20,10 @@ transformers reads config.json and the weights as the dense model with LoRA merg
 nothing of routers); load_weights.load reads them as the sparse model, routers on, through the
 same meta-device loader as any base (one copy of the weights in memory).
 
-The numbers on the card are eval.py's (evaluate_sparse) on the first --max_chunks windows of
---text, measured before merging, against the base (LoRA off, every gate open). The folder is
-written under a temporary name and renamed when complete: an interrupted export leaves no
-half folder under the final name.
+The numbers on the card are evaluate.py's (gates.evaluate_sparse) on the first --max_chunks
+windows of --text, measured before merging, against the base (LoRA off, every gate open). The
+folder is written under a temporary name and renamed when complete: an interrupted export
+leaves no half folder under the final name.
 
 Every option below is --key=value (python export.py --help lists them).
 """
@@ -37,17 +37,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import eval as eval_cli
 import load_weights
 import lora
 import router
+from checkpoint import load_sparse, read_checkpoint_meta, trained_parameters
 from configurator import configure
+from gates import evaluate_sparse
+from scoring import read_text, windows
 
 DEFAULTS = dict(
     ckpt="out",                            # a train.py out_dir
     out="sparse-model",                    # the folder to write (must not exist, or be empty)
     text="data/heldout/python_docs.txt",   # held-out text the card's numbers are measured on
-    seq_len=512,                           # ... in windows of this many tokens (eval.py's convention)
+    seq_len=512,                           # ... in windows of this many tokens (evaluate.py's convention)
     max_chunks=2,                          # ... the first this many
     dtype="auto",                          # auto: each tensor in the dtype the base stores it in;
                                            # or float32 | bfloat16 | float16 for every float tensor
@@ -77,7 +79,7 @@ def parse_size(text: str) -> int:
 def merged_state(model) -> dict:
     """{our base-model name: tensor} of a model whose adapters are merged: a LoRALinear's
     weight under its Linear's own name, routers and adapters left out."""
-    trained = set(load_weights.trained_parameters(model))
+    trained = set(trained_parameters(model))
     return {name.replace(".base.", "."): t for name, t in model.state_dict().items() if name not in trained}
 
 
@@ -134,9 +136,9 @@ def write_weights(entries, folder: Path, max_bytes: int):
 # ----------------------------------------------------------------------------------------------
 
 def measure(model, tok, config) -> dict:
-    """eval.py's numbers for the sparse model on the first windows of --text (LoRA not yet merged)."""
-    chunks = eval_cli.windows(tok, eval_cli.read_text(config["text"]), config["seq_len"], config["max_chunks"])
-    res = eval_cli.evaluate_sparse(model, chunks, config["seq_len"])
+    """evaluate.py's numbers for the sparse model on the first windows of --text (LoRA not yet merged)."""
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    res = evaluate_sparse(model, chunks, config["seq_len"])
     keys = ("compute_ratio", "density_attn", "density_mlp", "perplexity", "dense_perplexity", "kl_to_dense",
             "top1_agreement")
     return dict({k: res[k] for k in keys}, text=config["text"], seq_len=config["seq_len"], windows=len(chunks),
@@ -145,7 +147,8 @@ def measure(model, tok, config) -> dict:
 
 def sparse_section(model, meta, measured) -> dict:
     """What config.json's "nanoskip" section says: how to run the routers, and how they did."""
-    return dict(route=model.cfg.route, kv=model.cfg.kv, sinks=model.cfg.sinks, router_file=ROUTER_FILE,
+    return dict(route=model.cfg.route, kv=model.cfg.kv, sinks=model.cfg.sinks, substitute=model.cfg.substitute,
+                router_file=ROUTER_FILE,
                 compute_ratio=measured["compute_ratio"], measured=measured, base=meta["base"],
                 lora_merged=meta["lora"], train_iter=meta.get("train_state", {}).get("iter"))
 
@@ -169,13 +172,13 @@ attention and MLP sublayer a router decides, per token, whether to compute it. R
 | top-1 agreement with the dense base | {m['top1_agreement']:.3f} |
 
 On `{m['text']}`: the first {m['windows']} windows of {m['seq_len']} tokens ({m['tokens']} scored
-tokens), eval.py's convention.
+tokens), evaluate.py's convention.
 
 ## Use
 
 ```bash
 python sample.py --init={name} --prompt="..."        # sparse: skipped sublayers are not computed
-python eval.py --init={name} --text=FILE
+python evaluate.py --init={name} --text=FILE
 python bench.py --init={name}
 ```
 
@@ -218,12 +221,12 @@ def export(config) -> dict:
     if config["dtype"] not in ("auto", *load_weights.DTYPES):
         raise ValueError(f"--dtype={config['dtype']}: choose auto or one of {', '.join(load_weights.DTYPES)}")
     parse_size(config["shard_size"])
-    meta = load_weights.read_checkpoint_meta(config["ckpt"])
+    meta = read_checkpoint_meta(config["ckpt"])
     base = load_weights.resolve(meta["base"])
     if json.loads((base / "config.json").read_text()).get("model_type") == "gemma3":
         raise ValueError(f"{base} is a multimodal Gemma 3, and export writes text-only models: its "
                          "config.json and vision weights would not fit the exported folder")
-    model, tok, meta = load_weights.load_sparse(config["ckpt"], "float32")   # merge in float32
+    model, tok, meta = load_sparse(config["ckpt"], "float32")   # merge in float32
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:

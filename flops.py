@@ -2,7 +2,7 @@
 
     compute_ratio(cfg, seq_len, density)   # executed FLOPs per token / dense FLOPs per token
 
-The compute ratio is the honest "how much cheaper" number that eval.py, bench.py, sample.py
+The compute ratio is the honest "how much cheaper" number that evaluate.py, bench.py, sample.py
 and train.py report: it counts the LM head, the K/V projections per the kv mode, the routers,
 and the attention scores at the real context length — not just the skipped sublayers.
 tests/test_flops.py checks it against torch's FlopCounterMode and against the visible
@@ -19,12 +19,14 @@ def sublayer_flops(cfg, context: float) -> dict:
     """FLOPs per token (2 per multiply-add) of each part of one layer and of the LM head.
 
     context: average number of keys a query sees (e.g. (T + 1) / 2 in causal prefill of T).
-    Returns {"q_o": .., "kv": .., "scores": .., "mlp": .., "head": .., "router": ..}; scores
-    counts q·k and the weighted sum of v, over the visible keys.
+    Returns {"q_o": .., "kv": .., "scores": .., "mlp": .., "head": .., "router": .., "substitute": ..};
+    scores counts q·k and the weighted sum of v, over the visible keys; substitute, what a skipped
+    token's router.Substitute costs (its two rank-r matmuls; 0 for none or the mean alone).
     """
     d, H, Hkv, D, F_ = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    rank = getattr(cfg, "substitute", None) or 0
     return dict(q_o=2 * 2 * d * H * D, kv=2 * 2 * d * Hkv * D, scores=2 * 2 * H * D * context,
-                mlp=2 * 3 * d * F_, head=2 * d * cfg.vocab_size, router=2 * d)
+                mlp=2 * 3 * d * F_, head=2 * d * cfg.vocab_size, router=2 * d, substitute=2 * 2 * d * rank)
 
 
 def visible_keys(cfg, layer: int, seq_len: int, queries: Optional[int] = None) -> float:
@@ -64,6 +66,7 @@ def compute_ratio(cfg, seq_len: int, density=None, kv: Optional[str] = None,
         seen = (1 + others * (c - 1)) / c if kv == "kept" else 1.0     # share of the keys a kept query sees
         score_cost = f["scores"] * a_ * seen
         sparse += f["q_o"] * a_ + kv_cost + score_cost + f["mlp"] * (1.0 if m is None else m)
+        sparse += f["substitute"] * sum(1 - share for share in (a, m) if share is not None)   # the skipped
         n_routers = (a is not None) + (m is not None)
         sparse += f["router"] * (min(n_routers, 1) if cfg.route == "block" else n_routers)  # block: one router
     head = sublayer_flops(cfg, 1)["head"]
@@ -71,10 +74,10 @@ def compute_ratio(cfg, seq_len: int, density=None, kv: Optional[str] = None,
 
 
 def skip_savings(cfg, seq_len: int) -> dict:
-    """FLOPs one token saves by skipping an attention and an MLP sublayer (averaged over layers):
-    the weights of train.py's FLOP-weighted L1 and density."""
+    """FLOPs one token saves by skipping an attention and an MLP sublayer (averaged over layers),
+    net of its substitute: the weights of train.py's FLOP-weighted L1 and density."""
     layers = range(cfg.n_layers)
     scores = sum(sublayer_flops(cfg, visible_keys(cfg, l, seq_len))["scores"] for l in layers) / cfg.n_layers
     f = sublayer_flops(cfg, 0)
     attn = f["q_o"] + scores + (f["kv"] if cfg.kv == "kept" else 0)
-    return {"attn": attn, "mlp": f["mlp"]}
+    return {"attn": attn - f["substitute"], "mlp": f["mlp"] - f["substitute"]}

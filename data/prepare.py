@@ -3,7 +3,8 @@
 train.py calls `load_sources` itself, so the main job needs no data step; run this file
 only to re-make the held-out split of the shipped corpus:
 
-    python data/prepare.py --split ../shared/data     # writes data/corpus/ and data/heldout/
+    python data/prepare.py --split FOLDER     # FOLDER: the whole shakespeare.txt and python_docs.txt;
+                                              # writes data/corpus/ and data/heldout/
 
 Each source (a .txt file, or a .jsonl file with a "text" field per line) is tokenized once
 with the base model's tokenizer, without special tokens, into a flat uint32 array cached at
@@ -11,7 +12,7 @@ data/cache/<key>.bin (nanoGPT style). The key hashes the file's bytes and the to
 changed file or another model gets its own cache. Files are written to a temporary name and
 renamed, so an interrupted run never leaves a half-written cache behind.
 
-Windows, one convention for training (train.py) and evaluation (eval.py): a window is seq_len
+Windows, one convention for training (train.py) and evaluation (scoring.py): a window is seq_len
 text tokens, with BOS in front exactly when the tokenizer's own post-processor adds one
 (Gemma's does, SmolLM2's does not), so the model sees text the way it was trained to. A window
 is therefore seq_len + 1 tokens long with BOS, seq_len without.
@@ -112,7 +113,7 @@ def with_bos(x: torch.Tensor, bos_id) -> torch.Tensor:
 
 
 def consecutive_windows(ids: list, seq_len: int, bos_id, max_chunks: int = 0) -> torch.Tensor:
-    """A text's ids cut into consecutive windows, the incomplete tail dropped (eval.py)."""
+    """A text's ids cut into consecutive windows, the incomplete tail dropped (scoring.py)."""
     n = len(ids) // seq_len
     if max_chunks:
         n = min(n, max_chunks)

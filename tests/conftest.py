@@ -7,6 +7,8 @@ the tests then load that folder with our loader and compare against the referenc
 import pytest
 import torch
 
+import load_weights
+
 # Tiny tensors gain nothing from threads, and on a shared machine a busy core stalls every
 # multi-threaded op (a (2, 64) matmul went from 0.1 ms to 20 ms): one thread, always.
 torch.set_num_threads(1)
@@ -94,3 +96,13 @@ def word_text_file(tmp_path_factory, name: str, n_words: int, seed: int):
     path = tmp_path_factory.mktemp(name) / f"{name}.txt"
     path.write_text(" ".join(rng.choice(WORDS[:18]) for _ in range(n_words)))
     return path
+
+
+def real_checkpoint(preset: str):
+    """The folder of a preset's real weights, found by name as load_weights finds it:
+    $NANOSKIP_CHECKPOINTS/<name>, checkpoints/<name>, the Hugging Face cache, or the Hub. The
+    real-weight tests (-m real) fail with the way to make it when it cannot be had."""
+    try:
+        return load_weights.resolve(preset)
+    except load_weights.LoadError as e:
+        pytest.fail(f"{e}\nOffline, make the real checkpoints with `python3 tools/make_checkpoints.py checkpoints`")

@@ -1,9 +1,9 @@
-"""tests/test_bench_lm_eval.py — lm_eval_adapter.py through lm-evaluation-harness's own task machinery.
+"""tests/test_bench_lm_eval.py — research/lm_eval_adapter.py through lm-evaluation-harness's own task machinery.
 
 Offline: the tasks are YAML files written here (`dataset_path: json`, local `data_files`), on a
 tiny random model folder. The reference is lm_eval's own `hf` model (transformers) on the same
 folder: per document, the same log-likelihoods, acc and acc_norm, the same rolling perplexity and
-the same generated text; and eval.py's own multiple-choice scoring gives the same acc and acc_norm.
+the same generated text; and research/tasks.py's own multiple-choice scoring gives the same acc and acc_norm.
 Skipped when lm_eval is not installed (it is an optional, dev-only dependency).
 """
 import json
@@ -18,11 +18,11 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install -r requirements-dev.txt")
 pytest.importorskip("accelerate", reason="lm_eval's hf reference model needs accelerate: pip install -r requirements-dev.txt")
 
-import eval as eval_cli                      # noqa: E402
 import load_weights                          # noqa: E402
 from conftest import WORDS, tiny_model_folder   # noqa: E402
 from lm_eval.tasks import TaskManager        # noqa: E402
-from lm_eval_adapter import NanoskipLM       # noqa: E402
+from research import tasks as research_tasks   # noqa: E402
+from research.lm_eval_adapter import NanoskipLM   # noqa: E402
 from test_cli import make_checkpoint         # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,14 +129,14 @@ def test_generated_text_equals_the_hf_model(both):
     assert len({len(g.split()) for g in got}) > 1, "every generation has one length: stopping is not tested"
 
 
-def test_eval_py_scores_the_same_documents_the_same_way(setup, both):
+def test_research_tasks_scores_the_same_documents_the_same_way(setup, both):
     (_, ref), _ = both
     folder, _ = setup
     model, tok = load_weights.load(str(folder))
-    task = eval_cli.Task("tiny", [dict(input=d["question"], target_scores={c: int(i == d["label"])
-                                                                          for i, c in enumerate(d["choices"])})
-                                  for d in docs()], input_prefix="", output_prefix=" ")
-    hits = eval_cli.multiple_choice(model, tok, task, task.examples)
+    task = research_tasks.Task("tiny", [dict(input=d["question"], target_scores={c: int(i == d["label"])
+                                                                                for i, c in enumerate(d["choices"])})
+                                        for d in docs()], input_prefix="", output_prefix=" ")
+    hits = research_tasks.multiple_choice(model, tok, task, task.examples)
     assert hits["acc"] == [s["acc"] for s in ref["tiny_mc"]]
     assert hits["acc_norm"] == [s["acc_norm"] for s in ref["tiny_mc"]]
 
@@ -162,9 +162,10 @@ def test_adapter_sparse_checkpoint_gates(setup, tmp_path):
 
 def test_command_line_is_lm_evals_with_nanoskip_registered(setup, tmp_path):
     folder, tasks = setup
-    p = subprocess.run([sys.executable, "lm_eval_adapter.py", "--model", "nanoskip", "--model_args", f"init={folder}",
-                        "--tasks", "tiny_mc", "--include_path", str(tasks), "--device", "cpu", "--limit", "4",
-                        "--output_path", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "research.lm_eval_adapter", "--model", "nanoskip",
+                        "--model_args", f"init={folder}", "--tasks", "tiny_mc", "--include_path", str(tasks),
+                        "--device", "cpu", "--limit", "4", "--output_path", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(next(tmp_path.rglob("results*.json")).read_text())["results"]["tiny_mc"]
     assert {"acc,none", "acc_norm,none"} <= set(result)

@@ -1,9 +1,9 @@
-"""A real BIG-bench task on the real models: eval.py, lm_eval's hf model and the nanoskip adapter agree.
+"""A real BIG-bench task on the real models: research/tasks.py, lm_eval's hf model and the nanoskip adapter agree.
 
     python -m pytest -m real tests/test_bench_real.py
 
-The first 20 examples of general_knowledge (../shared/data/benchmarks/bigbench) become a local
-lm_eval task: one JSON line per example, `question` = eval.py's prompt without its trailing space
+The first 20 examples of general_knowledge (data/benchmarks/bigbench) become a local
+lm_eval task: one JSON line per example, `question` = research.tasks' prompt without its trailing space
 (lm_eval's target_delimiter " " puts it back in front of the choice), `choices` = the keys of
 target_scores, `gold` = the indices of the highest scores. Per example, acc and acc_norm are the
 same in all three; the log-likelihoods of lm_eval's two models agree to 1e-3.
@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-import eval as eval_cli
 import load_weights
+from research import tasks
 
 pytestmark = pytest.mark.real
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install -r requirements-dev.txt")
 pytest.importorskip("accelerate", reason="lm_eval's hf model needs accelerate: pip install -r requirements-dev.txt")
 from lm_eval.tasks import TaskManager        # noqa: E402
-from lm_eval_adapter import NanoskipLM       # noqa: E402
+from research.lm_eval_adapter import NanoskipLM   # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", REPO / "checkpoints"))
-TASK_FILE = REPO.parent / "shared" / "data" / "benchmarks" / "bigbench" / "general_knowledge.json"
+TASK_FILE = REPO / "data" / "benchmarks" / "bigbench" / "general_knowledge.json"
 N = 20
 
 
@@ -33,7 +33,7 @@ N = 20
 def folder(request):
     folder = CHECKPOINTS / request.param
     if not (folder / "config.json").is_file() or not TASK_FILE.is_file():
-        pytest.skip(f"needs {folder} (bash ../shared/tools/make_real_checkpoints.sh checkpoints) and {TASK_FILE}")
+        pytest.skip(f"needs {folder} (python3 tools/make_checkpoints.py checkpoints) and {TASK_FILE}")
     return folder
 
 
@@ -42,7 +42,7 @@ def lm_eval_task(task, tmp_path) -> TaskManager:
     rows = []
     for ex in task.examples[:N]:
         scores = list(ex["target_scores"].values())
-        rows.append(dict(question=eval_cli.prompt(task, ex).rstrip(" "), choices=list(ex["target_scores"]),
+        rows.append(dict(question=tasks.prompt(task, ex).rstrip(" "), choices=list(ex["target_scores"]),
                          gold=[i for i, s in enumerate(scores) if s == max(scores)]))
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "bb_local.yaml").write_text(
@@ -58,13 +58,13 @@ def samples(model, manager, model_args=None):
     return sorted(out["samples"]["bb_local"], key=lambda s: s["doc_id"])
 
 
-def test_eval_py_hf_and_adapter_agree_on_general_knowledge(folder, tmp_path):
-    task = eval_cli.read_task(TASK_FILE)
+def test_tasks_hf_and_adapter_agree_on_general_knowledge(folder, tmp_path):
+    task = tasks.read_task(TASK_FILE)
     manager = lm_eval_task(task, tmp_path)
     ref = samples("hf", manager, f"pretrained={folder},dtype=float32")
     ours = samples(NanoskipLM(init=str(folder), batch_size=8), manager)
     model, tok = load_weights.load(str(folder))
-    hits = eval_cli.multiple_choice(model, tok, task, task.examples[:N])
+    hits = tasks.multiple_choice(model, tok, task, task.examples[:N])
     for r, o in zip(ref, ours, strict=True):
         assert [ll for ll, _ in o["filtered_resps"]] == pytest.approx([ll for ll, _ in r["filtered_resps"]], abs=1e-3)
     assert hits["acc"] == [s["acc"] for s in ref] == [s["acc"] for s in ours]

@@ -2,7 +2,7 @@
 
 A tiny random model with routers and LoRA, one AdamW step taken, is saved as the "old" state;
 its trained tensors are then changed and saved again as the "new" one. The save is stopped at
-every point it announces (load_weights.save_step), as a kill -9 would stop it (an exception
+every point it announces (checkpoint.save_step), as a kill -9 would stop it (an exception
 that nothing catches) and as a full disk would (OSError ENOSPC), once for real with SIGKILL
 in a child process; each time the checkpoint must load as exactly the old or the new state.
 """
@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import load_weights
+import checkpoint
 import lora
 import router
+from checkpoint import CheckpointError
 from conftest import TINY
-from load_weights import CheckpointError, LoadError
+from load_weights import LoadError
 from model import Model, ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def sparse_model(seed=0):
     model = Model(ModelConfig(**TINY)).eval().requires_grad_(False)
     router.add_routers(model, "sublayer", "all")
     lora.inject(model, ("wq", "wv"), rank=2, alpha=4.0)
-    params = list(load_weights.trained_parameters(model).values())
+    params = list(checkpoint.trained_parameters(model).values())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=0.1)
@@ -51,24 +52,24 @@ def sparse_model(seed=0):
 def save(out_dir, model, opt, it):
     meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
     state = dict(iter=it, data_rng=torch.tensor([it]))
-    load_weights.save_checkpoint(out_dir, *load_weights.trained_state(model, opt), state, meta)
+    checkpoint.save_checkpoint(out_dir, *checkpoint.trained_state(model, opt), state, meta)
 
 
 def change(model):
     with torch.no_grad():
-        for p in load_weights.trained_parameters(model).values():
+        for p in checkpoint.trained_parameters(model).values():
             p.add_(1.0)
 
 
 def loaded(out_dir) -> tuple:
     """(iteration, trained tensors) of out_dir's checkpoint, read the way resume reads it."""
     model, opt = sparse_model(seed=1)
-    state = load_weights.load_checkpoint(out_dir, model, opt)
-    return state["iter"], {n: p.detach().clone() for n, p in load_weights.trained_parameters(model).items()}
+    state = checkpoint.load_checkpoint(out_dir, model, opt)
+    return state["iter"], {n: p.detach().clone() for n, p in checkpoint.trained_parameters(model).items()}
 
 
 def snapshot(model) -> dict:
-    return {n: p.detach().clone() for n, p in load_weights.trained_parameters(model).items()}
+    return {n: p.detach().clone() for n, p in checkpoint.trained_parameters(model).items()}
 
 
 def assert_state(out_dir, it, tensors):
@@ -91,7 +92,7 @@ def old_and_new(tmp_path):
 def test_a_save_announces_every_point_and_leaves_one_set(old_and_new, monkeypatch):
     out_dir, model, opt, old, new = old_and_new
     seen = []
-    monkeypatch.setattr(load_weights, "save_step", seen.append)
+    monkeypatch.setattr(checkpoint, "save_step", seen.append)
     save(out_dir, model, opt, 2)
     assert seen == POINTS
     assert_state(out_dir, 2, new)
@@ -106,7 +107,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_old_or_the_new_state(old_and_n
     def kill(at):
         if at == point:
             raise Killed
-    monkeypatch.setattr(load_weights, "save_step", kill)
+    monkeypatch.setattr(checkpoint, "save_step", kill)
     with pytest.raises(Killed):
         save(out_dir, model, opt, 2)
     if POINTS.index(point) < SWITCH:
@@ -127,7 +128,7 @@ def test_a_full_disk_keeps_the_old_state_and_says_so(old_and_new, monkeypatch, p
     def disk_full(at):
         if at == point:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(load_weights, "save_step", disk_full)
+    monkeypatch.setattr(checkpoint, "save_step", disk_full)
     with pytest.raises(CheckpointError) as info:
         save(out_dir, model, opt, 2)
     message = str(info.value)
@@ -140,15 +141,15 @@ def test_a_full_disk_keeps_the_old_state_and_says_so(old_and_new, monkeypatch, p
 def test_a_full_disk_in_the_middle_of_a_file(old_and_new, monkeypatch):
     """save_file writes half of optim.safetensors, then the disk is full."""
     out_dir, model, opt, old, new = old_and_new
-    real = load_weights.save_file
+    real = checkpoint.save_file
 
     def half_then_full(tensors, path, metadata=None):
-        if Path(path).name == load_weights.CKPT_OPTIM:
+        if Path(path).name == checkpoint.CKPT_OPTIM:
             real(tensors, path, metadata=metadata)
             Path(path).write_bytes(Path(path).read_bytes()[:100])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(tensors, path, metadata=metadata)
-    monkeypatch.setattr(load_weights, "save_file", half_then_full)
+    monkeypatch.setattr(checkpoint, "save_file", half_then_full)
     with pytest.raises(CheckpointError, match="No space left on device"):
         save(out_dir, model, opt, 2)
     assert_state(out_dir, 1, old)
@@ -160,7 +161,7 @@ def test_first_save_on_a_full_disk_says_nothing_was_written(tmp_path, monkeypatc
     def disk_full(at):
         if at == "optim written":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(load_weights, "save_step", disk_full)
+    monkeypatch.setattr(checkpoint, "save_step", disk_full)
     with pytest.raises(CheckpointError, match="no checkpoint was written"):
         save(tmp_path / "out", model, opt, 1)
     with pytest.raises(LoadError, match="no checkpoint in"):
@@ -170,10 +171,10 @@ def test_first_save_on_a_full_disk_says_nothing_was_written(tmp_path, monkeypatc
 KILL_CHILD = """
 import os, signal, sys
 sys.path.insert(0, "tests")
-import load_weights, test_checkpoint as t
+import checkpoint, test_checkpoint as t
 model, opt = t.sparse_model()
 t.change(model)
-load_weights.save_step = lambda at: at == "optim written" and os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_step = lambda at: at == "optim written" and os.kill(os.getpid(), signal.SIGKILL)
 t.save(sys.argv[1], model, opt, 2)
 """
 
@@ -195,7 +196,7 @@ def old_layout(out_dir, model, opt, it):
     out_dir.mkdir(parents=True)
     meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
     state = dict(iter=it, data_rng=torch.tensor([it]))
-    load_weights.write_parts(out_dir, *load_weights.trained_state(model, opt), state, meta)
+    checkpoint.write_parts(out_dir, *checkpoint.trained_state(model, opt), state, meta)
 
 
 def test_the_older_layout_still_loads(tmp_path):
@@ -209,7 +210,7 @@ def test_parts_from_different_saves_are_refused(tmp_path):
     model, opt = sparse_model()
     old_layout(tmp_path / "old", model, opt, 2)
     change(model)
-    save_file(snapshot(model), str(tmp_path / "old" / load_weights.CKPT_TENSORS), metadata={"iter": "3"})
+    save_file(snapshot(model), str(tmp_path / "old" / checkpoint.CKPT_TENSORS), metadata={"iter": "3"})
     with pytest.raises(LoadError, match=r"trained.safetensors holds iteration 3 but .*ckpt.json iteration 2: "
                                         r"the parts come from different saves"):
         loaded(tmp_path / "old")
@@ -224,7 +225,7 @@ def test_parts_from_different_saves_are_refused(tmp_path):
 ])
 def test_a_damaged_checkpoint_is_named(old_and_new, damage, message):
     out_dir = old_and_new[0]
-    damage(load_weights.checkpoint_folder(out_dir))
+    damage(checkpoint.checkpoint_folder(out_dir))
     with pytest.raises(LoadError, match=message) as info:
         loaded(out_dir)
     assert "restore" in str(info.value) and "\n" not in str(info.value)
@@ -244,4 +245,4 @@ def test_resume_with_another_lora_rank_is_a_clear_error(old_and_new):
     router.add_routers(model, "sublayer", "all")
     lora.inject(model, ("wq", "wv"), rank=3, alpha=4.0)
     with pytest.raises(LoadError, match=r"has shape \(2, 32\), the model expects \(3, 32\)"):
-        load_weights.load_trained(model, out_dir)
+        checkpoint.load_trained(model, out_dir)

@@ -1,10 +1,11 @@
-"""tests/test_cli.py — sample.py, eval.py and configurator.py on tiny model folders.
+"""tests/test_cli.py — sample.py, evaluate.py, research/plots.py and configurator.py on tiny model folders.
 
 Each tiny model is a random transformers model saved the way the Hub ships one, plus a
 word-level tokenizer.json: one without a post-processor (like SmolLM2's) for LLaMA, one that
 prepends <bos> (like Gemma's) for Gemma 3. A sparse checkpoint is fabricated the way train.py
 writes one: routers with random weights (about half the gates closed) and LoRA adapters.
 """
+import importlib
 import json
 import math
 import re
@@ -19,12 +20,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-import eval as eval_cli
+import checkpoint
+import evaluate
+import gates
+import generate
 import load_weights
 import lora
 import router
 import sample
+import scoring
 from configurator import configure
+from research import plots
 from conftest import TOKENIZER_HF, VOCAB, tiny_model_folder, word_text_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,12 +71,12 @@ def make_checkpoint(out_dir: Path, base: Path, lora_std=0.0, route="sublayer", k
             r.proj.bias.zero_()
         for m in lora.adapters(model):
             m.B.copy_(lora_std * torch.randn(m.B.shape, generator=g))
-    trained = {k: v.detach().contiguous() for k, v in load_weights.trained_parameters(model).items()}
+    trained = {k: v.detach().contiguous() for k, v in checkpoint.trained_parameters(model).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(trained, str(out_dir / load_weights.CKPT_TENSORS))
+    save_file(trained, str(out_dir / checkpoint.CKPT_TENSORS))
     meta = dict(base=str(base), model_config=model.cfg.to_dict(),
                 lora=dict(rank=4, alpha=8.0, targets=["wq", "wv"]))
-    (out_dir / load_weights.CKPT_JSON).write_text(json.dumps(meta))
+    (out_dir / checkpoint.CKPT_JSON).write_text(json.dumps(meta))
     return out_dir
 
 
@@ -126,14 +132,16 @@ def outside(valid):
     return valid.lo if valid.open_lo else valid.lo - 1
 
 
-@pytest.mark.parametrize("script", ["train", "eval", "sample", "bench"])
+@pytest.mark.parametrize("script", ["train", "evaluate", "sample", "bench", "research.tasks", "research.suite",
+                                    "research.studies", "research.vs_hf"])
 def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_named(script, tmp_path):
-    module = __import__(script)
+    module = importlib.import_module(script)
     numeric = [k for k, v in module.DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                or isinstance(v, tuple) and v and isinstance(v[0], (int, float))]
     assert sorted(numeric) == sorted(module.RANGES)
     parse = module.read_config if script == "train" else module.main    # both check before loading anything
-    extra = {"train": [f"--out_dir={tmp_path}"], "eval": ["--text=x"]}.get(script, [])
+    extra = {"train": [f"--out_dir={tmp_path}"], "evaluate": ["--text=x"], "research.suite": ["--text=x"],
+             "research.studies": ["--text=x", "--by_class"]}.get(script, [])
     for key, valid in module.RANGES.items():
         bads = [outside(valid)]
         if not isinstance(module.DEFAULTS[key], int):     # floats: also beyond the top, and infinity
@@ -162,7 +170,7 @@ def test_train_refuses_bad_numbers_before_loading_anything(argv, message, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------
-# eval.py: the perplexity convention
+# evaluate.py: the perplexity convention
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -183,37 +191,37 @@ def test_perplexity_convention_matches_hand_computation(tiny, text_file):
     model, tok = load_weights.load(str(folder))
     assert tok.adds_bos == ADDS_BOS[family]
     text = text_file.read_text()
-    chunks = eval_cli.windows(tok, text, SEQ_LEN)
+    chunks = scoring.windows(tok, text, SEQ_LEN)
     assert chunks.shape == (400 // SEQ_LEN, SEQ_LEN + tok.adds_bos)
     assert bool((chunks[:, 0] == 1).all()) == tok.adds_bos
-    sums, _ = eval_cli.evaluate(model, chunks, batch_size=3)
+    sums, _ = scoring.evaluate(model, chunks, batch_size=3)
     expected, count = hand_perplexity(ref, folder, text, SEQ_LEN, tok.adds_bos)
     assert sums["tokens"] == count == (400 // SEQ_LEN) * (SEQ_LEN if tok.adds_bos else SEQ_LEN - 1)
     assert math.exp(sums["nll"] / sums["tokens"]) == pytest.approx(expected, rel=1e-5)
-    assert len(eval_cli.windows(tok, text, SEQ_LEN, max_chunks=2)) == 2
+    assert len(scoring.windows(tok, text, SEQ_LEN, max_chunks=2)) == 2
 
 
 def test_text_too_short_is_a_clear_error(tiny):
     _, folder, _ = tiny
     _, tok = load_weights.load(str(folder))
     with pytest.raises(ValueError, match="not enough for one window"):
-        eval_cli.windows(tok, "the cat sat", SEQ_LEN)
+        scoring.windows(tok, "the cat sat", SEQ_LEN)
     if not tok.adds_bos:   # one token and no BOS: nothing has a predecessor
         with pytest.raises(ValueError, match="not enough for one window"):
-            eval_cli.windows(tok, "the cat sat", 1)
+            scoring.windows(tok, "the cat sat", 1)
 
 
-def test_eval_cli_json_and_errors(tiny, text_file):
+def test_evaluate_cli_json_and_errors(tiny, text_file):
     _, folder, _ = tiny
     model, tok = load_weights.load(str(folder))
-    sums, _ = eval_cli.evaluate(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN))
-    rc, out, err = run_cli("eval.py", f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--json")
+    sums, _ = scoring.evaluate(model, scoring.windows(tok, text_file.read_text(), SEQ_LEN))
+    rc, out, err = run_cli("evaluate.py", f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--json")
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["tokens"] == sums["tokens"]
     assert result["perplexity"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-6)
     with pytest.raises(ValueError, match="not enough for one window"):
-        eval_cli.main([f"--init={folder}", f"--text={text_file}", "--seq_len=10000"])
+        evaluate.main([f"--init={folder}", f"--text={text_file}", "--seq_len=10000"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,14 +237,14 @@ def test_greedy_equals_argmax_of_full_recomputation(tiny):
     _, folder, _ = tiny
     model, _ = load_weights.load(str(folder))
     idx = prompts(2, 5)
-    out = sample.generate(model, idx, 12)                    # KV-cached
+    out = generate.generate(model, idx, 12)                    # KV-cached
     assert out.shape == (2, 17) and torch.equal(out[:, :5], idx)
     seq = idx
     for _ in range(12):                                       # no cache: the whole sequence every step
         logits, _ = model(seq)
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
-    assert torch.equal(sample.generate(model, idx[1:], 12), out[1:])   # batching changes nothing
+    assert torch.equal(generate.generate(model, idx[1:], 12), out[1:])   # batching changes nothing
 
 
 @torch.no_grad()
@@ -244,12 +252,12 @@ def test_eos_stops_generation(tiny):
     _, folder, _ = tiny
     model, _ = load_weights.load(str(folder))
     idx = prompts(2, 5, seed=1)
-    free = sample.generate(model, idx, 12)
+    free = generate.generate(model, idx, 12)
     eos = int(free[0, 5 + 3])                                 # the 4th token of sequence 0
     first = [(row[5:] == eos).nonzero()[0, 0].item() if (row[5:] == eos).any() else None for row in free]
-    out = sample.generate(model, idx[:1], 12, eos_ids={eos})
+    out = generate.generate(model, idx[:1], 12, eos_ids={eos})
     assert torch.equal(out, free[:1, :5 + first[0] + 1])      # stops right after its first EOS
-    both = sample.generate(model, idx, 12, eos_ids={eos})
+    both = generate.generate(model, idx, 12, eos_ids={eos})
     n = 12 if first[1] is None else max(first) + 1            # runs until every sequence has ended
     assert both.shape[1] == 5 + n
     assert bool((both[0, 5 + first[0]:] == eos).all())         # an ended sequence is padded with EOS
@@ -260,40 +268,40 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
     _, folder, _ = tiny
     model, _ = load_weights.load(str(folder))
     idx = prompts(2, 5, seed=2)
-    greedy = sample.generate(model, idx, 10)
+    greedy = generate.generate(model, idx, 10)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(sample.generate(model, idx, 10, temperature=1.5, top_k=1, generator=g), greedy)
-    assert torch.equal(sample.generate(model, idx, 10, temperature=1.5, top_p=1e-6, generator=g), greedy)
-    assert not torch.equal(sample.generate(model, idx, 10, temperature=5.0, generator=g), greedy)
+    assert torch.equal(generate.generate(model, idx, 10, temperature=1.5, top_k=1, generator=g), greedy)
+    assert torch.equal(generate.generate(model, idx, 10, temperature=1.5, top_p=1e-6, generator=g), greedy)
+    assert not torch.equal(generate.generate(model, idx, 10, temperature=5.0, generator=g), greedy)
 
 
 def test_sample_next_filters():
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {int(sample.sample_next(logits, 1.0, generator=g, **kw)) for _ in range(300)}
+    draws = lambda **kw: {int(generate.sample_next(logits, 1.0, generator=g, **kw)) for _ in range(300)}
     assert draws() == {0, 1, 2, 3}
     assert draws(top_k=2) == {1, 3}
     assert draws(top_p=0.7) == {1, 3}          # 0.5 < 0.7 so the next one joins; 0.8 >= 0.7 stops
     assert draws(top_p=0.85) == {1, 2, 3}
-    assert int(sample.sample_next(logits)) == 1
+    assert int(generate.sample_next(logits)) == 1
 
 
 def test_prompt_longer_than_context_is_a_clear_error(tiny):
     _, folder, _ = tiny
     model, _ = load_weights.load(str(folder))
     with pytest.raises(ValueError, match="exceed the model's context of 64"):
-        sample.generate(model, prompts(1, 60), 10)
+        generate.generate(model, prompts(1, 60), 10)
 
 
 def test_sample_cli(tiny):
     _, folder, _ = tiny
     model, tok = load_weights.load(str(folder))
     idx = torch.tensor([tok.encode("the cat")])
-    new = sample.generate(model, idx, 8, eos_ids=tok.eos_ids)[0, idx.shape[1]:].tolist()
+    new = generate.generate(model, idx, 8, eos_ids=tok.eos_ids)[0, idx.shape[1]:].tolist()
     rc, out, err = run_cli("sample.py", f"--init={folder}", "--prompt=the cat", "--temperature=0",
                            "--max_new_tokens=8")
     assert rc == 0, err
-    assert out.splitlines()[0] == "the cat" + "".join(sample.pieces(tok, idx[0].tolist(), new))
+    assert out.splitlines()[0] == "the cat" + "".join(generate.pieces(tok, idx[0].tolist(), new))
     assert "tokens/s" in out
     rc, out, err = run_cli("sample.py", "--temprature=0")      # a user's mistake: one line, no traceback
     assert rc == 1 and out == "" and err.startswith("error: unknown option --temprature; valid options: --init")
@@ -314,10 +322,10 @@ def ckpts(tiny, tmp_path_factory):
 
 def test_eval_sparse_compact_equals_masked(tiny, ckpts, text_file):
     _, folder, _ = tiny
-    model, tok, _ = load_weights.load_sparse(ckpts[1])
-    chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
-    compact = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, batch_size=4, path="compact")
-    masked = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, batch_size=4, path="masked")
+    model, tok, _ = checkpoint.load_sparse(ckpts[1])
+    chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+    compact = gates.evaluate_sparse(model, chunks, SEQ_LEN, batch_size=4, path="compact")
+    masked = gates.evaluate_sparse(model, chunks, SEQ_LEN, batch_size=4, path="masked")
     for key in ("perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "density", "compute_ratio"):
         assert compact[key] == pytest.approx(masked[key], rel=1e-4, abs=1e-6), key
     assert 0.2 < compact["density"] < 0.8 and compact["compute_ratio"] < 1
@@ -326,16 +334,16 @@ def test_eval_sparse_compact_equals_masked(tiny, ckpts, text_file):
     assert compact["density"] == pytest.approx((compact["density_attn"] + compact["density_mlp"]) / 2)
     # the dense reference is exactly the base model
     base, _ = load_weights.load(str(folder))
-    sums, _ = eval_cli.evaluate(base, chunks)
+    sums, _ = scoring.evaluate(base, chunks)
     assert compact["dense_perplexity"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-5)
 
 
 def test_gates_open_kl_is_zero_only_when_lora_b_is_zero(ckpts, text_file):
     results = []
     for ckpt in ckpts:
-        model, tok, _ = load_weights.load_sparse(ckpt)
-        chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
-        results.append(eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="open"))
+        model, tok, _ = checkpoint.load_sparse(ckpt)
+        chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+        results.append(gates.evaluate_sparse(model, chunks, SEQ_LEN, gates="open"))
     zero_b, nonzero_b = results
     assert zero_b["kl_to_dense"] == 0 and zero_b["perplexity"] == zero_b["dense_perplexity"]
     assert zero_b["density"] == 1 and zero_b["compute_ratio"] == 1 and zero_b["top1_agreement"] == 1
@@ -343,15 +351,15 @@ def test_gates_open_kl_is_zero_only_when_lora_b_is_zero(ckpts, text_file):
 
 
 def test_gates_random_match_learned_densities(ckpts, text_file):
-    model, tok, _ = load_weights.load_sparse(ckpts[0])
-    chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
-    learned = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="learned")
-    random_ = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="random", seed=0)
+    model, tok, _ = checkpoint.load_sparse(ckpts[0])
+    chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+    learned = gates.evaluate_sparse(model, chunks, SEQ_LEN, gates="learned")
+    random_ = gates.evaluate_sparse(model, chunks, SEQ_LEN, gates="random", seed=0)
     for a, b in zip(learned["per_layer"], random_["per_layer"]):
         for kind in ("attn", "mlp"):
             assert b[kind] == pytest.approx(a[kind], abs=0.08)
     assert random_["kl_to_dense"] != pytest.approx(learned["kl_to_dense"])
-    assert all(r.mode == "learned" for _, _, r in router.routers(model))   # restored afterwards
+    assert all(isinstance(r, router.Router) for _, _, r in router.routers(model))   # restored afterwards
 
 
 def test_gates_peek_lands_on_the_target_compute_with_the_base_weights(ckpts, text_file):
@@ -359,17 +367,17 @@ def test_gates_peek_lands_on_the_target_compute_with_the_base_weights(ckpts, tex
     so two checkpoints of one base (different routers and adapters) give the same numbers."""
     results = []
     for ckpt in ckpts:
-        model, tok, _ = load_weights.load_sparse(ckpt)
-        chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
-        results.append(eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.8))
-        assert all(r.mode == "learned" for _, _, r in router.routers(model))   # restored afterwards
+        model, tok, _ = checkpoint.load_sparse(ckpt)
+        chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+        results.append(gates.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.8))
+        assert all(isinstance(r, router.Router) for _, _, r in router.routers(model))   # restored afterwards
         assert all(m.enabled for m in lora.adapters(model))
     a, b = results
     assert a["compute_ratio"] == pytest.approx(0.8, abs=0.005)
     assert a["perplexity"] == b["perplexity"] and a["kl_to_dense"] == b["kl_to_dense"] > 0
     assert a["dense_perplexity"] == b["dense_perplexity"]
     with pytest.raises(ValueError, match="outside what peek gates reach"):
-        eval_cli.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.01)
+        gates.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.01)
 
 
 def test_frontier_draws_one_line_per_method(tmp_path):
@@ -378,28 +386,28 @@ def test_frontier_draws_one_line_per_method(tmp_path):
             dict(gates="learned", method="static blocks (ShortGPT)", compute_ratio=0.9, perplexity=20.0)]
     for i, row in enumerate(rows):   # results without a method (older files) are named by their gates
         (tmp_path / f"r{i}.json").write_text("a line that is not JSON\n" + json.dumps(dict(model="m", dense_perplexity=10.0, **row)) + "\n")
-    eval_cli.main([f"--frontier={tmp_path}/r*.json", f"--plot={tmp_path / 'f.svg'}"])
+    plots.main([f"--frontier={tmp_path}/r*.json", f"--plot={tmp_path / 'f.svg'}"])
     svg = (tmp_path / "f.svg").read_text()
     assert svg.count("<polyline") == 4 and svg.count("<circle") == 5
     assert all(f">{g}</text>" in svg for g in ("routed (ours)", "random gates", "peek rule", "static blocks (ShortGPT)"))
     with pytest.raises(ValueError, match="needs result files"):
-        eval_cli.main([f"--frontier={tmp_path}/none*.json", f"--plot={tmp_path / 'g.svg'}"])
+        plots.main([f"--frontier={tmp_path}/none*.json", f"--plot={tmp_path / 'g.svg'}"])
 
 
 def test_a_result_names_the_method_that_made_its_skips():
-    assert eval_cli.method(dict(route="sublayer", kv="all"), "learned") == "routed (ours)"
-    assert eval_cli.method(dict(route="block", kv="kept"), "learned") == "routed, route=block, kv=kept"
-    assert eval_cli.method(dict(prune="kl"), "learned") == "static sublayers, KL"
-    assert eval_cli.method(dict(prune="kl"), "random") == "random gates"
+    assert scoring.method(dict(route="sublayer", kv="all"), "learned") == "routed (ours)"
+    assert scoring.method(dict(route="block", kv="kept"), "learned") == "routed, route=block, kv=kept"
+    assert scoring.method(dict(prune="kl"), "learned") == "static sublayers, KL"
+    assert scoring.method(dict(prune="kl"), "random") == "random gates"
 
 
 @torch.no_grad()
 def test_decode_records_are_the_gates_of_a_full_forward(ckpts):
     """The share shown for each generated token = the gates of the position that predicted it,
     the same whether decoded step by step with the cache or recomputed in one pass."""
-    model, _, _ = load_weights.load_sparse(ckpts[1])
+    model, _, _ = checkpoint.load_sparse(ckpts[1])
     idx = prompts(1, 5, seed=3)
-    steps = list(sample.decode(model, idx, 8))
+    steps = list(generate.decode(model, idx, 8))
     out = torch.cat([idx] + [x for x, _ in steps], dim=1)                  # (1, 13)
     _, records = model(out[:, :-1])                                        # positions 0..11
     for i, (_, step_records) in enumerate(steps):
@@ -409,14 +417,17 @@ def test_decode_records_are_the_gates_of_a_full_forward(ckpts):
 
 
 def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
-    svg = tmp_path / "density.svg"
-    rc, out, err = run_cli("eval.py", f"--ckpt={ckpts[1]}", f"--text={text_file}", f"--seq_len={SEQ_LEN}",
-                           "--json", f"--plot={svg}", "--path=masked")
+    svg, saved = tmp_path / "density.svg", tmp_path / "r.json"
+    rc, out, err = run_cli("evaluate.py", f"--ckpt={ckpts[1]}", f"--text={text_file}", f"--seq_len={SEQ_LEN}",
+                           "--json", "--path=masked")
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     for key in ("perplexity", "tokens", "dense_perplexity", "kl_to_dense", "top1_agreement", "density",
                 "density_attn", "density_mlp", "compute_ratio", "per_layer", "sparse_s", "dense_s", "speedup"):
         assert key in result, key
+    saved.write_text(out)                                                  # evaluate.py ... --json > r.json
+    rc, out, err = run_cli("-m", "research.plots", f"--density={saved}", f"--plot={svg}")
+    assert rc == 0 and out == f"wrote {svg}\n", err
     rects = ET.parse(svg).getroot().findall("{http://www.w3.org/2000/svg}rect")
     assert len(rects) == 2 * 2 + 2                                         # 2 layers x (attn, mlp) + legend
     sample.main([f"--ckpt={ckpts[1]}", "--prompt=the cat", "--temperature=0", "--max_new_tokens=6", "--no_color"])
@@ -427,7 +438,34 @@ def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
     sample.main([f"--ckpt={ckpts[1]}", "--prompt=the cat", "--max_new_tokens=4"])
     assert "\033[48;5;" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--gates must be learned, random, open or peek, got 'lerned'"):
-        eval_cli.main([f"--ckpt={ckpts[1]}", f"--text={text_file}", "--gates=lerned"])
+        evaluate.main([f"--ckpt={ckpts[1]}", f"--text={text_file}", "--gates=lerned"])
+
+
+@pytest.mark.parametrize("flag", ["--tasks=x", "--suite", "--by_class", "--plot=x.svg", "--frontier=x.json"])
+def test_evaluate_rejects_the_flags_that_moved_to_research(flag, text_file):
+    """--tasks, --suite, --by_class/--by_position, --plot, --frontier now live in research/: evaluate.py
+    names the flag it does not know and the ones it does, in one line, before loading anything."""
+    rc, out, err = run_cli("evaluate.py", f"--text={text_file}", flag)
+    name = flag.split("=")[0]
+    assert rc == 1 and out == "" and err.startswith(f"error: unknown option {name}; valid options: --init, --ckpt")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_plots_density_errors_name_the_fix(tmp_path):
+    dense = tmp_path / "dense.json"
+    dense.write_text("a report line\n" + json.dumps(dict(model="m", perplexity=10.0)) + "\n")
+    with pytest.raises(ValueError, match=r"holds no density per layer: .*evaluate.py --ckpt=OUT_DIR"):
+        plots.main([f"--density={dense}", f"--plot={tmp_path / 'd.svg'}"])
+    with pytest.raises(ValueError, match="needs a --plot=FILE.svg"):
+        plots.main([f"--density={dense}"])
+    with pytest.raises(ValueError, match=r"cannot read a result from .*missing.json"):
+        plots.main([f"--density={tmp_path / 'missing.json'}", f"--plot={tmp_path / 'd.svg'}"])
+    for argv in ([], [f"--density={dense}", f"--frontier={dense}", f"--plot={tmp_path / 'd.svg'}"]):
+        with pytest.raises(ValueError, match="draw one picture: pass --density=RESULT.json or --frontier="):
+            plots.main(argv)
+    assert not (tmp_path / "d.svg").exists()
+    rc, out, err = run_cli("-m", "research.plots", "--plot=x.svg")        # one line, no traceback
+    assert rc == 1 and err.startswith("error: draw one picture") and len(err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +483,7 @@ def test_non_finite_logits_are_an_error_naming_the_likely_causes(tiny, text_file
     save_file(tensors, str(damaged / "model.safetensors"), metadata={"format": "pt"})
     message = r"gave non-finite logits \(NaN or infinity\); likely causes: damaged weights .* --dtype=float32"
     with pytest.raises(load_weights.NonFiniteError, match="the model " + message):
-        eval_cli.main([f"--init={damaged}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
+        evaluate.main([f"--init={damaged}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
     with pytest.raises(load_weights.NonFiniteError, match=message):
         sample.main([f"--init={damaged}", "--prompt=the cat", "--temperature=0", "--max_new_tokens=3"])
 
@@ -461,7 +499,7 @@ def test_a_damaged_checkpoint_under_ckpt_is_named(ckpts, text_file, tmp_path, da
     shutil.copytree(ckpts[1], ckpt)
     damage(ckpt)
     with pytest.raises(load_weights.LoadError, match=message):
-        eval_cli.main([f"--ckpt={ckpt}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
+        evaluate.main([f"--ckpt={ckpt}", f"--text={text_file}", f"--seq_len={SEQ_LEN}"])
     with pytest.raises(load_weights.LoadError, match=message):
         sample.main([f"--ckpt={ckpt}", "--max_new_tokens=2"])
 
@@ -473,11 +511,11 @@ def test_init_names_the_base_of_a_checkpoint_whose_base_moved(tiny, text_file, t
     ckpt = make_checkpoint(tmp_path / "ckpt", tmp_path / "before", lora_std=0.3)
     (tmp_path / "before").rename(tmp_path / "after")
     with pytest.raises(load_weights.LoadError, match="if it moved, name its new place with --init=FOLDER"):
-        eval_cli.main([f"--ckpt={ckpt}", f"--text={text_file}"])
-    eval_cli.main([f"--ckpt={ckpt}", "--init", str(tmp_path / "after"), f"--text={text_file}",
+        evaluate.main([f"--ckpt={ckpt}", f"--text={text_file}"])
+    evaluate.main([f"--ckpt={ckpt}", "--init", str(tmp_path / "after"), f"--text={text_file}",
                    f"--seq_len={SEQ_LEN}", "--json"])
     moved = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    model, tok, _ = load_weights.load_sparse(ckpt, base=str(tmp_path / "after"))
-    expected = eval_cli.evaluate_sparse(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN), SEQ_LEN)
+    model, tok, _ = checkpoint.load_sparse(ckpt, base=str(tmp_path / "after"))
+    expected = gates.evaluate_sparse(model, scoring.windows(tok, text_file.read_text(), SEQ_LEN), SEQ_LEN)
     assert moved["model"] == str(tmp_path / "after") and moved["kl_to_dense"] == pytest.approx(expected["kl_to_dense"])
     sample.main([f"--ckpt={ckpt}", f"--init={tmp_path / 'after'}", "--max_new_tokens=2", "--no_color"])

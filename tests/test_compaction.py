@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py, compact.py
 
 import compact
+import gates
 import router
 from conftest import TINY as BASE
 from model import Model, ModelConfig, rope_cos_sin
@@ -371,7 +372,7 @@ def test_random_gates_at_density_one_and_zero(kv):
     with torch.no_grad():
         dense, _ = model(idx, routers_off=True)
         for density in (1.0, 0.0):
-            with router.forced(model, density):
+            with gates.forced(model, density):
                 logits, records = model(idx)
             assert all(bool(r.keep[:, 0].all() and (r.keep[:, 1:] == (density == 1.0)).all()) for r in records)
             assert torch.equal(logits, dense) == (density == 1.0)

@@ -8,13 +8,12 @@ their 5-format twins are what transformers 5 writes when it re-saves them. Both 
 the same ModelConfig, equal to the preset of that model. A missing rope base is an error.
 """
 import json
-import os
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import real_checkpoint
 from load_weights import config_from_hf, resolve
 from model import PRESETS, Model, ModelConfig
 
@@ -168,14 +167,9 @@ def test_unknown_preset_is_a_clear_error():
         resolve("llama-9")
 
 
-CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", Path(__file__).parent.parent / "checkpoints"))
-
-
-@pytest.mark.parametrize("preset, folder", [("smollm2-135m-instruct", "smollm2-135m-instruct-f32"),
-                                            ("gemma-3-270m", "gemma3-270m-f32")])
-def test_preset_matches_real_checkpoint(preset, folder):
-    path = CHECKPOINTS / folder / "config.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found: build it with `bash ../shared/tools/make_real_checkpoints.sh checkpoints`")
+@pytest.mark.real
+@pytest.mark.parametrize("preset", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_preset_matches_real_checkpoint(preset):
+    path = real_checkpoint(preset) / "config.json"
     cfg = config_from_hf(json.loads(path.read_text()))
     assert architecture(cfg) == architecture(ModelConfig(**PRESETS[preset]))

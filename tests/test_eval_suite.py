@@ -1,10 +1,10 @@
-"""tests/test_eval_suite.py — eval.py --suite (one table), --gates=peek for --tasks, and what
-skips (skips.py: token classes, density by class and by position).
+"""tests/test_eval_suite.py — research/suite.py (one table), --gates=peek for research/tasks.py, and
+what skips (research/studies.py: token classes, density by class and by position).
 
 Hand-made pieces and gate records check the definitions; tiny model folders (conftest.py) with a
 fabricated checkpoint (test_cli.make_checkpoint: random routers, about half the gates closed)
-check that the numbers agree with eval.py's own perplexity evaluation. No wall-clock thresholds:
-timings are only checked for being what their ratios say.
+check that the numbers agree with evaluate.py's own perplexity evaluation (gates.evaluate_sparse).
+No wall-clock thresholds: timings are only checked for being what their ratios say.
 """
 import json
 import xml.etree.ElementTree as ET
@@ -12,21 +12,23 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-import eval as eval_cli
-import load_weights
+import checkpoint
+import gates
 import lora
 import router
-import skips
+import scoring
 from conftest import TINY, tiny_model_folder, word_text_file
+from flops import compute_ratio
 from model import ModelConfig
+from research import studies, suite, tasks
 from test_cli import FAMILIES, make_checkpoint
 
 SEQ_LEN = 16
-C = {c: i for i, c in enumerate(skips.CLASSES)}
+C = {c: i for i, c in enumerate(studies.CLASSES)}
 
 
 def members(row) -> set:
-    return {c for c in skips.CLASSES if row[C[c]]}
+    return {c for c in studies.CLASSES if row[C[c]]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def test_token_classes_of_hand_made_pieces():
               ">>>", " x", " =", " 1", "\n",                                       # line 1: a doctest
               "  ", "\n",                                                          # line 2: blank
               "run", "ning", "\ufffd", "2x"]                                       # line 3: prose
-    got = [members(row) - {"all"} for row in skips.classify(pieces)]
+    got = [members(row) - {"all"} for row in studies.classify(pieces)]
     expected = [
         {"word start", "prose"}, {"word start", "prose"}, {"punctuation", "prose"},
         {"word start", "prose"},                              # " the" of " theory": no function word
@@ -52,13 +54,13 @@ def test_token_classes_of_hand_made_pieces():
         {"word continuation", "prose"}, {"other", "prose"}, {"other", "prose"},
     ]
     assert got == expected
-    assert all(row[C["all"]] and not row[C["sink"]] for row in skips.classify(pieces))
+    assert all(row[C["all"]] and not row[C["sink"]] for row in studies.classify(pieces))
 
 
 def test_code_lines_are_fences_and_doctest_blocks():
     lines = ["Some prose:", "```python", "x = 1", "", "y = 2", "```", "after",
              ">>> f(1)", "2", "", "    indented prose"]
-    assert skips.code_lines(lines) == [False, True, True, True, True, True, False, True, True, False, False]
+    assert studies.code_lines(lines) == [False, True, True, True, True, True, False, True, True, False, False]
 
 
 class CharTokenizer:
@@ -74,13 +76,13 @@ def test_window_classes_make_position_0_and_bos_sinks_only():
     plain = torch.tensor(text).view(2, 5)
     with_bos = torch.cat([torch.ones(2, 1, dtype=torch.long), plain], dim=1)
     for chunks, bos in ((plain, False), (with_bos, True)):
-        member = skips.window_classes(CharTokenizer(), chunks, bos)     # (2, L, classes)
-        assert member.shape == (*chunks.shape, len(skips.CLASSES))
+        member = studies.window_classes(CharTokenizer(), chunks, bos)     # (2, L, classes)
+        assert member.shape == (*chunks.shape, len(studies.CLASSES))
         assert member[..., C["all"]].all()
         assert member[:, 0, C["sink"]].all() and not member[:, 1:, C["sink"]].any()
         assert [members(r) for r in member[:, 0]] == [{"all", "sink"}] * 2
     # the text is classified as a whole: "c" opens window 2 after "\n" (a word start), "1" is a digit
-    member = skips.window_classes(CharTokenizer(), with_bos, True)
+    member = studies.window_classes(CharTokenizer(), with_bos, True)
     assert "word start" in members(member[1, 1])                       # "c": after the newline
     assert members(member[0, 4]) == {"all", "digit", "prose"}          # "1"
 
@@ -95,25 +97,25 @@ def test_density_by_group_and_position_by_hand():
     records = [router.GateRecord(0, k, None, v.bool()) for k, v in keep.items()]
     member = torch.tensor([[[1, 0], [1, 0], [0, 1], [0, 1]]], dtype=torch.bool)   # (1, 4, 2): A = {0, 1}, B = {2, 3}
     stats = [router.GateStats(), router.GateStats()]
-    skips.add_groups(stats, records, member)
-    skips.add_groups(stats, records, member)                            # a second pass counts too
+    studies.add_groups(stats, records, member)
+    studies.add_groups(stats, records, member)                            # a second pass counts too
     assert stats[0].density() == {(0, "attn"): 1.0, (0, "mlp"): 0.5}
     assert stats[1].density() == {(0, "attn"): 0.5, (0, "mlp"): 0.5}
-    w = skips.skip_savings(cfg, 4)
-    row = skips.group_row("B", stats[1], tokens=4, total=8, cfg=cfg, seq_len=4)
+    w = studies.skip_savings(cfg, 4)
+    row = studies.group_row("B", stats[1], tokens=4, total=8, cfg=cfg, seq_len=4)
     assert row["share"] == 0.5
     assert row["density"] == pytest.approx((w["attn"] * 0.5 + w["mlp"] * 0.5) / (w["attn"] + w["mlp"]))
     assert row["density_attn"] == pytest.approx((0.5 + 1) / 2)         # layer 1 is not routed: 1
     assert row["per_layer"] == [{"layer": 0, "attn": 0.5, "mlp": 0.5}, {"layer": 1, "attn": 1.0, "mlp": 1.0}]
-    assert skips.group_row("none", router.GateStats(), 0, 8, cfg, 4)["density"] is None
+    assert studies.group_row("none", router.GateStats(), 0, 8, cfg, 4)["density"] is None
 
 
 def test_position_buckets():
-    assert skips.position_buckets(600) == [(0, 1), (1, 16), (16, 64), (64, 256), (256, 512), (512, 600)]
-    assert skips.position_buckets(2048)[-2:] == [(512, 1024), (1024, 2048)]
-    assert skips.position_buckets(10) == [(0, 1), (1, 10)]
-    assert [skips.bucket_name(*b) for b in skips.position_buckets(20)] == ["0", "1-15", "16-19"]
-    member = skips.position_members(20)                                 # (20, 3)
+    assert studies.position_buckets(600) == [(0, 1), (1, 16), (16, 64), (64, 256), (256, 512), (512, 600)]
+    assert studies.position_buckets(2048)[-2:] == [(512, 1024), (1024, 2048)]
+    assert studies.position_buckets(10) == [(0, 1), (1, 10)]
+    assert [studies.bucket_name(*b) for b in studies.position_buckets(20)] == ["0", "1-15", "16-19"]
+    member = studies.position_members(20)                                 # (20, 3)
     assert member.sum(1).eq(1).all() and member.sum(0).tolist() == [1, 15, 4]
 
 
@@ -153,12 +155,12 @@ def last_json(capsys) -> dict:
 def test_by_class_and_position_agree_with_the_perplexity_eval(ckpt, text_file, tmp_path, capsys):
     ck, _, bos = ckpt
     svg = tmp_path / "classes.svg"
-    eval_cli.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--by_class", "--by_position",
-                   f"--plot={svg}", "--json"])
+    studies.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--by_class", "--by_position",
+                  f"--plot={svg}", "--json"])
     out = last_json(capsys)
-    model, tok, _ = load_weights.load_sparse(ck)
-    chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
-    ref = eval_cli.evaluate_sparse(model, chunks, SEQ_LEN)
+    model, tok, _ = checkpoint.load_sparse(ck)
+    chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+    ref = gates.evaluate_sparse(model, chunks, SEQ_LEN)
     rows = {r["name"]: r for r in out["classes"]}
     everything = rows["all"]
     T = chunks.shape[1] - 1                                             # input positions per window
@@ -167,7 +169,7 @@ def test_by_class_and_position_agree_with_the_perplexity_eval(ckpt, text_file, t
     assert everything["density_mlp"] == pytest.approx(ref["density_mlp"])
     assert everything["per_layer"] == ref["per_layer"]
     assert rows["sink"]["tokens"] == len(chunks) and rows["sink"]["density"] == 1     # position 0 (BOS or not)
-    assert sum(rows[k]["tokens"] for k in skips.KINDS) == everything["tokens"] - len(chunks)
+    assert sum(rows[k]["tokens"] for k in studies.KINDS) == everything["tokens"] - len(chunks)
     assert rows["code"]["tokens"] + rows["prose"]["tokens"] == everything["tokens"] - len(chunks)
     assert rows["word start"]["tokens"] > 0 and rows["function word"]["tokens"] > 0
     # the buckets split the positions: their token-weighted densities average to the whole
@@ -185,17 +187,25 @@ def test_by_class_and_position_agree_with_the_perplexity_eval(ckpt, text_file, t
 def test_a_model_without_routers_has_nothing_to_study(ckpt, text_file):
     _, folder, _ = ckpt
     with pytest.raises(ValueError, match="no routers"):
-        eval_cli.main([f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--by_position"])
+        studies.main([f"--init={folder}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--by_position"])
+
+
+def test_studies_need_a_text_and_something_to_study(ckpt, text_file):
+    ck, _, _ = ckpt
+    with pytest.raises(ValueError, match="nothing to study: pass --by_class, --by_position or both"):
+        studies.main([f"--ckpt={ck}", f"--text={text_file}"])
+    with pytest.raises(ValueError, match="research.studies needs --text=FILE"):
+        studies.main([f"--ckpt={ck}", "--by_class"])
 
 
 def test_suite_table_keys_and_ratios(ckpt, text_file, task_file, capsys):
     ck, _, _ = ckpt
-    eval_cli.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--suite", f"--tasks={task_file}",
-                   "--repeat=1", "--decode_tokens=4", "--max_new_tokens=3", "--json"])
+    suite.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", f"--tasks={task_file}",
+                "--repeat=1", "--decode_tokens=4", "--max_new_tokens=3", "--json"])
     printed = capsys.readouterr().out
     out = json.loads(printed.strip().splitlines()[-1])
-    model, tok, _ = load_weights.load_sparse(ck)
-    ref = eval_cli.evaluate_sparse(model, eval_cli.windows(tok, text_file.read_text(), SEQ_LEN), SEQ_LEN)
+    model, tok, _ = checkpoint.load_sparse(ck)
+    ref = gates.evaluate_sparse(model, scoring.windows(tok, text_file.read_text(), SEQ_LEN), SEQ_LEN)
     for key in ("perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "compute_ratio", "density"):
         assert out[key] == pytest.approx(ref[key], rel=1e-6), key
     assert out["perplexity_ratio"] == pytest.approx(out["perplexity"] / out["dense_perplexity"])
@@ -218,8 +228,8 @@ def test_suite_table_keys_and_ratios(ckpt, text_file, task_file, capsys):
 
 def test_suite_with_peek_gates_has_no_speed_and_lands_on_its_target(ckpt, text_file, capsys):
     ck, _, _ = ckpt
-    eval_cli.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--suite", "--gates=peek",
-                   "--target_compute=0.8", "--json"])
+    suite.main([f"--ckpt={ck}", f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--gates=peek",
+                "--target_compute=0.8", "--json"])
     printed = capsys.readouterr().out
     out = json.loads(printed.strip().splitlines()[-1])
     assert out["prefill"] is out["decode"] is out["prefill_speedup"] is out["decode_speedup"] is None
@@ -229,48 +239,48 @@ def test_suite_with_peek_gates_has_no_speed_and_lands_on_its_target(ckpt, text_f
 
 def test_suite_needs_a_checkpoint_or_peek(ckpt, text_file):
     _, folder, _ = ckpt
-    with pytest.raises(ValueError, match="--suite compares a sparse checkpoint"):
-        eval_cli.main([f"--init={folder}", f"--text={text_file}", "--suite"])
-    with pytest.raises(ValueError, match="--suite needs --text"):
-        eval_cli.main([f"--ckpt={ckpt[0]}", "--tasks=x.json", "--suite"])
+    with pytest.raises(ValueError, match="research.suite compares a sparse checkpoint"):
+        suite.main([f"--init={folder}", f"--text={text_file}"])
+    with pytest.raises(ValueError, match="research.suite needs --text"):
+        suite.main([f"--ckpt={ckpt[0]}", "--tasks=x.json"])
 
 
 # ----------------------------------------------------------------------------------------------
-# --gates=peek for --tasks
+# --gates=peek for research.tasks
 # ----------------------------------------------------------------------------------------------
 
 def test_peek_gates_for_tasks_land_on_their_target_compute(ckpt, text_file, task_file, capsys):
     """The threshold is chosen on --text for --target_compute; multiple choice and generation then
     run on the masked path with the base weights (LoRA off) and the routers are restored after."""
     ck, _, _ = ckpt
-    model, tok, _ = load_weights.load_sparse(ck)
-    chunks = eval_cli.windows(tok, text_file.read_text(), SEQ_LEN)
-    with eval_cli.gates_as(model, chunks, SEQ_LEN, "peek", target_compute=0.8) as path:
+    model, tok, _ = checkpoint.load_sparse(ck)
+    chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+    with gates.gates_as(model, chunks, SEQ_LEN, "peek", target_compute=0.8) as path:
         assert path == "masked" and not any(m.enabled for m in lora.adapters(model))
-        assert all(r.mode == "peek" for _, _, r in router.routers(model))
-        stats = eval_cli.gate_stats(model, chunks, path="masked")
-        assert eval_cli.compute_ratio(model.cfg, SEQ_LEN, stats.density()) == pytest.approx(0.8, abs=0.005)
-        row = eval_cli.benchmark(model, tok, eval_cli.read_task(task_file), variants=("dense", "sparse"),
-                                 max_new_tokens=3, path=path)
-    assert all(r.mode == "learned" for _, _, r in router.routers(model))          # restored after
+        assert router.routers(model) == [] and model._forward_hooks     # every router swapped for the peek rule
+        stats = scoring.gate_stats(model, chunks, path="masked")
+        assert compute_ratio(model.cfg, SEQ_LEN, stats.density()) == pytest.approx(0.8, abs=0.005)
+        row = tasks.benchmark(model, tok, tasks.read_task(task_file), variants=("dense", "sparse"),
+                              max_new_tokens=3, path=path)
+    assert all(isinstance(r, router.Router) for _, _, r in router.routers(model))   # restored after
     assert all(m.enabled for m in lora.adapters(model))
     assert 0 < row["density_sparse"] < 1 and 0 < row["compute_ratio_sparse"] < 1
     assert {"acc_sparse", "acc_norm_sparse", "exact_match_sparse"} <= set(row)
-    eval_cli.main([f"--ckpt={ck}", f"--tasks={task_file}", "--gates=peek", f"--text={text_file}",
-                   f"--seq_len={SEQ_LEN}", "--target_compute=0.8", "--max_new_tokens=3", "--json"])
+    tasks.main([f"--ckpt={ck}", f"--tasks={task_file}", "--gates=peek", f"--text={text_file}",
+                f"--seq_len={SEQ_LEN}", "--target_compute=0.8", "--max_new_tokens=3", "--json"])
     out = last_json(capsys)
     assert out["gates"] == "peek" and out["tasks"] == [row]             # the command gives the same row
     with pytest.raises(ValueError, match="--gates=peek needs --text"):
-        eval_cli.main([f"--ckpt={ck}", f"--tasks={task_file}", "--gates=peek"])
+        tasks.main([f"--ckpt={ck}", f"--tasks={task_file}", "--gates=peek"])
 
 
 def test_masked_generation_without_cache_equals_cached_decoding(ckpt):
     """The uncached masked decoding that peek gates need gives the tokens of cached decoding when
     both run the same gates (here all open)."""
     ck, _, _ = ckpt
-    model, tok, _ = load_weights.load_sparse(ck)
+    model, tok, _ = checkpoint.load_sparse(ck)
     prompts = [tok.encode("the cat sat on the"), tok.encode("a dog ran"), tok.encode("it was big")]
-    with router.forced(model, "open"):
-        cached = eval_cli.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6)
-        masked = eval_cli.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6, path="masked")
+    with gates.forced(model, "open"):
+        cached = tasks.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6)
+        masked = tasks.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6, path="masked")
     assert masked == cached and all(cached)

@@ -1,7 +1,7 @@
 """tests/test_export.py — export.py's standalone sparse folder, on tiny model folders.
 
 A checkpoint is fabricated as train.py writes one (routers with random weights, about half the
-gates closed; LoRA B nonzero), exported, and the folder is checked: eval.py and sample.py on it
+gates closed; LoRA B nonzero), exported, and the folder is checked: evaluate.py and sample.py on it
 give the checkpoint's perplexity and greedy tokens; transformers loads it as the dense model
 with LoRA merged; shards and index follow the Hub's layout; an export that fails leaves nothing.
 """
@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 
 import bench
-import eval as eval_cli
+import checkpoint
+import evaluate
 import export
 import load_weights
 import lora
@@ -68,12 +69,12 @@ def test_folder_has_the_base_config_weights_names_and_tokenizer(base, exported):
 
 
 def test_eval_and_sample_round_trip(exported, text_file, capsys):
-    """eval.py --init=EXPORTED = eval.py --ckpt=CKPT (perplexity, density); sample.py: same greedy tokens."""
+    """evaluate.py --init=EXPORTED = evaluate.py --ckpt=CKPT (perplexity, density); sample.py: same greedy tokens."""
     ckpt, folder = exported
     common = [f"--text={text_file}", f"--seq_len={SEQ_LEN}", "--json"]
-    eval_cli.main([f"--ckpt={ckpt}", *common])
+    evaluate.main([f"--ckpt={ckpt}", *common])
     from_ckpt = last_json(capsys)
-    eval_cli.main([f"--init={folder}", *common])
+    evaluate.main([f"--init={folder}", *common])
     from_folder = last_json(capsys)
     assert from_folder["tokens"] == from_ckpt["tokens"]
     assert from_folder["perplexity"] == pytest.approx(from_ckpt["perplexity"], rel=1e-4)
@@ -92,7 +93,7 @@ def test_eval_and_sample_round_trip(exported, text_file, capsys):
 @torch.no_grad()
 def test_the_loaded_folder_is_the_checkpoints_sparse_model(exported):
     ckpt, folder = exported
-    sparse, _, _ = load_weights.load_sparse(ckpt)
+    sparse, _, _ = checkpoint.load_sparse(ckpt)
     lora.merge(sparse)
     model, _ = load_weights.load(str(folder))
     x = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -106,13 +107,13 @@ def test_the_loaded_folder_is_the_checkpoints_sparse_model(exported):
 def test_a_checkpoint_without_sinks_exports_without_them(exported, text_file, tmp_path):
     ckpt, _ = exported
     shutil.copytree(ckpt, tmp_path / "ckpt")
-    meta_path = tmp_path / "ckpt" / load_weights.CKPT_JSON
+    meta_path = tmp_path / "ckpt" / checkpoint.CKPT_JSON
     meta = json.loads(meta_path.read_text())
     meta["model_config"]["sinks"] = False                                 # position 0 may skip too
     meta_path.write_text(json.dumps(meta))
     export.main([f"--ckpt={tmp_path / 'ckpt'}", f"--out={tmp_path / 'out'}", f"--text={text_file}",
                  f"--seq_len={SEQ_LEN}"])
-    sparse, _, _ = load_weights.load_sparse(tmp_path / "ckpt")
+    sparse, _, _ = checkpoint.load_sparse(tmp_path / "ckpt")
     lora.merge(sparse)
     model, _ = load_weights.load(str(tmp_path / "out"))
     assert model.cfg.sinks is False
@@ -131,7 +132,7 @@ def test_transformers_loads_it_as_the_dense_merged_model(exported):
     x = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     dense = model(x, routers_off=True)[0]
     torch.testing.assert_close(ref(x).logits, dense, rtol=1e-4, atol=1e-4)
-    base, _ = load_weights.load(load_weights.read_checkpoint_meta(ckpt)["base"])
+    base, _ = load_weights.load(checkpoint.read_checkpoint_meta(ckpt)["base"])
     assert (base(x)[0] - dense).abs().max() > 1e-2                        # the merge changed the model
 
 
@@ -200,10 +201,28 @@ def test_bench_random_weights_builds_a_preset_without_its_files(monkeypatch, cap
     assert [(r["mode"], r["density"] == 1.0) for r in rows] == [("prefill", True), ("decode", True),
                                                                 ("prefill", False), ("decode", False)]
     assert 0.2 < rows[2]["density"] < 0.8 and rows[2]["ideal_speedup"] > 1
-    for argv, message in ((["--init=nope"], "not one of"), (["--init=tiny-llama", "--vs_hf=True"], "drop --ckpt"),
+    for argv, message in ((["--init=nope"], "not one of"), (["--init=tiny-llama", "--ckpt=out"], "drop --ckpt"),
+                          (["--init=tiny-llama", "--load_rss=True"], "drop --ckpt and --load_rss"),
+                          (["--init=tiny-llama", "--vs_hf=True"], "unknown option --vs_hf; valid options"),
                           (["--init=tiny-llama", "--device=cuda", "--clock=cpu"], "use --clock=wall")):
         with pytest.raises(ValueError, match=message):
             bench.main(argv + ["--random_weights=True"])
+
+
+def test_bench_clock_cpu_times_with_process_seconds(monkeypatch, capsys):
+    """--clock=cpu: every timed function reads the clock it is given (timing.make_clock picks it)."""
+    import time
+    import timing
+    assert timing.make_clock("cpu") is time.process_time and timing.make_clock("wall") is time.perf_counter
+    read = []
+    monkeypatch.setattr(time, "process_time", lambda: read.append(1) or len(read) * 1e-3)
+    monkeypatch.setitem(bench.PRESETS, "tiny-llama", dict(vocab_size=300, dim=32, n_layers=2, n_heads=4,
+                                                         n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=64))
+    bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=0.5", "--kv=all", "--prefill=1x16",
+                "--prompt_len=8", "--new_tokens=2", "--repeat=1", "--threads=1", "--clock=cpu", "--json"])
+    rows = last_json(capsys)
+    assert len(rows) == 2 and read                                        # prefill and decode, on the CPU clock
+    assert all(r["dense_s"] > 0 and r["sparse_s"] > 0 for r in rows)
 
 
 def test_failed_export_leaves_no_folder_and_full_out_is_refused(exported, text_file, tmp_path, monkeypatch):

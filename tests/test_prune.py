@@ -1,4 +1,4 @@
-"""tests/test_prune.py — the static baselines (prune.py, train.py --prune) on a tiny model.
+"""tests/test_prune.py — the static baselines (research/prune.py, train.py --prune) on a tiny model.
 
 Checks the two measures against sublayers made harmless by hand (zero output: KL 0 and Block
 Influence 0, ranked first), the removal order and where it stops, that static gates skip the
@@ -11,13 +11,15 @@ import json
 import pytest
 import torch
 
+import checkpoint
+import gates
 import load_weights
-import prune
 import router
 import train
-import eval as eval_cli
 from conftest import tiny_model_folder
 from flops import compute_ratio
+from research import prune
+from scoring import method
 from test_train import args, corpus  # noqa: F401  (the corpus fixture)
 
 
@@ -84,7 +86,7 @@ def test_static_gates_skip_every_token_but_the_sinks(folder):
             assert k[:, 0].all() and not k[:, 1:].any()                    # position 0 is the sink
         else:
             assert k.all()
-    with router.forced(model, {(0, "mlp"): 0.0, (2, "attn"): 0.0}):       # the same as keeping no token
+    with gates.forced(model, {(0, "mlp"): 0.0, (2, "attn"): 0.0}):       # the same as keeping no token
         forced, _ = model(x)
     assert torch.allclose(model(x)[0], forced, atol=1e-6)
 
@@ -95,7 +97,7 @@ def test_a_pruned_run_trains_lora_only_and_its_ranking_is_reused(folder, corpus,
     record = json.loads((out / "prune.json").read_text())
     removed = [tuple(k) for k in record["removed"]]
     assert removed and record["compute_ratio"] <= 0.9
-    model, _, _ = load_weights.load_sparse(out)
+    model, _, _ = checkpoint.load_sparse(out)
     for layer, kind, r in router.routers(model):                          # the gates never moved
         assert float(r.proj.weight.abs().max()) == 0
         assert float(r.proj.bias) == (-prune.FIXED_LOGIT if (layer, kind) in removed else prune.FIXED_LOGIT)
@@ -112,7 +114,7 @@ def test_a_hybrid_closes_the_removed_sublayers_and_routes_the_rest(folder, corpu
                                        target_density="0.8,0.7", max_iters=4)))
     removed = {tuple(k) for k in json.loads((out / "prune.json").read_text())["removed"]}
     assert removed and all(kind in ("attn", "mlp") for _, kind in removed)
-    model, _, meta = load_weights.load_sparse(out)
+    model, _, meta = checkpoint.load_sparse(out)
     for layer, kind, r in router.routers(model):
         if (layer, kind) in removed:        # closed for good: sigmoid'(-30) ~ 1e-13 moves them by ~1e-9
             assert float(r.proj.weight.abs().max()) < 1e-6 and float(r.proj.bias) < -20
@@ -120,8 +122,8 @@ def test_a_hybrid_closes_the_removed_sublayers_and_routes_the_rest(folder, corpu
             assert float(r.proj.weight.abs().max()) > 0
     rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert all(r["target"] is not None for r in rows)                     # the controller holds a target
-    assert load_weights.load_sparse(out / "stage1")[2]["train_state"]["iter"] == 2
-    assert eval_cli.method(meta["train_config"], "learned") == "static blocks (ShortGPT) + routed"
+    assert checkpoint.load_sparse(out / "stage1")[2]["train_state"]["iter"] == 2
+    assert method(meta["train_config"], "learned") == "static blocks (ShortGPT) + routed"
     assert prune.read_removed(out) == removed                              # what a resume keeps closed
     (out / "prune.json").unlink()
     with pytest.raises(ValueError, match="cannot read what this run removed .* start the run again"):

@@ -3,7 +3,7 @@
     python -m pytest -m real -s tests/test_real_conversion.py
 
 Export: train 2 steps, export; the folder, loaded with no base model beside it, must give
-eval.py's perplexity of the checkpoint to 1e-4 relative (same windows, same gates) and
+evaluate.py's perplexity of the checkpoint to 1e-4 relative (same windows, same gates) and
 sample.py's greedy tokens. bfloat16: train 2 steps of the bf16 checkpoint with --dtype=bfloat16;
 the losses are finite (and nonzero: the fitted gates start partly closed) and the checkpoint
 evaluates.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import eval as eval_cli
+import evaluate
 import export
 import sample
 import train
@@ -35,7 +35,7 @@ def last_json(capsys) -> dict:
 
 def need(folder):
     if not (folder / "config.json").is_file():
-        pytest.fail(f"{folder} not found: build it with `bash ../shared/tools/make_real_checkpoints.sh checkpoints`")
+        pytest.fail(f"{folder} not found: build it with `python3 tools/make_checkpoints.py checkpoints`")
 
 
 def test_export_round_trip_smollm2(tmp_path, capsys):
@@ -48,9 +48,9 @@ def test_export_round_trip_smollm2(tmp_path, capsys):
     export.main([f"--ckpt={ckpt}", f"--out={folder}", f"--text={TEXT}", "--seq_len=256", "--max_chunks=2"])
     capsys.readouterr()
     common = [f"--text={TEXT}", "--seq_len=256", "--max_chunks=2", "--json"]
-    eval_cli.main([f"--ckpt={ckpt}", *common])
+    evaluate.main([f"--ckpt={ckpt}", *common])
     from_ckpt = last_json(capsys)
-    eval_cli.main([f"--init={folder}", *common])
+    evaluate.main([f"--init={folder}", *common])
     from_folder = last_json(capsys)
     rel = abs(from_folder["perplexity"] / from_ckpt["perplexity"] - 1)
     outputs = []
@@ -75,7 +75,7 @@ def test_bfloat16_conversion_smoke_smollm2(tmp_path, capsys):
                                    "--batch_size=1", "--seq_len=64", "--val_data=", "--fit_windows=2",
                                    "--warmup_iters=1"]))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    eval_cli.main([f"--ckpt={out}", f"--text={TEXT}", "--seq_len=128", "--max_chunks=1", "--dtype=bfloat16", "--json"])
+    evaluate.main([f"--ckpt={out}", f"--text={TEXT}", "--seq_len=128", "--max_chunks=1", "--dtype=bfloat16", "--json"])
     res = last_json(capsys)
     with capsys.disabled():
         print(f"\nbfloat16: kl {[round(r['kl'], 4) for r in rows]}, density {[round(r['density'], 3) for r in rows]}; "

@@ -2,25 +2,26 @@
 
     python -m pytest -m real -s        # -s prints the measured differences
 
-The folders are made by `bash ../shared/tools/make_real_checkpoints.sh checkpoints` (set
-NANOSKIP_CHECKPOINTS to use another folder). For each model: our tokenizer gives the ids of
+The models are found by name as load_weights finds them (conftest.real_checkpoint): offline,
+`python3 tools/make_checkpoints.py checkpoints` makes them. Both sides load the same files in
+float32. For each model: our tokenizer gives the ids of
 transformers' (BOS included where the tokenizer adds it); on ~250 tokens of English the logits
 match to 1e-3; on ~800 tokens (past Gemma 3's 512-token sliding window) the logits of the last
 positions match too; and 32 greedy tokens decoded with our KV cache equal transformers' generate().
 """
-import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import real_checkpoint
 
 from load_weights import load
 
 pytestmark = pytest.mark.real
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", REPO / "checkpoints"))
-MODELS = ["smollm2-135m-instruct-f32", "gemma3-270m-f32"]
+MODELS = ["smollm2-135m-instruct", "gemma-3-270m"]
 MAX_DIFF = 1e-3
 NEW_TOKENS = 32
 
@@ -36,11 +37,7 @@ def english(paragraphs: int) -> str:
 @pytest.fixture(scope="module", params=MODELS)
 def models(request):
     """(name, our model, our tokenizer, transformers model, transformers tokenizer)."""
-    folder = CHECKPOINTS / request.param
-    if not (folder / "config.json").is_file():
-        pytest.fail(f"{folder} not found: build the real checkpoints with "
-                    "`bash ../shared/tools/make_real_checkpoints.sh checkpoints` "
-                    "(or set NANOSKIP_CHECKPOINTS to the folder that holds them)")
+    folder = real_checkpoint(request.param)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     ours, tok = load(str(folder))
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
@@ -101,6 +98,6 @@ def test_greedy_decoding_matches_transformers(models):
 
 
 def greedy(model, idx, steps):
-    """sample.generate at temperature 0 (the KV-cached decoding loop of sample.py)."""
+    """generate.generate at temperature 0 (the KV-cached decoding loop of sample.py)."""
     from sample import generate
     return generate(model, idx, steps, temperature=0.0)

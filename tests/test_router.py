@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+import gates
 import router
 from conftest import TINY as LLAMA
 from model import Model, ModelConfig
@@ -143,11 +144,11 @@ def test_sinks_compute_under_every_gate_mode_and_only_sinks_get_no_gradient():
     idx[1] = torch.where(idx[1] == 5, 6, idx[1])                         # and none in row 1
     sink = torch.zeros_like(idx, dtype=torch.bool)
     sink[:, 0], sink[0, 4] = True, True
-    for gates in ({}, 0.0):
-        with router.forced(model, gates), torch.no_grad():
+    for table in ({}, 0.0):
+        with gates.forced(model, table), torch.no_grad():
             _, records = model(idx)
         assert all(torch.equal(r.keep, sink) for r in records)
-    for B in (2, 1):                                     # decoding token by token (batch 1: Block.step)
+    for B in (2, 1):                                     # decoding token by token (batch 1: compact.step)
         cache = model.new_cache(B, 12)
         with torch.no_grad():
             for t in range(idx.shape[1]):
@@ -166,39 +167,6 @@ def test_sink_logit_has_no_gradient():
     z = torch.tensor([router.SINK_LOGIT, 0.0], requires_grad=True)
     router.hard_gate(z).sum().backward()
     assert z.grad[0] < 1e-12 and z.grad[1] == 0.25
-
-
-def test_peek_gates_follow_the_rule_by_hand():
-    """Peek: a token computes a sublayer iff log(|f(x)| / |h|) > the sublayer's threshold, with
-    f(x) and h taken from the dense pass where every earlier sublayer computed the same way."""
-    model = tiny_model()
-    router.add_routers(model, "mlp", "all")
-    idx = tokens()
-    block = model.layers[0]
-    seen = capture(block.mlp)
-    inputs = capture(block.mlp_norm, pre=True)
-    with torch.no_grad():
-        model(idx, routers_off=True)                                     # the dense pass: f(x) and h
-    log_ratio = (seen[0].norm(dim=-1) / inputs[0].norm(dim=-1)).log()    # (B, T) log(|f(x)| / |h|)
-    threshold = float(log_ratio[:, 1:].median())                         # half of the tokens keep
-    with router.forced(model, {(0, "mlp"): ("peek", threshold), (1, "mlp"): "open"}), torch.no_grad():
-        _, records = model(idx, masked=True)
-    expected = log_ratio > threshold
-    expected[:, 0] = True                                                # the sink
-    assert 0 < expected[:, 1:].float().mean() < 1                        # the rule has work to do
-    assert torch.equal(records[0].keep, expected)
-    with router.forced(model, ("peek", 0.0)), pytest.raises(ValueError, match="masked path"):
-        model(idx)
-
-
-def test_peek_gates_table_spends_one_threshold_per_flop():
-    model = tiny_model()
-    router.add_routers(model)
-    table = router.peek_gates(model, -2.0, {"attn": math.e, "mlp": math.e ** 3})
-    assert table[(0, "attn")] == ("peek", pytest.approx(-1.0)) and table[(1, "mlp")] == ("peek", pytest.approx(1.0))
-    with pytest.raises(ValueError, match="peek"):
-        with router.forced(model, ("peek", "high")):
-            pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,17 +373,3 @@ def test_add_routers_rejects_unknown_modes(route, kv, message):
         router.add_routers(model, route, kv)
     assert "choose one of" in str(err.value)
     assert model.cfg.route == "none" and router.routers(model) == []   # nothing half-done
-
-
-def test_forced_gates_are_restored_even_on_error():
-    model = router.add_routers(tiny_model(), "sublayer", "all")
-    with pytest.raises(KeyError):
-        with router.forced(model, {(0, "attn"): 0.0, (1, "mlp"): "open"}):
-            modes = [(layer, kind, r.mode, r.density) for layer, kind, r in router.routers(model)]
-            assert modes == [(0, "attn", "random", 0.0), (0, "mlp", "learned", 1.0),
-                             (1, "attn", "learned", 1.0), (1, "mlp", "open", 1.0)]
-            raise KeyError("inside the block")
-    assert all(r.mode == "learned" for _, _, r in router.routers(model))
-    with pytest.raises(ValueError, match="cannot force gates to 'peek'"):
-        with router.forced(model, "peek"):
-            pass

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import checkpoint
+import controller
+import distill
 import load_weights
 import router
 import sample
@@ -68,7 +71,7 @@ def log_rows(out_dir):
 
 @pytest.mark.parametrize("cap", [None, 2.0])
 def test_chunked_distill_equals_direct(cap, monkeypatch):
-    monkeypatch.setattr(train, "chunk_size", lambda V: 3)     # several chunks, a ragged last one
+    monkeypatch.setattr(distill, "chunk_size", lambda V: 3)     # several chunks, a ragged last one
     torch.manual_seed(0)
     N, d, V = 10, 8, 50
     W = torch.randn(V, d)
@@ -76,7 +79,7 @@ def test_chunked_distill_equals_direct(cap, monkeypatch):
     tgt = torch.randint(V, (N,))
     h1 = torch.randn(N, d, requires_grad=True)
     h2 = h1.detach().clone().requires_grad_(True)
-    kl, ce = train.DistillLoss.apply(h1, h_t, W, tgt, cap)
+    kl, ce = distill.DistillLoss.apply(h1, h_t, W, tgt, cap)
     (kl + 0.5 * ce).backward()
 
     def logits(h):
@@ -96,7 +99,7 @@ def test_kl_is_zero_at_step_zero(folder):
                              "--seq_len=16"])
     model, tok, _ = train.build(cfg)
     x = torch.randint(3, 64, (2, 12))
-    kl, ce, records = train.distill_losses(model, x, ce_weight=1.0)
+    kl, ce, records = distill.distill_losses(model, x, ce_weight=1.0)
     assert kl.item() == 0.0
     assert ce.item() > 0
     assert all(r.keep.all() for r in records)
@@ -113,16 +116,16 @@ def test_grad_checkpoint_gives_the_same_losses_gradients_and_gate_records(folder
     with torch.no_grad():
         for _, _, r in router.routers(model):
             r.proj.weight.normal_(0, 1)                                    # logits that differ by token
-    train.set_density(model, [x], dict(attn=0.5, mlp=0.5), 0.7)          # some gates closed
+    controller.set_density(model, [x], dict(attn=0.5, mlp=0.5), 0.7)          # some gates closed
     runs = []
     for checkpointed in (False, True):
         model.grad_checkpoint = checkpointed
         model.zero_grad(set_to_none=True)
-        kl, ce, records = train.distill_losses(model, x, ce_weight=1.0)
+        kl, ce, records = distill.distill_losses(model, x, ce_weight=1.0)
         n_records = len(records)
         (kl + ce + router.l1_loss(records, dict(attn=1.0, mlp=1.0))).backward()
         assert len(records) == n_records == 2 * model.cfg.n_layers, checkpointed
-        grads = {n: p.grad.clone() for n, p in load_weights.trained_parameters(model).items()}
+        grads = {n: p.grad.clone() for n, p in checkpoint.trained_parameters(model).items()}
         runs.append((kl.item(), ce.item(), [bool(r.keep.all()) for r in records], grads))
     (kl0, ce0, keep0, g0), (kl1, ce1, keep1, g1) = runs
     assert kl0 > 0 and kl1 == pytest.approx(kl0, rel=1e-6) and ce1 == pytest.approx(ce0, rel=1e-6)
@@ -144,12 +147,12 @@ def test_balancing_shift_lands_the_batch_on_its_target():
     records = records_of([-1.0, 0.5, 2.0, 3.0], [-2.0, -0.5, 1.0, 4.0])
     weights = {"attn": 1.0, "mlp": 3.0}
     for target in (0.25, 0.4, 0.5, 0.6, 0.8, 1.0):
-        s = train.balancing_shift(*train.gate_logits(records, weights), target)
+        s = controller.balancing_shift(*controller.gate_logits(records, weights), target)
         shifted = [router.GateRecord(r.layer, r.kind, r.z - s, r.z - s > 0) for r in records]
         density = router.GateStats(shifted).mean(weights=weights)
         # the smallest density the logits allow at or above the target (steps of 1/16 and 3/16)
         assert target <= density < target + 3 / 16 + 1e-9
-    shift = lambda target: train.balancing_shift(*train.gate_logits(records, weights), target)
+    shift = lambda target: controller.balancing_shift(*controller.gate_logits(records, weights), target)
     assert shift(0.5) == pytest.approx(0.75)                            # mlp 1.0 kept | attn 0.5 dropped
     assert shift(0.25) == pytest.approx(2.5)                            # mlp 4.0 keeps alone
 
@@ -159,17 +162,17 @@ def test_fixed_gates_count_but_never_move_and_an_unreachable_target_opens_the_re
     shift reopens it: a target above what the movable gates can give opens them all, no more."""
     records = records_of([-3.0, -2.0, -1.0, 1.0], [30.0, -30.0, -30.0, -30.0])
     weights = {"attn": 1.0, "mlp": 1.0}
-    z, share = train.gate_logits(records, weights, fixed={(0, "mlp")})
+    z, share = controller.gate_logits(records, weights, fixed={(0, "mlp")})
     assert z[4:].tolist() == [math.inf, -math.inf, -math.inf, -math.inf]
-    assert train.balancing_shift(z, share, 0.5) == pytest.approx(-2.5)       # attn keeps 3 of 4, mlp 1 of 4
-    assert train.balancing_shift(z, share, 0.9) == pytest.approx(-3.5)       # out of reach: all of attn keeps
+    assert controller.balancing_shift(z, share, 0.5) == pytest.approx(-2.5)       # attn keeps 3 of 4, mlp 1 of 4
+    assert controller.balancing_shift(z, share, 0.9) == pytest.approx(-3.5)       # out of reach: all of attn keeps
 
 
 def test_controller_shifts_every_router_by_its_share_of_the_balancing_shift(folder):
     model, _ = load_weights.load(str(folder))
     router.add_routers(model)
     before = biases(model).clone()
-    c = train.DensityController([0.6], stage_iters=20, anneal=0.5, gain=0.5)
+    c = controller.DensityController([0.6], stage_iters=20, anneal=0.5, gain=0.5)
     assert c.target(0) == 0.6 and c.target(50) == 0.6                   # the first stage starts there
     weights = {"attn": 1.0, "mlp": 1.0}
     dense = records_of([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0])   # all keep: too dense
@@ -192,8 +195,8 @@ def test_the_controller_settles_where_a_proportional_step_would_swing():
     for _ in range(12):
         proportional -= 2.0 * (density(proportional) - 0.5)
         z = z0 + balanced
-        logits = train.gate_logits(records_of(z[:2000].tolist(), z[2000:].tolist()), weights)
-        balanced -= 0.5 * train.balancing_shift(*logits, 0.5)
+        logits = controller.gate_logits(records_of(z[:2000].tolist(), z[2000:].tolist()), weights)
+        balanced -= 0.5 * controller.balancing_shift(*logits, 0.5)
     assert abs(density(balanced) - 0.5) < 0.01
     assert abs(density(proportional) - 0.5) > 0.2
 
@@ -205,11 +208,12 @@ def test_fit_routers_is_least_squares_on_the_residual_moves(folder):
     router.add_routers(model)
     x = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(0))
     savings = {"attn": 3.0, "mlp": 5.0}
-    train.fit_routers(model, [x[:2], x[2:]], savings, ridge=0.0)
-    moves = train.residual_moves(model, x)
+    controller.fit_routers(model, [x[:2], x[2:]], savings, ridge=0.0)
+    moves = controller.sublayer_io(model, x)                                # the dense model: LoRA not attached
     assert len(moves) == 2 * model.cfg.n_layers
     for layer, kind, r in router.routers(model):
-        inputs, target = moves[(layer, kind)]                           # (N, d), (N,)
+        h, x_norm, y = moves[(layer, kind)]                             # position 0, a sink, left out
+        inputs, target = x_norm[:, 1:].flatten(0, 1), router.log_move(h, y)[:, 1:].flatten()   # (N, d), (N,)
         xa = torch.cat([inputs, torch.ones(len(inputs), 1)], 1).double()
         w = torch.linalg.lstsq(xa, target.double()[:, None]).solution[:, 0]
         with torch.no_grad():
@@ -223,15 +227,15 @@ def test_set_density_reaches_the_target(folder):
     router.add_routers(model)
     x = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(0))
     weights = {"attn": 1.0, "mlp": 3.0}
-    train.fit_routers(model, [x], weights)
-    density = train.set_density(model, [x[:2], x[2:]], weights, 0.6, tol=0.02)
+    controller.fit_routers(model, [x], weights)
+    density = controller.set_density(model, [x[:2], x[2:]], weights, 0.6, tol=0.02)
     with torch.no_grad():
         measured = router.GateStats(model(x)[1]).mean(weights=weights)
     assert density == pytest.approx(0.6, abs=0.02) and measured == pytest.approx(density, abs=1e-6)
 
 
 def test_training_and_eval_windows_count_bos_the_same_way():
-    """seq_len text tokens per window, BOS in front when the tokenizer adds one (eval.py's convention)."""
+    """seq_len text tokens per window, BOS in front when the tokenizer adds one (scoring.py's convention)."""
     toks = np.arange(3, 103, dtype=np.uint32)
     for bos in (None, 1):
         windows = [RandomWindows({"t": toks}, 16, bos, seed=0).batch(3), spread_windows({"t": toks}, 16, bos, 2),
@@ -245,7 +249,7 @@ def test_training_and_eval_windows_count_bos_the_same_way():
 # --- runs -----------------------------------------------------------------------------------------
 
 def test_stages_slide_from_target_to_target():
-    c = train.DensityController([0.9, 0.6], stage_iters=10, anneal=0.5, gain=1.0)
+    c = controller.DensityController([0.9, 0.6], stage_iters=10, anneal=0.5, gain=1.0)
     assert [round(c.target(i), 3) for i in (0, 5, 9, 10, 12, 15, 19, 40)] == [0.9, 0.9, 0.9, 0.9, 0.78, 0.6, 0.6, 0.6]
 
 
@@ -257,11 +261,11 @@ def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpu
     assert init["density"] == pytest.approx(0.7, abs=0.05)    # ... at the target density (64 tokens)
     assert max(abs(r["density"] - 0.7) for r in rows) < 0.2   # and the controller holds it there
     assert "val_kl" in rows[-1] and "compute_ratio" in rows[-1]
-    model, tok, meta = load_weights.load_sparse(tmp_path / "run")
+    model, tok, meta = checkpoint.load_sparse(tmp_path / "run")
     assert meta["train_state"]["iter"] == 8
     # two targets: the first stage's end is kept as its own checkpoint
     train.train(train.read_config(args(folder, corpus, tmp_path / "two", target_density="0.9,0.8")))
-    assert load_weights.load_sparse(tmp_path / "two" / "stage1")[2]["train_state"]["iter"] == 2
+    assert checkpoint.load_sparse(tmp_path / "two" / "stage1")[2]["train_state"]["iter"] == 2
     x = torch.randint(3, 64, (1, 10))
     _, records = model(x)
     assert len(records) == 2 * model.cfg.n_layers
@@ -279,7 +283,7 @@ def test_ctrl_c_then_resume_continues_exactly(folder, corpus, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):      # saved, then passed on: main() exits with 130
         train.train(train.read_config(args(folder, corpus, tmp_path / "halves")))
     monkeypatch.setattr(train, "lr_at", lr_at)
-    assert load_weights.read_checkpoint_meta(tmp_path / "halves")["train_state"]["iter"] == 2
+    assert checkpoint.read_checkpoint_meta(tmp_path / "halves")["train_state"]["iter"] == 2
     train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'halves'}"]))
     straight, halves = log_rows(tmp_path / "straight"), log_rows(tmp_path / "halves")
     assert [r["iter"] for r in halves] == [0, 1, 2, 3]
@@ -298,7 +302,7 @@ def test_an_error_after_a_step_saves_the_last_good_state_then_propagates(folder,
     monkeypatch.setattr(train, "lr_at", error_at_3)
     with pytest.raises(RuntimeError, match="something broke"):
         train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=6, eval_interval=10)))
-    assert load_weights.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 3
+    assert checkpoint.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 3
     monkeypatch.setattr(train, "lr_at", lr_at)
     train.train(train.read_config(["--init=resume", f"--out_dir={tmp_path / 'run'}"]))
     assert [r["iter"] for r in log_rows(tmp_path / "run")] == list(range(6))
@@ -319,7 +323,7 @@ class NanGradient(torch.autograd.Function):
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_a_nan_stops_the_run_before_the_weights_and_keeps_the_last_good_state(folder, corpus, tmp_path,
                                                                               monkeypatch, poison):
-    losses, calls = train.distill_losses, []
+    losses, calls = distill.distill_losses, []
 
     def nan_in_iteration_2(model, x, ce_weight, student=None):
         kl, ce, records = losses(model, x, ce_weight, student)
@@ -331,10 +335,10 @@ def test_a_nan_stops_the_run_before_the_weights_and_keeps_the_last_good_state(fo
     with pytest.raises(NonFiniteError, match=r"^iteration 2: .*nan.*the step was not applied; likely causes: "
                                              r"damaged weights .* --dtype=float32"):
         train.train(train.read_config(args(folder, corpus, tmp_path / "run", eval_interval=10)))
-    meta = load_weights.read_checkpoint_meta(tmp_path / "run")
+    meta = checkpoint.read_checkpoint_meta(tmp_path / "run")
     assert meta["train_state"]["iter"] == 2 and [r["iter"] for r in log_rows(tmp_path / "run")] == [0, 1]
-    model, _, _ = load_weights.load_sparse(tmp_path / "run")
-    assert all(torch.isfinite(p).all() for p in load_weights.trained_parameters(model).values())
+    model, _, _ = checkpoint.load_sparse(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in checkpoint.trained_parameters(model).values())
 
 
 SIGNAL_AT_3 = """
@@ -362,7 +366,7 @@ def test_a_signal_leaves_a_checkpoint_and_an_exit_code(folder, corpus, tmp_path,
     child = subprocess.run([sys.executable, "-c", SIGNAL_AT_3, sig, *args(folder, corpus, out, max_iters=6)],
                            cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert child.returncode == code, child.stderr[-2000:]
-    assert load_weights.read_checkpoint_meta(out)["train_state"]["iter"] == saved
+    assert checkpoint.read_checkpoint_meta(out)["train_state"]["iter"] == saved
     if sig == "SIGKILL":   # iteration 2 was logged after the last checkpoint: the resume does it again, once
         with open(out / "log.jsonl", "a") as log:
             log.write('{"iter": 3, "kl"')                            # and a kill can cut a line short
@@ -402,9 +406,9 @@ def test_two_processes_match_one(folder, corpus, tmp_path, capsys, fsdp):
         for key in ("kl", "ce", "l1", "density") + (("val_kl",) if "val_kl" in a else ()):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["iter"], key)
     assert "val_kl" in twos[1] and "val_kl" in twos[2]
-    trained = [load_weights.load_sparse(tmp_path / name)[0] for name in ("one", "two")]
-    for (n, p), q in zip(load_weights.trained_parameters(trained[0]).items(),
-                         load_weights.trained_parameters(trained[1]).values()):
+    trained = [checkpoint.load_sparse(tmp_path / name)[0] for name in ("one", "two")]
+    for (n, p), q in zip(checkpoint.trained_parameters(trained[0]).items(),
+                         checkpoint.trained_parameters(trained[1]).values()):
         assert type(q) is torch.nn.Parameter                 # whole tensors in the checkpoint
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
     texts = []
@@ -421,9 +425,9 @@ def test_bfloat16_trains_with_float32_routers_lora_and_kl(folder, corpus, tmp_pa
     cfg = train.read_config(args(folder, corpus, tmp_path / "unused", dtype="bfloat16"))
     model, _, _ = train.build(cfg)
     assert model.tok_emb.weight.dtype == model.layers[0].mlp.up.weight.dtype == torch.bfloat16
-    assert {p.dtype for p in load_weights.trained_parameters(model).values()} == {torch.float32}
+    assert {p.dtype for p in checkpoint.trained_parameters(model).values()} == {torch.float32}
     x = torch.randint(3, 64, (2, 12))
-    kl, ce, records = train.distill_losses(model, x, ce_weight=1.0)
+    kl, ce, records = distill.distill_losses(model, x, ce_weight=1.0)
     assert kl.dtype == ce.dtype == records[0].z.dtype == torch.float32
     runs = {}
     for dtype in ("float32", "bfloat16"):
@@ -438,7 +442,7 @@ def test_bfloat16_trains_with_float32_routers_lora_and_kl(folder, corpus, tmp_pa
         assert b["density"] == pytest.approx(a["density"], abs=0.05), b["iter"]
         assert b["kl"] == pytest.approx(a["kl"], rel=0.1) and b["l1"] == pytest.approx(a["l1"], rel=0.05)
     assert runs["bfloat16"][0]["kl"] > 0.01                               # fitted gates partly closed: a real loss
-    tensors = load_file(str(load_weights.checkpoint_folder(tmp_path / "bfloat16") / load_weights.CKPT_TENSORS))
+    tensors = load_file(str(checkpoint.checkpoint_folder(tmp_path / "bfloat16") / checkpoint.CKPT_TENSORS))
     assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
@@ -496,15 +500,15 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(folder, corpus,
         saves.append(at)
         if saves.count("folder made") == 2 and at == "optim written":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(load_weights, "save_step", second_save_fails)
-    with pytest.raises(load_weights.CheckpointError, match=r"could not save iteration 4 .*No space left on device\): "
+    monkeypatch.setattr(checkpoint, "save_step", second_save_fails)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not save iteration 4 .*No space left on device\): "
                                                            r"the previous checkpoint \(ckpt-000002-\S+\) is kept"):
         train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=6)))
-    assert load_weights.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 2
+    assert checkpoint.read_checkpoint_meta(tmp_path / "run")["train_state"]["iter"] == 2
 
 
 def test_checkpoint_from_a_different_base_is_refused(folder, corpus, tmp_path, tiny_hf, tmp_path_factory):
     train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=1)))
     other = tiny_model_folder(tiny_hf, tmp_path_factory, "llama", hidden_size=32)
     with pytest.raises(load_weights.LoadError, match="different base model"):
-        load_weights.load_sparse(tmp_path / "run", base=str(other))
+        checkpoint.load_sparse(tmp_path / "run", base=str(other))

@@ -1,26 +1,26 @@
-"""lm_eval_adapter.py — nanoskip models inside EleutherAI's lm-evaluation-harness.
+"""research/lm_eval_adapter.py — nanoskip models inside EleutherAI's lm-evaluation-harness.
 
     pip install -r requirements-dev.txt          # lm-eval and accelerate: optional, for this file only
-    python lm_eval_adapter.py --model nanoskip --model_args init=smollm2-135m-instruct --tasks hellaswag
-    python lm_eval_adapter.py --model nanoskip --model_args init=checkpoints/smollm2-135m-instruct-f32,ckpt=out,gates=random,density_text=data/heldout/python_docs.txt --tasks arc_easy,gsm8k --limit 100
+    python -m research.lm_eval_adapter --model nanoskip --model_args init=smollm2-135m-instruct --tasks hellaswag
+    python -m research.lm_eval_adapter --model nanoskip --model_args init=checkpoints/smollm2-135m-instruct-f32,ckpt=out,gates=random,density_text=data/heldout/python_docs.txt --tasks arc_easy,gsm8k --limit 100
 
-`python lm_eval_adapter.py` is lm_eval's own command line (every option of `lm_eval --help`) with
+`python -m research.lm_eval_adapter` is lm_eval's own command line (every option of `lm_eval --help`) with
 one more model registered: `nanoskip`, the class NanoskipLM below. Its --model_args:
   init=NAME_OR_FOLDER   the dense model (a preset name or a Hugging Face-format folder);
   ckpt=OUT_DIR          a train.py checkpoint: evaluate its sparse model (its base replaces init);
-  gates=learned|random|open   with ckpt, what decides the skips (as eval.py --gates): random keeps
+  gates=learned|random|open   with ckpt, what decides the skips (as evaluate.py --gates): random keeps
                         per sublayer the share of tokens the learned gates keep on density_text;
   density_text=FILE     gates=random: the text those densities are measured on (its first four
-                        512-token windows, cut as eval.py cuts them);
+                        512-token windows, cut as evaluate.py cuts them: scoring.windows);
   dtype, device, batch_size (requests per forward), max_gen_toks (default 256), seed (random gates).
 
-The three request types lm_eval sends, and how each is answered (eval.py's functions, so this
-file and `python eval.py --tasks` score the same way):
-  loglikelihood(context, continuation)  eval.encode_pair splits the tokens as lm_eval's hf model
-      does; eval.continuation_logprobs scores them, batched and right-padded;
+The three request types lm_eval sends, and how each is answered (research/tasks.py's functions,
+so this file and `python -m research.tasks` score the same way):
+  loglikelihood(context, continuation)  tasks.encode_pair splits the tokens as lm_eval's hf model
+      does; tasks.continuation_logprobs scores them, batched and right-padded;
   loglikelihood_rolling(text)           the text's tokens in disjoint windows of the model's
       context, each after the one token before it (lm_eval's own window helpers), summed;
-  generate_until(context, {until, max_gen_toks, ...})  eval.generate_until: KV-cached decoding,
+  generate_until(context, {until, max_gen_toks, ...})  tasks.generate_until: KV-cached decoding,
       prompts of equal length batched together, stopped at EOS or a stop string.
 """
 import sys
@@ -32,9 +32,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-import eval as nanoskip_eval
 import load_weights
-import router
+from checkpoint import load_sparse
+from gates import forced
+from research import tasks
+from scoring import gate_stats, read_text, windows
 
 
 @register_model("nanoskip")
@@ -57,15 +59,15 @@ class NanoskipLM(LM):
             print(f"nanoskip: device={device} but no CUDA GPU is visible: running on cpu", file=sys.stderr)
             device = "cpu"
         if ckpt:
-            self.model, self.tok, _ = load_weights.load_sparse(ckpt, dtype, device)
+            self.model, self.tok, _ = load_sparse(ckpt, dtype, device)
         else:
             self.model, self.tok = load_weights.load(init, dtype, device)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16   # "auto" is not supported: 16
         self.max_gen_toks = int(max_gen_toks)
         self.gates = {} if gates == "learned" else gates
         if gates == "random":
-            chunks = nanoskip_eval.windows(self.tok, nanoskip_eval.read_text(density_text), 512, 4)
-            self.gates = nanoskip_eval.gate_stats(self.model, chunks).density()
+            chunks = windows(self.tok, read_text(density_text), 512, 4)
+            self.gates = gate_stats(self.model, chunks).density()
             torch.manual_seed(int(seed))                       # the coin flips of random gates
 
     @property
@@ -74,14 +76,14 @@ class NanoskipLM(LM):
         return self.tok.bos_id if self.tok.bos_id is not None else min(self.tok.eos_ids)
 
     def _score(self, pairs, desc) -> list:
-        with router.forced(self.model, self.gates):
-            return nanoskip_eval.continuation_logprobs(self.model, pairs, self.batch_size, desc=desc)
+        with forced(self.model, self.gates):
+            return tasks.continuation_logprobs(self.model, pairs, self.batch_size, desc=desc)
 
     def loglikelihood(self, requests, disable_tqdm=False) -> list:
         pairs = []
         for context, continuation in (r.args for r in requests):
             if context:
-                pairs.append(nanoskip_eval.encode_pair(self.tok, context, continuation))
+                pairs.append(tasks.encode_pair(self.tok, context, continuation))
                 continue
             cont = self.tok.encode(continuation, special=False)   # no context: the prefix token is one,
             prefix = [self.prefix_token_id]                        # unless the continuation starts with it
@@ -91,9 +93,9 @@ class NanoskipLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm=False) -> list:
         pairs, owner = [], []
         for n, (text,) in enumerate(r.args for r in requests):
-            windows = get_rolling_token_windows(self.tok.encode(text), self.prefix_token_id,
+            rolling = get_rolling_token_windows(self.tok.encode(text), self.prefix_token_id,
                                                 self.model.cfg.max_seq_len, context_len=1)
-            for ctx, cont in map(make_disjoint_window, windows):
+            for ctx, cont in map(make_disjoint_window, rolling):
                 pairs.append((ctx, cont))
                 owner.append(n)
         totals = [0.0] * len(requests)
@@ -112,8 +114,8 @@ class NanoskipLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             prompts = [self.tok.encode(requests[n].args[0]) for n in members]
-            with router.forced(self.model, self.gates):
-                texts = nanoskip_eval.generate_until(
+            with forced(self.model, self.gates):
+                texts = tasks.generate_until(
                     self.model, self.tok, prompts, until, int(kwargs.get("max_gen_toks", self.max_gen_toks)),
                     self.batch_size, temperature=temperature, desc=None if disable_tqdm else "generate_until")
             for n, text in zip(members, texts):

@@ -18,12 +18,13 @@ decide what goes first ("least harm" first):
 Sublayers are removed until flops.compute_ratio falls to the target, so the baseline lands at
 or just below the compute of the routed model it is compared with. A removed sublayer is a
 router that always says skip (weight 0, bias -FIXED_LOGIT), a kept one a router that always
-says compute (+FIXED_LOGIT): the result is an ordinary checkpoint that compaction, eval.py,
+says compute (+FIXED_LOGIT): the result is an ordinary checkpoint that compaction, evaluate.py,
 bench.py and export.py take unchanged. The attention sinks (position 0, BOS) still compute
 every sublayer, because router.decide pins them, as for every routed model they are compared
 with. train.py --prune=kl|bi|layer --prune_compute=R does all of this, then trains LoRA only;
 with --prune_routed=True it closes only the removed sublayers and routes the rest per token with
-the usual recipe (a hybrid of static removal and routing).
+the usual recipe (a hybrid of static removal and routing). train.py imports this file only when
+--prune is given (train.baselines).
 """
 import json
 import os
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import controller
+import gates
 import lora
 import router
 from flops import compute_ratio
@@ -40,27 +43,6 @@ from flops import compute_ratio
 RANKINGS = ("kl", "bi", "layer")
 FIXED_LOGIT = router.SINK_LOGIT   # far from 0: a gate that never changes and has no gradient
 HEAD_ROWS = 256                   # logits made this many tokens at a time: (rows, V), not (B*T, V)
-
-
-@torch.no_grad()
-def sublayer_io(model, x: torch.Tensor) -> dict:
-    """{(layer, kind): (h, x_norm, y)} of every routed sublayer in the base model (LoRA off,
-    routers off) on tokens x (B, T): the residual stream h before the sublayer, its normalized
-    input x_norm (what its router sees) and its output y, so that h + y is the stream after it.
-    Each is (B, T, d)."""
-    seen, hooks = {}, []
-    for layer, kind, _ in router.routers(model):
-        block, key = model.layers[layer], (layer, kind)
-        norm, post = (block.attn_norm, block.attn_post_norm) if kind == "attn" else (block.mlp_norm, block.mlp_post_norm)
-        hooks.append(norm.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(key, [args[0], out])))
-        hooks.append(post.register_forward_hook(lambda m, args, out, key=key: seen[key].append(out)))
-    try:
-        with lora.disabled(model):
-            model(x, routers_off=True, return_hidden=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {key: tuple(v) for key, v in seen.items()}
 
 
 def turn(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -74,7 +56,8 @@ def influence(model, batches, whole_blocks: bool) -> dict:
     every block ({(layer, "block"): BI}), averaged over the batches."""
     scores = {}
     for x in batches:
-        io = sublayer_io(model, x)
+        with lora.disabled(model):
+            io = controller.sublayer_io(model, x)
         for (layer, kind), (h, _, y) in io.items():
             if not whole_blocks:                           # the sublayer: h before it, h + y after
                 key, before = (layer, kind), h
@@ -106,8 +89,8 @@ def removal_kl(model, batches) -> dict:
         dense = [model(x, routers_off=True, return_hidden=True)[0].flatten(0, 1) for x in batches]   # (B*T, d)
         scores = {}
         for layer, kind, _ in tqdm(router.routers(model), desc="ranking sublayers by KL", leave=False):
-            with router.forced(model, {(l, k): 0.0 if (l, k) == (layer, kind) else "open"
-                                       for l, k, _ in router.routers(model)}):
+            with gates.forced(model, {(l, k): 0.0 if (l, k) == (layer, kind) else "open"
+                                      for l, k, _ in router.routers(model)}):
                 h = [model(x, return_hidden=True)[0].flatten(0, 1) for x in batches]
             scores[(layer, kind)] = sum(mean_kl(model, r, s) for r, s in zip(dense, h)) / len(batches)
     return scores
@@ -188,3 +171,40 @@ def read_scores(path: str, ranking: str) -> dict:
     if record.get("ranking") != ranking:
         raise ValueError(f"--prune_scores={path} holds the {record.get('ranking')!r} ranking, not --prune={ranking}")
     return scores
+
+def check_config(config: dict):
+    """train.py's --prune flags, checked before anything loads."""
+    if config["prune"] not in RANKINGS:
+        raise ValueError(f"--prune={config['prune']!r} is not a ranking: choose one of {', '.join(RANKINGS)}")
+    if config["fsdp"]:
+        raise ValueError("--prune is not tested under --fsdp: run the static baselines without it (DDP or one process)")
+    if config["route"] != "sublayer":
+        raise ValueError("--prune sets one gate per sublayer: use --route=sublayer")
+    if not config["prune_routed"] and len(config["target_density"]) > 1:
+        raise ValueError("--prune without --prune_routed has no density to stage: give no staged --target_density")
+
+
+def prune_routers(run, batches):
+    """--prune: rank the sublayers on the fit windows, remove the least harmful ones for every
+    token until the compute ratio is --prune_compute (see the top of this file), freeze the routers so that only
+    LoRA trains; write out_dir/prune.json (the scores and what was removed). With --prune_routed
+    only the removed sublayers' routers are closed, the others keep their fit and train.
+    Returns the removed sublayers."""
+    config, model = run.config, run.model
+    scores = (read_scores(config["prune_scores"], config["prune"]) if config["prune_scores"]
+              else rank(model, batches, config["prune"]))
+    window = config["seq_len"] + (run.data.bos is not None)
+    removed = removal_set(model.cfg, scores, window, config["prune_compute"])
+    if config["prune_routed"]:
+        close(model, removed)
+    else:
+        set_static(model, removed)                  # frozen by train.build(): AdamW skips them
+    if run.rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        rows = [dict(layer=l, kind=k, score=v) for (l, k), v in sorted(scores.items(), key=lambda kv: kv[1])]
+        ratio = compute_ratio(model.cfg, window, {key: 0.0 for key in removed})
+        write_json(run.out_dir / "prune.json", dict(ranking=config["prune"], base=config["base"],
+                                                          compute_ratio=ratio, removed=removed, scores=rows))
+        print(f"--prune={config['prune']}: removed {len(removed)} sublayers for every token, "
+              f"compute ratio {ratio:.3f}")
+    return removed

@@ -1,10 +1,11 @@
-"""skips.py — what skips: gate density by token class, by position in the window, and by layer.
+"""research/studies.py — what skips: gate density by token class, by position in the window, and by layer.
 
-    python eval.py --ckpt=out --text=data/heldout/python_docs.txt --by_class --plot=classes.svg
-    python eval.py --ckpt=out --text=data/heldout/python_docs.txt --by_position --seq_len=2048
+    python -m research.studies --ckpt=out --text=data/heldout/python_docs.txt --by_class --plot=classes.svg
+    python -m research.studies --ckpt=out --text=data/heldout/python_docs.txt --by_position --seq_len=2048
 
-eval.py runs the sparse model over the text's windows (its --gates, as for perplexity) and this
-file counts, for every group of tokens, how many of them computed each routed sublayer.
+The sparse model runs over the text's windows (its --gates, as evaluate.py takes them: gates.py) and
+this file counts, for every group of tokens, how many of them computed each routed sublayer; the
+tables are printed, and with --plot a heatmap of both is drawn (research/plots.py).
 
 A token's class comes from its decoded piece: the text it adds after the token before it,
 decode(prev, id) minus decode(prev), so a space that a tokenizer writes as its own mark (GPT-2's
@@ -41,16 +42,44 @@ Position buckets also get their compute ratio (flops.compute_ratio of that bucke
 for queries at those positions, so with the attention scores at their real context): it shows
 why a model's compute ratio grows with the window when its attention rarely skips. It is exact
 for kv="all"; for kv="kept" it takes the bucket's attention density for the keys as well.
+
+Every option below is --key=value or --key value (python -m research.studies --help lists them).
+--json prints the results as one JSON object on the last line.
 """
+import json
+import sys
 import unicodedata
-from xml.sax.saxutils import escape
 
 import torch
 from tqdm import tqdm
 
 import router
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio, skip_savings
+from gates import gates_as
+from research.plots import heatmap_svg, write_plot
+from scoring import check_gates, load_model, read_text, windows
 
+DEFAULTS = dict(
+    init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
+    ckpt="",                        # a train.py out_dir: study its sparse model
+    text="",                        # the text file to run over
+    by_class=False,                 # density by token class
+    by_position=False,              # density by position in the window
+    plot="",                        # write a heatmap of the groups' density per layer to this .svg file
+    seq_len=512,                    # window length in text tokens (BOS not counted)
+    batch_size=4,                   # windows per forward pass
+    max_chunks=0,                   # only the first N windows; 0 = all
+    gates="learned",                # learned | random | open | peek (evaluate.py's)
+    path="compact",                 # compact (skipped work removed) | masked (training path)
+    target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
+    seed=1337,                      # for --gates=random
+    dtype="float32",                # float32 | bfloat16 | float16
+    device="cpu",                   # cpu | cuda | cuda:1 | mps
+    json=False,                     # print the results as one JSON object on the last line
+)
+RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
+              target_compute=Range(0, 1, open_lo=True))
 KINDS = ("whitespace", "digit", "punctuation", "word start", "word continuation", "other")
 CLASSES = ("all", "sink") + KINDS + ("newline", "function word", "code", "prose")
 FUNCTION_WORDS = frozenset("""
@@ -126,7 +155,7 @@ def classify(ps) -> torch.Tensor:
 
 
 def window_classes(tok, chunks: torch.Tensor, bos: bool) -> torch.Tensor:
-    """(N, L, len(CLASSES)) bool for eval.windows' chunks (N, L): the text is classified once as
+    """(N, L, len(CLASSES)) bool for scoring.windows' chunks (N, L): the text is classified once as
     a whole (the windows are consecutive), then position 0 and BOS become sinks only."""
     text = chunks[:, 1:] if bos else chunks                           # (N, L') the text's own tokens
     member = classify(pieces(tok, text.flatten().tolist())).view(*text.shape, len(CLASSES))
@@ -232,7 +261,7 @@ def study(model, chunks, classes=None, batch_size=4, path="compact") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Output: a text table and a heatmap
+# Output: a text table (the heatmap: research/plots.py)
 # ----------------------------------------------------------------------------------------------
 
 def table(rows, title: str) -> str:
@@ -247,52 +276,57 @@ def table(rows, title: str) -> str:
     return "\n".join(lines)
 
 
-def shade(d: float, lo: float) -> str:
-    """A colour for density d on a scale from lo (dark red: skips most) to 1 (near white)."""
-    t = max(0.0, min(1.0, (d - lo) / (1 - lo))) if lo < 1 else 1.0
-    rgb = [round(a + (b - a) * t) for a, b in zip((165, 15, 21), (247, 247, 247))]
-    return "#" + "".join(f"{c:02x}" for c in rgb)
+# ----------------------------------------------------------------------------------------------
+# What skips, under --gates
+# ----------------------------------------------------------------------------------------------
+
+def main_study(config, model, tok, name) -> dict:
+    """What skips, as tables (and with --plot, a heatmap)."""
+    chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
+    classes = window_classes(tok, chunks, tok.adds_bos) if config["by_class"] else None
+    with gates_as(model, chunks, config["seq_len"], config["gates"], config["path"], config["batch_size"],
+                  config["seed"], config["target_compute"]) as path:
+        found = study(model, chunks, classes, config["batch_size"], path)
+    if not config["by_position"]:
+        del found["positions"]
+    out = dict(model=name, ckpt=config["ckpt"] or None, gates=config["gates"], path=path, text=config["text"],
+               seq_len=config["seq_len"], windows=len(chunks), **found)
+    print(f"{name}, gates {config['gates']}: {len(chunks)} windows of {config['seq_len']} tokens")
+    groups = [(title, out[key]) for key, title in (("classes", "token class"), ("positions", "position in the window"))
+              if key in out]
+    for title, rows in groups:
+        print(table(rows, title))
+    if config["plot"]:
+        title = f"{name}: where it skips ({config['gates']} gates, {config['seq_len']}-token windows)"
+        write_plot(config["plot"], heatmap_svg(groups, model.cfg.n_layers, title))
+    return out
 
 
-def heatmap_svg(groups, n_layers: int, title: str) -> str:
-    """Density per group (rows) and layer (columns), attention and MLP side by side, with each
-    group's FLOP-weighted density and token count on the right; a small hand-written SVG.
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
 
-    groups: [(heading, rows)] with rows as study() returns them; rows without tokens are left out.
-    """
-    groups = [(h, [r for r in rows if r["tokens"]]) for h, rows in groups]
-    cell, row_h, label_w, gap, top = max(4.0, min(14.0, 300 / n_layers)), 16, 150, 16, 56
-    panel = cell * n_layers
-    n_rows = sum(len(rows) + 1 for _, rows in groups)
-    W, H = label_w + 2 * panel + gap + 190, top + row_h * n_rows + 56
-    cells = [r["per_layer"][i][k] for _, rows in groups for r in rows for i in range(n_layers) for k in ("attn", "mlp")]
-    lo = min(0.9, int(min(cells) * 10) / 10)                          # colour scale: lo .. 1
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W:.0f}" height="{H}" font-family="sans-serif" '
-           f'font-size="11">',
-           f'<text x="{W / 2:.0f}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>']
-    for j, name in enumerate(("attention", "MLP")):
-        x0 = label_w + j * (panel + gap)
-        svg.append(f'<text x="{x0 + panel / 2:.1f}" y="{top - 20}" text-anchor="middle">{name}, layer 0 → '
-                   f'{n_layers - 1}</text>')
-    svg.append(f'<text x="{label_w + 2 * panel + gap + 8:.1f}" y="{top - 20}">FLOP-weighted density · tokens</text>')
-    y = top
-    for heading, rows in groups:
-        svg.append(f'<text x="4" y="{y + 12}" font-weight="bold">{escape(heading)}</text>')
-        y += row_h
-        for r in rows:
-            svg.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">{escape(r["name"])}</text>')
-            for j, k in enumerate(("attn", "mlp")):
-                x0 = label_w + j * (panel + gap)
-                for i, layer in enumerate(r["per_layer"]):
-                    svg.append(f'<rect x="{x0 + i * cell:.1f}" y="{y}" width="{cell:.1f}" height="{row_h - 1}" '
-                               f'fill="{shade(layer[k], lo)}"/>')
-            svg.append(f'<text x="{label_w + 2 * panel + gap + 8:.1f}" y="{y + 12}">{r["density"]:.3f} · '
-                       f'{r["tokens"]}</text>')
-            y += row_h
-    for i in range(11):                                                # the colour scale
-        d = lo + (1 - lo) * i / 10
-        svg.append(f'<rect x="{label_w + i * 18}" y="{y + 16}" width="18" height="10" fill="{shade(d, lo)}"/>')
-    svg.append(f'<text x="{label_w - 6}" y="{y + 25}" text-anchor="end">density {lo:g}</text>')
-    svg.append(f'<text x="{label_w + 11 * 18 + 6}" y="{y + 25}">1 (always computes)</text>')
-    svg.append("</svg>")
-    return "\n".join(svg)
+def check(config):
+    if not config["text"]:
+        raise ValueError("research.studies needs --text=FILE, the text whose tokens it groups")
+    if not (config["by_class"] or config["by_position"]):
+        raise ValueError("nothing to study: pass --by_class, --by_position or both")
+    check_ranges(config, RANGES)
+    check_gates(config)
+
+
+def main(argv):
+    given = overrides(DEFAULTS, argv)
+    config = dict(DEFAULTS, **given)
+    check(config)
+    model, tok, name, _ = load_model(config, given)
+    out = main_study(config, model, tok, name)
+    if config["json"]:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
+        sys.exit(f"error: {e}")

@@ -1,0 +1,172 @@
+"""timing.py — wall-clock of a model's gates against the same model dense, interleaved.
+
+    clock = make_clock("wall", "cuda")                         # waits for the GPU before each reading
+    rows = bench_gates(model, plan, "random", ids, clock)      # [prefill rows..., decode row]
+    print(HEADER); print_row(rows[0])
+
+What bench.py and `python -m research.suite` share. Both paths run in the same process on the
+same weights: the dense path is model(idx, routers_off=True), the sparse path the compacted
+default, where a skipped sublayer is not computed. plan holds prefill (BATCHxSEQ_LEN shapes),
+decode_batch, prompt_len, new_tokens and repeat:
+- prefill: one forward over (batch x seq_len) tokens, logits at every position;
+- decode:  new_tokens greedy steps of one token through a KV cache after a prompt of
+           prompt_len tokens (the prefill is not timed).
+Each row gives the measured density, dense_s and sparse_s (medians over repeat runs, dense and
+sparse interleaved so that a noisy neighbour hits both), speedup = dense_s / sparse_s,
+ideal_speedup = 1 / flops.compute_ratio at the measured per-sublayer densities and the real
+context, and efficiency = speedup / ideal_speedup (1 = every skipped FLOP turned into saved time).
+
+Every timed function takes the clock it reads (a callable giving seconds): make_clock picks it.
+"""
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import router
+from flops import compute_ratio
+from generate import now
+
+
+def make_clock(kind: str = "wall", device: str = "cpu"):
+    """The clock to time with: "wall" (time.perf_counter) or "cpu" (this process's CPU seconds:
+    steadier on a shared machine); on a GPU, wall seconds after waiting for its queued work."""
+    if torch.device(device).type == "cuda":
+        return partial(now, device)
+    return time.process_time if kind == "cpu" else time.perf_counter
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+def token_ids(tok, path: str, n: int) -> torch.Tensor:
+    """The first n token ids of a text file (repeated if the text is shorter), as (n,)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--text={path} is not a file: pass a UTF-8 text file")
+    try:
+        ids = tok.encode(Path(path).read_text(encoding="utf-8"), special=False)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text={path} is not UTF-8 text ({e.reason}): pass a UTF-8 text file") from None
+    if not ids:
+        raise ValueError(f"--text={path} holds no tokens: pass a longer text file")
+    ids = torch.tensor(ids * (n // len(ids) + 1))
+    return ids[:n]
+
+
+def parse_shape(spec: str):
+    """'4x256' -> (4, 256)."""
+    try:
+        b, t = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--prefill item {spec!r} is not BATCHxSEQ_LEN (e.g. 1x1024)") from None
+    if b < 1 or t < 1:
+        raise ValueError(f"--prefill item {spec!r} needs a positive batch and length")
+    return b, t
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+def interleaved(run_dense, run_sparse, repeat: int):
+    """Median seconds of two timed callables run alternately (after one warm-up of each).
+
+    Each callable returns (seconds, gate records); the sparse records of every run are kept.
+    """
+    run_dense(), run_sparse()
+    dense_s, sparse_s, records = [], [], []
+    for _ in range(repeat):
+        dense_s.append(run_dense()[0])
+        s, recs = run_sparse()
+        sparse_s.append(s)
+        records += recs
+    return statistics.median(dense_s), statistics.median(sparse_s), records
+
+
+@torch.inference_mode()
+def prefill_run(model, idx, dense: bool, clock=time.perf_counter):
+    t0 = clock()
+    _, records = model(idx, routers_off=dense)                                # logits at every position
+    return clock() - t0, records
+
+
+@torch.inference_mode()
+def decode_pair(model, prompt, new_tokens: int, clock=time.perf_counter):
+    """Greedy decoding with a KV cache, dense and sparse in lockstep: each one-token step of
+    one path is followed by the same step of the other (the order alternates), so that noise
+    from a busy machine falls on both. The prefill of the prompt is not timed.
+
+    Returns (dense seconds, sparse seconds, sparse gate records of the timed steps).
+    """
+    B, T = prompt.shape
+    caches = {dense: model.new_cache(B, T + new_tokens) for dense in (True, False)}
+    nxt = {dense: model(prompt, cache=caches[dense], routers_off=dense, last_only=True)[0] for dense in (True, False)}
+    seconds, records = {True: 0.0, False: 0.0}, []
+    for step in range(new_tokens):
+        for dense in ((True, False) if step % 2 else (False, True)):
+            x = nxt[dense][:, -1].argmax(-1, keepdim=True)                 # (B, 1) greedy
+            t0 = clock()
+            nxt[dense], recs = model(x, cache=caches[dense], routers_off=dense, last_only=True)
+            seconds[dense] += clock() - t0
+        records += recs
+    return seconds[True], seconds[False], records
+
+
+def decode_runs(model, prompt, new_tokens: int, repeat: int, clock=time.perf_counter):
+    """Medians over `repeat` decode_pair runs (after a short warm-up)."""
+    decode_pair(model, prompt, min(new_tokens, 4), clock)
+    runs = [decode_pair(model, prompt, new_tokens, clock) for _ in range(repeat)]
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
+            [rec for r in runs for rec in r[2]])
+
+
+def row(model, mode, gates, B, seq_len, queries, dense_s, sparse_s, records) -> dict:
+    """One result: the timings, the measured density (over the routed sublayers) and what the
+    FLOP model promises."""
+    stats = router.GateStats(records)
+    ratio = compute_ratio(model.cfg, seq_len, stats.density(), model.cfg.kv, queries)
+    speedup = dense_s / sparse_s
+    return dict(mode=mode, kv=model.cfg.kv, gates=gates, density=stats.mean(),
+                batch=B, seq_len=seq_len, new_tokens=queries if mode == "decode" else None,
+                dense_s=dense_s, sparse_s=sparse_s, speedup=speedup, ideal_speedup=1 / ratio,
+                efficiency=speedup * ratio)
+
+
+def bench_gates(model, plan, gates: str, ids: torch.Tensor, clock=time.perf_counter) -> list:
+    """Prefill and decode rows for the gates the model has now (plan: see the top of this file)."""
+    out = []
+    for spec in plan["prefill"]:
+        B, T = parse_shape(spec)
+        idx = ids[: B * T].view(B, T)
+        d, s, recs = interleaved(lambda: prefill_run(model, idx, True, clock),
+                                 lambda: prefill_run(model, idx, False, clock), plan["repeat"])
+        out.append(row(model, "prefill", gates, B, T, None, d, s, recs))
+        print_row(out[-1])
+    B, P, n = plan["decode_batch"], plan["prompt_len"], plan["new_tokens"]
+    prompt = ids[: B * P].view(B, P)
+    d, s, recs = decode_runs(model, prompt, n, plan["repeat"], clock)
+    out.append(row(model, "decode", gates, B, P + n, n, d, s, recs))
+    print_row(out[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+def print_row(r: dict):
+    if r.get("density") is None:   # a research/vs_hf.py row: ours against transformers
+        print(f"{r['mode']:8s} {r['batch']:>3d} x {r['seq_len']:<5d} ours {r['ours_s']:8.3f} s   "
+              f"transformers {r['hf_s']:8.3f} s   speedup {r['speedup']:5.2f}x"
+              + (f"   same tokens: {r['same_tokens']}" if "same_tokens" in r else ""))
+        return
+    shape = f"{r['batch']} x {r['seq_len']}" + (f" (+{r['new_tokens']})" if r["new_tokens"] else "")
+    print(f"{r['mode']:8s} {r['kv']:5s} {r['gates']:8s} {r['density']:7.3f} {shape:>16s} {r['dense_s']:9.3f} "
+          f"{r['sparse_s']:9.3f} {r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['efficiency']:6.2f}")
+
+
+HEADER = (f"{'mode':8s} {'kv':5s} {'gates':8s} {'density':>7s} {'batch x seq_len':>16s} {'dense_s':>9s} "
+          f"{'sparse_s':>9s} {'speedup':>8s} {'ideal':>6s} {'eff':>6s}")
