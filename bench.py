@@ -67,6 +67,7 @@ DEFAULTS = dict(
     densities=(1.0, 0.75, 0.5, 0.25), # forced random gates: P(keep) of every router
     kv=("all", "kept"),               # kv modes of the random gates
     route="sublayer",                 # what gets a router (router.ROUTES) for the random gates
+    substitute=None,                  # ... and what their skips add (router.Substitute): None = 0, r = rank r
     prefill=("1x1024", "4x256"),      # prefill shapes, BATCHxSEQ_LEN
     prompt_len=512,                   # decode: prompt tokens, then
     new_tokens=128,                   # ... this many greedy steps, timed
@@ -186,7 +187,7 @@ def bench_all(model, base, config, ids, clock) -> list:
     print(HEADER)
     rows = []
     for kv in config["kv"]:
-        router.add_routers(model, config["route"], kv)
+        router.add_routers(model, config["route"], kv, substitute=config["substitute"])
         for density in config["densities"]:
             with forced(model, density):
                 rows += bench_gates(model, config, "random", ids, clock)

@@ -72,10 +72,10 @@ def fit_substitutes(model, batches, ridge: float = 1e-2):
         w = torch.linalg.solve(cxx + ridge * cxx.diagonal().mean() * torch.eye(len(cxx), dtype=cxx.dtype,
                                                                                  device=cxx.device), cxy)
         _, vectors = torch.linalg.eigh(w.T @ cxx @ w)                       # the fit's covariance, ascending
-        v = vectors[:, -s.down.out_features:]                               # (d, r) its top directions
+        v = vectors[:, -s.down.shape[1]:]                                   # (d, r) its top directions
         a, b = w @ v, v.T                                                   # (d, r), (r, d)
-        s.down.weight.copy_(held_as(s.down.weight, a.T.float()))
-        s.up.weight.copy_(held_as(s.up.weight, b.T.float()))
+        s.down.copy_(held_as(s.down, a.float()))
+        s.up.copy_(held_as(s.up, b.float()))
         s.bias.copy_(held_as(s.bias, (my - mx @ a @ b).float()))
 
 

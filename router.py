@@ -54,16 +54,13 @@ class Substitute(nn.Module):
 
     def __init__(self, dim: int, rank: int):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.down = nn.Linear(dim, rank, bias=False) if rank else None     # A, as a (r, d) weight
-        self.up = nn.Linear(rank, dim, bias=False) if rank else None       # B, as a (d, r) weight
-        if rank:
-            nn.init.zeros_(self.down.weight)
-            nn.init.zeros_(self.up.weight)
+        self.bias = nn.Parameter(torch.zeros(dim))                               # b (d,)
+        self.down = nn.Parameter(torch.zeros(dim, rank)) if rank else None       # A (d, r)
+        self.up = nn.Parameter(torch.zeros(rank, dim)) if rank else None         # B (r, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., d) -> s(x) (..., d)
-        s = self.bias if self.down is None else self.up(self.down(x.float())) + self.bias
+        s = self.bias if self.down is None else x.float() @ self.down @ self.up + self.bias
         return s.expand(x.shape).to(x.dtype)
 
 

@@ -198,7 +198,7 @@ def test_training_with_substitutes_saves_and_loads_them(folder, corpus, tmp_path
     out = tmp_path / "out"
     model = train.train(train.read_config(args(folder, corpus, out, substitute=4)))
     saved = checkpoint.trained_parameters(model)
-    assert any(".mlp_skip.down.weight" in n for n in saved) and any(".attn_skip.bias" in n for n in saved)
+    assert any(".mlp_skip.down" in n for n in saved) and any(".attn_skip.bias" in n for n in saved)
     loaded, _, meta = checkpoint.load_sparse(out)
     assert meta["model_config"]["substitute"] == 4
     idx = tokens(vocab=64)
@@ -230,3 +230,19 @@ def test_an_exported_folder_carries_its_substitutes(folder, corpus, tmp_path):
     idx = tokens(vocab=64)
     with torch.no_grad():
         torch.testing.assert_close(exported(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bench_counts_the_substitutes_in_the_ideal_speedup(folder, corpus, capsys):
+    """bench.py --substitute: random gates whose skips add a rank-r map; the same draws as without
+    (so the same densities), and an ideal speedup lowered by the substitutes' FLOPs."""
+    import bench
+    import json as js
+    rows = {}
+    for rank in ("None", "16"):
+        bench.main([f"--init={folder}", f"--text={corpus / 'val' / 'c.txt'}", "--densities=0.5", "--kv=all",
+                    "--prefill=1x32", "--prompt_len=8", "--new_tokens=2", "--repeat=1", "--threads=1",
+                    f"--substitute={rank}", "--json"])
+        rows[rank] = js.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for plain, sub in zip(rows["None"], rows["16"]):
+        assert plain["density"] == sub["density"] and 0 < sub["density"] < 1
+        assert sub["ideal_speedup"] < plain["ideal_speedup"]
