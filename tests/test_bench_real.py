@@ -9,12 +9,12 @@ target_scores, `gold` = the indices of the highest scores. Per example, acc and 
 same in all three; the log-likelihoods of lm_eval's two models agree to 1e-3.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 import load_weights
+from conftest import real_checkpoint
 from research import tasks
 
 pytestmark = pytest.mark.real
@@ -24,17 +24,14 @@ from lm_eval.tasks import TaskManager        # noqa: E402
 from research.lm_eval_adapter import NanoskipLM   # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", REPO / "checkpoints"))
 TASK_FILE = REPO / "data" / "benchmarks" / "bigbench" / "general_knowledge.json"
 N = 20
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m-instruct-f32", "gemma3-270m-f32"])
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma-3-270m"])
 def folder(request):
-    folder = CHECKPOINTS / request.param
-    if not (folder / "config.json").is_file() or not TASK_FILE.is_file():
-        pytest.skip(f"needs {folder} (python3 tools/make_checkpoints.py checkpoints) and {TASK_FILE}")
-    return folder
+    """The preset's real weights, found by name (conftest.real_checkpoint); both sides load them in float32."""
+    return real_checkpoint(request.param)
 
 
 def lm_eval_task(task, tmp_path) -> TaskManager:

@@ -2,7 +2,8 @@
 
     python -m pytest -m real -s tests/test_real_conversion.py
 
-Export: train 2 steps, export; the folder, loaded with no base model beside it, must give
+The model is found by name (conftest.real_checkpoint); it is stored in bfloat16 and runs in
+float32 here, and export writes float32. Export: train 2 steps, export; the folder, loaded with no base model beside it, must give
 evaluate.py's perplexity of the checkpoint to 1e-4 relative (same windows, same gates) and
 sample.py's greedy tokens. bfloat16: train 2 steps of the bf16 checkpoint with --dtype=bfloat16;
 the losses are finite (and nonzero: the fitted gates start partly closed) and the checkpoint
@@ -10,7 +11,6 @@ evaluates.
 """
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -19,13 +19,11 @@ import evaluate
 import export
 import sample
 import train
+from conftest import real_checkpoint
 
 pytestmark = pytest.mark.real
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKPOINTS = Path(os.environ.get("NANOSKIP_CHECKPOINTS", REPO / "checkpoints"))
-BASE = CHECKPOINTS / "smollm2-135m-instruct-f32"
-BASE_BF16 = CHECKPOINTS / "smollm2-135m-instruct"
 TEXT = REPO / "data" / "heldout" / "python_docs.txt"
 
 
@@ -33,19 +31,15 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def need(folder):
-    if not (folder / "config.json").is_file():
-        pytest.fail(f"{folder} not found: build it with `python3 tools/make_checkpoints.py checkpoints`")
-
-
 def test_export_round_trip_smollm2(tmp_path, capsys):
-    need(BASE)
+    base = real_checkpoint("smollm2-135m-instruct")                    # bfloat16 on disk, float32 here
     ckpt, folder = tmp_path / "out", tmp_path / "sparse-model"
     # two steps from routers fitted to keep 80% of the routed FLOPs
-    train.train(train.read_config([f"--init={BASE}", f"--out_dir={ckpt}", "--max_iters=2", "--batch_size=1",
+    train.train(train.read_config([f"--init={base}", f"--out_dir={ckpt}", "--max_iters=2", "--batch_size=1",
                                    "--seq_len=64", "--val_data=", "--fit_windows=2", "--target_density=0.8",
                                    "--warmup_iters=1"]))
-    export.main([f"--ckpt={ckpt}", f"--out={folder}", f"--text={TEXT}", "--seq_len=256", "--max_chunks=2"])
+    export.main([f"--ckpt={ckpt}", f"--out={folder}", f"--text={TEXT}", "--seq_len=256", "--max_chunks=2",
+                 "--dtype=float32"])
     capsys.readouterr()
     common = [f"--text={TEXT}", "--seq_len=256", "--max_chunks=2", "--json"]
     evaluate.main([f"--ckpt={ckpt}", *common])
@@ -69,9 +63,9 @@ def test_export_round_trip_smollm2(tmp_path, capsys):
 
 
 def test_bfloat16_conversion_smoke_smollm2(tmp_path, capsys):
-    need(BASE_BF16)
+    base = real_checkpoint("smollm2-135m-instruct")
     out = tmp_path / "out"
-    train.train(train.read_config([f"--init={BASE_BF16}", f"--out_dir={out}", "--dtype=bfloat16", "--max_iters=2",
+    train.train(train.read_config([f"--init={base}", f"--out_dir={out}", "--dtype=bfloat16", "--max_iters=2",
                                    "--batch_size=1", "--seq_len=64", "--val_data=", "--fit_windows=2",
                                    "--warmup_iters=1"]))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
