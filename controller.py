@@ -40,13 +40,13 @@ def sublayer_io(model, x: torch.Tensor, keys=None) -> dict:
 
 
 def sublayers(model, batches):
-    """(batch, {(layer, kind): (h, x, y)}) per batch: sublayer_io of the base model (LoRA
-    off) for every gated sublayer, each (N, d) in float32 without position 0 (a sink)."""
+    """{(layer, kind): (h, x, y)} per batch: sublayer_io of the base model (LoRA off) for every
+    gated sublayer, each (N, d) in float32 without position 0 (a sink)."""
     keys = [(l, k) for l, k, _ in router.routers(model)] + [(l, k) for l, k, _ in router.substitutes(model)]
     for x in batches:
         with lora.disabled(model):
             found = sublayer_io(model, x, sorted(set(keys)))
-        yield x, {key: tuple(t[:, 1:].flatten(0, 1).float() for t in io) for key, io in found.items()}
+        yield {key: tuple(t[:, 1:].flatten(0, 1).float() for t in io) for key, io in found.items()}
 
 
 @torch.no_grad()
@@ -56,8 +56,10 @@ def fit_substitutes(model, batches, ridge: float = 1e-2):
     then reduced to rank r along the r directions in which x W varies most (reduced-rank
     regression); b makes the mean right. Rank 0 is the mean output alone."""
     subs = {(l, k): s for l, k, s in router.substitutes(model)}
+    if not subs:                                                        # a skip adds 0: no pass to run
+        return
     n, sx, sy, sxx, sxy = {}, {}, {}, {}, {}
-    for _, found in sublayers(model, batches):
+    for found in sublayers(model, batches):
         for key in subs:
             _, x, y = (t.double() for t in found[key])
             for acc, v in ((n, len(x)), (sx, x.sum(0)), (sy, y.sum(0)), (sxx, x.T @ x), (sxy, x.T @ y)):
@@ -91,7 +93,7 @@ def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
     instead of every gate open. set_density then picks the common threshold.
     """
     gram, moment = {}, {}
-    for _, found in sublayers(model, batches):
+    for found in sublayers(model, batches):
         for layer, kind, _ in router.routers(model):
             h, inputs, y = found[(layer, kind)]                                # (N, d) each
             skip = getattr(model.layers[layer], f"{kind}_skip")

@@ -118,7 +118,7 @@ def test_fit_substitutes_is_least_squares(rank):
     model = router.add_routers(tiny_model(), "sublayer", "all", substitute=rank)
     batches = [tokens(seed=s) for s in (5, 6)]
     controller.fit_substitutes(model, batches, ridge=0.0)
-    found = [io for _, io in controller.sublayers(model, batches)]
+    found = list(controller.sublayers(model, batches))
     for layer, kind, s in router.substitutes(model):
         x = torch.cat([io[(layer, kind)][1] for io in found])                   # (N, d)
         y = torch.cat([io[(layer, kind)][2] for io in found])
@@ -142,7 +142,7 @@ def test_fit_routers_targets_what_a_skip_loses_with_substitutes():
     controller.fit_substitutes(model, batches)
     savings = {"attn": 3.0, "mlp": 5.0}
     controller.fit_routers(model, batches, savings, ridge=0.0)
-    (_, found), = controller.sublayers(model, batches)
+    found, = controller.sublayers(model, batches)
     for layer, kind, r in router.routers(model):
         h, x, y = found[(layer, kind)]
         with torch.no_grad():
