@@ -44,7 +44,6 @@ OpenMP splits pays ~0.1 ms to wake its workers, which the compacted paths' small
 Every option below is --key=value or --key value (python bench.py --help lists them).
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +57,7 @@ from checkpoint import load_sparse, read_checkpoint_meta
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from gates import forced
 from model import PRESETS, Model, ModelConfig
-from timing import HEADER, bench_gates, make_clock, parse_shape, token_ids
+from timing import HEADER, bench_gates, make_clock, parse_shape, token_ids, where
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
@@ -228,9 +227,8 @@ def main(argv):
     need = max([b * t for b, t in map(parse_shape, config["prefill"])]
                + [config["decode_batch"] * config["prompt_len"]])
     ids = (random_ids(model.cfg.vocab_size, need) if tok is None else token_ids(tok, config["text"], need)).to(device)
-    where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-             else f"{config['threads']} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
-    print(f"{base}{' (random weights)' if tok is None else ''}: {config['dtype']}, {where}, "
+    print(f"{base}{' (random weights)' if tok is None else ''}: {config['dtype']}, "
+          f"{where(device, config['threads'])}, "
           f"{config['clock']} clock, median of {config['repeat']}")
     rows = bench_all(model, base, config, ids, clock)
     if config["json"]:

@@ -18,6 +18,7 @@ context, and efficiency = speedup / ideal_speedup (1 = every skipped FLOP turned
 
 Every timed function takes the clock it reads (a callable giving seconds): make_clock picks it.
 """
+import os
 import statistics
 import time
 from functools import partial
@@ -36,6 +37,13 @@ def make_clock(kind: str = "wall", device: str = "cpu"):
     if torch.device(device).type == "cuda":
         return partial(now, device)
     return time.process_time if kind == "cpu" else time.perf_counter
+
+
+def where(device: str, threads: int) -> str:
+    """What the timings ran on: the GPU's name, or the CPU threads and OpenMP's wait policy."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
 
 
 # ----------------------------------------------------------------------------------------------

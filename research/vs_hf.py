@@ -16,7 +16,6 @@ Needs transformers (pip install transformers). Every option below is --key=value
 (python -m research.vs_hf --help lists them).
 """
 import json
-import os
 import sys
 
 import torch
@@ -24,7 +23,7 @@ import torch
 import load_weights
 from configurator import AT_LEAST_0, AT_LEAST_1, check_ranges, overrides
 from generate import generate
-from timing import interleaved, make_clock, print_row, token_ids
+from timing import interleaved, make_clock, print_row, token_ids, where
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # a Hugging Face folder (or a preset name)
@@ -114,9 +113,8 @@ def main(argv):
         raise ValueError(f"{longest} tokens exceed the model's context of {model.cfg.max_seq_len}: "
                          "lower --hf_seq_len, --hf_prompt_len or --hf_new_tokens")
     ids = token_ids(tok, config["text"], max(config["hf_seq_len"], config["hf_prompt_len"])).to(device)
-    where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-             else f"{config['threads']} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
-    print(f"{base}: {config['dtype']}, {where}, {config['clock']} clock, median of {config['repeat']}")
+    print(f"{base}: {config['dtype']}, {where(device, config['threads'])}, {config['clock']} clock, "
+          f"median of {config['repeat']}")
     rows = bench_vs_hf(model, load_weights.resolve(base), config, ids, clock)
     if config["json"]:
         print(json.dumps(rows))
