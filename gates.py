@@ -13,11 +13,12 @@ of the block, for a RandomGate (a module whose logit is a coin flip: router.deci
 a router) or for None (no router: every token computes), and puts them back after, even on error.
 
 The peek rule (keep a token iff |f(x) - s(x)| / |h|, what a skip loses, per FLOP it saves is
-above one global threshold; s the skip substitute, or 0) decides from the sublayer's own output f(x), so it computes every sublayer and saves
-nothing: it is the reference for how good per-token decisions can be before any training. Its
-sublayers run with no router, and forward hooks on the model's modules apply it: the input of a
-sublayer's norm is h, the output of its post-norm is y = f(x), which the hook returns as
-keep * y and records as a router.GateRecord; the model's returned records include them. A
+above one global threshold; s the skip substitute, or 0) decides from the sublayer's own output
+f(x), so it computes every sublayer and saves nothing: it is the reference for how good
+per-token decisions can be before any training. Its sublayers run with no router, and forward
+hooks on the model's modules apply it: the input of a sublayer's norm is h, its output x, the
+output of its post-norm y = f(x), which the hook replaces by s(x) (or 0) for a skipped token and
+records as a router.GateRecord; the model's returned records include them. A
 skipped token's K/V stay in the attention (kv="all" semantics, whatever the model's kv mode).
 
     peek_threshold(model, chunks, seq_len, 0.9)    # the peek table at compute ratio 0.9
@@ -149,7 +150,7 @@ def peek_hooks(model, thresholds: dict) -> list:
 
 def peek_gates(model, log_threshold: float, savings: dict) -> dict:
     """forced()'s table for the peek rule with one global threshold: a token computes a sublayer
-    iff |f(x)| / |h| per FLOP that skipping it would save is above exp(log_threshold).
+    iff |f(x) - s(x)| / |h| per FLOP that skipping it would save is above exp(log_threshold).
 
     savings: {"attn": FLOPs, "mlp": FLOPs} a skip saves (flops.skip_savings), so one threshold
     spends compute where it moves the residual stream most per FLOP.
