@@ -7,6 +7,7 @@
     python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
     python bench.py --init=checkpoints/smollm2-135m-instruct --dtype=bfloat16 --load_rss   # loading's memory
     python bench.py --init=llama-3.1-8b --random_weights=True --device=cuda --dtype=bfloat16  # a GPU, no download
+    python bench.py --compile=True --densities=1,0.5,0.25 --kv=all    # decoding steps compiled (compiled.py)
 
 Both paths run in the same process on the same weights: the dense path is
 model(idx, routers_off=True), the sparse path is the compacted default, where a skipped
@@ -26,6 +27,10 @@ and the real context, and efficiency = speedup / ideal_speedup (1 = every skippe
 turned into saved time).
 
 Our dense model against transformers' on the same folder: `python -m research.vs_hf --init=...`.
+
+--compile=True runs every decoding step of batch 1 (both paths) through compiled.py's compiled
+step, and adds a first row: dense decoding eager (dense_s) against compiled (sparse_s). The first
+steps of each path compile it (minutes on a CPU, untimed warm-up). Prefill rows stay eager.
 
 --random_weights builds a preset's architecture with random weights on --device instead of
 loading it (nothing is downloaded): the gates are forced, so the speed of either path does not
@@ -55,9 +60,10 @@ import lora
 import router
 from checkpoint import load_sparse, read_checkpoint_meta
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from compiled import Compiled
 from gates import forced
 from model import PRESETS, Model, ModelConfig
-from timing import HEADER, bench_gates, make_clock, parse_shape, token_ids, where
+from timing import HEADER, bench_gates, compiled_row, make_clock, parse_shape, token_ids, where
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
@@ -79,6 +85,7 @@ DEFAULTS = dict(
     device="cpu",                     # cpu | cuda | cuda:1 ...
     random_weights=False,             # --init is a preset: its shapes, random weights, no download
     load_rss=False,                   # measure the peak memory of loading the model instead
+    compile=False,                    # decode batch 1 through compiled.py's compiled step (both paths)
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
@@ -169,6 +176,8 @@ def check(config):
         raise ValueError(f"--route: unknown route {config['route']!r}; choose from {', '.join(router.ROUTES)}")
     for spec in config["prefill"]:
         parse_shape(spec)
+    if config["compile"] and config["decode_batch"] != 1:
+        raise ValueError("--compile compiles the decoding step of batch 1: use --decode_batch=1")
 
 
 def check_context(model, config):
@@ -183,22 +192,23 @@ def bench_all(model, base, config, ids, clock) -> list:
     (--ckpt, or a folder export.py wrote)."""
     device = config["device"]
     exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
+    run = Compiled(model) if config["compile"] else model    # what decodes: the model, or its compiled step
     print(HEADER)
-    rows = []
+    rows = [compiled_row(model, run, config, ids, clock)] if config["compile"] else []
     for kv in config["kv"]:
         router.add_routers(model, config["route"], kv, substitute=config["substitute"])
         for density in config["densities"]:
             with forced(model, density):
-                rows += bench_gates(model, config, "random", ids, clock)
+                rows += bench_gates(run, config, "random", ids, clock)
     if config["ckpt"]:
         model, tok, meta = load_sparse(config["ckpt"], config["dtype"], device, base=base)
         lora.merge(model)                        # W += scale * B A: adapters cost nothing
         print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
-        rows += bench_gates(model, config, "learned", ids, clock)
+        rows += bench_gates(Compiled(model) if config["compile"] else model, config, "learned", ids, clock)
     elif exported:                               # the random gates replaced its routers: reload
         model, tok = load_weights.load(base, config["dtype"], device)
         print(f"learned gates of {base} (exported, LoRA merged)")
-        rows += bench_gates(model, config, "learned", ids, clock)
+        rows += bench_gates(Compiled(model) if config["compile"] else model, config, "learned", ids, clock)
     return rows
 
 

@@ -5,11 +5,10 @@
     python sample.py --ckpt=out/smol --prompt="def fib(n):"     # a train.py checkpoint, sparse
     python sample.py --init=sparse-model/ --prompt="def fib(n):" # a folder export.py wrote, sparse
 
-Decoding is generate.py's: a KV cache, one token at a time. With --ckpt the sparse model (its base model is the one named in the checkpoint, or --init when
-given: where that base is now, checked against the checkpoint's record of it), or with --init
-alone a sparse folder written by export.py (LoRA already merged, routers attached), decodes
-through the compacted path, where skipped sublayers are not computed at all, and the output
-shows where the compute went:
+Decoding is generate.py's: a KV cache, one token at a time (--compile: compiled.py's step).
+With --ckpt the sparse model (on the base the checkpoint names, or on --init, checked against
+it), or with --init alone a folder export.py wrote, decodes through the compacted path, where
+skipped sublayers are not computed at all, and the output shows where the compute went:
 - each generated token is coloured by the share of routed sublayers that ran in the step that
   predicted it (dark = few, bright = many; --no_color prints the share in brackets instead);
 - the density of attention and MLP per layer, over every position the model processed;
@@ -27,6 +26,7 @@ import lora
 import router
 from checkpoint import load_sparse
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from compiled import Compiled
 from flops import compute_ratio
 from generate import decode, generate, now, pieces
 
@@ -43,6 +43,7 @@ DEFAULTS = dict(
     dtype="float32",                # float32 | bfloat16 | float16
     device="cpu",                   # cpu | cuda | cuda:1 | mps
     no_color=False,                 # --ckpt: plain text, each token followed by its share of compute
+    compile=False,                  # decode through compiled.py's compiled step (compiling takes minutes on a CPU)
 )
 RANGES = dict(num_samples=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=AT_LEAST_0, top_k=AT_LEAST_0,
               top_p=Range(0, 1, open_lo=True), seed=AT_LEAST_0)
@@ -141,6 +142,9 @@ def main(argv):
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
     sparse = bool(router.routers(model))     # a checkpoint, or a folder export.py wrote
     idx = torch.tensor([tok.encode(config["prompt"])], dtype=torch.long, device=config["device"])   # (1, T)
+    if config["compile"]:   # the same model, its one-token steps compiled (now: no timing counts it)
+        model = Compiled(model)
+        generate(model, idx, 2, routers_off=not sparse)
     stats = router.GateStats()
     for i in range(config["num_samples"]):
         if i:

@@ -102,31 +102,35 @@ def prefill_run(model, idx, dense: bool, clock=time.perf_counter):
 
 
 @torch.inference_mode()
-def decode_pair(model, prompt, new_tokens: int, clock=time.perf_counter):
-    """Greedy decoding with a KV cache, dense and sparse in lockstep: each one-token step of
-    one path is followed by the same step of the other (the order alternates), so that noise
-    from a busy machine falls on both. The prefill of the prompt is not timed.
+def decode_pair(model, prompt, new_tokens: int, clock=time.perf_counter, paths=None):
+    """Greedy decoding with a KV cache, two paths in lockstep: each one-token step of one path
+    is followed by the same step of the other (the order alternates), so that noise from a busy
+    machine falls on both. The prefill of the prompt is not timed.
 
-    Returns (dense seconds, sparse seconds, sparse gate records of the timed steps).
+    paths: the two (model, routers_off) to compare; default the dense (model, True) against the
+    sparse (model, False). A model is anything callable like model.Model (compiled.Compiled).
+    Returns (first path's seconds, second path's seconds, second path's gate records of the timed steps).
     """
     B, T = prompt.shape
-    caches = {dense: model.new_cache(B, T + new_tokens) for dense in (True, False)}
-    nxt = {dense: model(prompt, cache=caches[dense], routers_off=dense, last_only=True)[0] for dense in (True, False)}
-    seconds, records = {True: 0.0, False: 0.0}, []
+    paths = paths or ((model, True), (model, False))
+    caches = [m.new_cache(B, T + new_tokens) for m, _ in paths]
+    nxt = [m(prompt, cache=c, routers_off=off, last_only=True)[0] for (m, off), c in zip(paths, caches)]
+    seconds, records = [0.0, 0.0], []
     for step in range(new_tokens):
-        for dense in ((True, False) if step % 2 else (False, True)):
-            x = nxt[dense][:, -1].argmax(-1, keepdim=True)                 # (B, 1) greedy
+        for i in ((0, 1) if step % 2 else (1, 0)):
+            (m, off), x = paths[i], nxt[i][:, -1].argmax(-1, keepdim=True)        # (B, 1) greedy
             t0 = clock()
-            nxt[dense], recs = model(x, cache=caches[dense], routers_off=dense, last_only=True)
-            seconds[dense] += clock() - t0
-        records += recs
-    return seconds[True], seconds[False], records
+            nxt[i], recs = m(x, cache=caches[i], routers_off=off, last_only=True)
+            seconds[i] += clock() - t0
+            if i == 1:
+                records += recs
+    return seconds[0], seconds[1], records
 
 
-def decode_runs(model, prompt, new_tokens: int, repeat: int, clock=time.perf_counter):
+def decode_runs(model, prompt, new_tokens: int, repeat: int, clock=time.perf_counter, paths=None):
     """Medians over `repeat` decode_pair runs (after a short warm-up)."""
-    decode_pair(model, prompt, min(new_tokens, 4), clock)
-    runs = [decode_pair(model, prompt, new_tokens, clock) for _ in range(repeat)]
+    decode_pair(model, prompt, min(new_tokens, 4), clock, paths)
+    runs = [decode_pair(model, prompt, new_tokens, clock, paths) for _ in range(repeat)]
     return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
             [rec for r in runs for rec in r[2]])
 
@@ -159,6 +163,20 @@ def bench_gates(model, plan, gates: str, ids: torch.Tensor, clock=time.perf_coun
     out.append(row(model, "decode", gates, B, P + n, n, d, s, recs))
     print_row(out[-1])
     return out
+
+
+def compiled_row(model, fast, plan, ids: torch.Tensor, clock=time.perf_counter) -> dict:
+    """Dense decoding, eager (model) against compiled (fast, a compiled.Compiled of it), in
+    lockstep: a row whose dense_s is the eager path's, sparse_s the compiled one's, and speedup
+    what compiling gains (ideal 1: the same FLOPs)."""
+    B, P, n = plan["decode_batch"], plan["prompt_len"], plan["new_tokens"]
+    prompt = ids[: B * P].view(B, P)
+    eager_s, compiled_s, _ = decode_runs(model, prompt, n, plan["repeat"], clock, ((model, True), (fast, True)))
+    r = dict(mode="decode", kv=model.cfg.kv, gates="compiled", density=1.0, batch=B, seq_len=P + n,
+             new_tokens=n, dense_s=eager_s, sparse_s=compiled_s, speedup=eager_s / compiled_s,
+             ideal_speedup=1.0, efficiency=eager_s / compiled_s, compares="eager dense (dense_s), compiled dense (sparse_s)")
+    print_row(r)
+    return r
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""compiled.py — --compile (sample.py, bench.py): a decoding step as one compiled graph.
+
+In eager PyTorch every op costs a fixed overhead, and a decoding step of batch 1 is hundreds of
+small ops: at density 1 the routers alone (an op and a read each, 60 of them) cost ~3 % of the
+step. torch.compile (inductor, as gpt-fast uses it) fuses a step into a few kernels, but it
+cannot follow a Python branch on a tensor's value. So this file writes the batch-1 step of
+compact.step once more, with each gate as a torch.cond: both branches are compiled, and the
+one the router picks runs inside the compiled step, with no return to Python per gate.
+
+    fast = Compiled(model)                               # compiles on first use (minutes on a CPU)
+    logits, records = fast(x, cache=cache, last_only=True)   # x (1, 1): the compiled step
+    generate(fast, idx, 40)                                  # generate.py and timing.py take it
+
+Everything else (a prefill, a batch, no cache) runs the model's own forward unchanged, so the
+compiled step starts from a cache that the model filled. Same weights, same gates, the same
+tokens as the eager step: tests/test_compiled.py checks it for every family and both kv modes.
+model.py, router.py and compact.py do not know about this file.
+
+On a CPU it pays for dense decoding (8-11 % faster than eager), not yet for sparse decoding: each
+cond costs more than the eager step's plain branch (RESULTS.md, "A compiled decoding step").
+
+How the compiled step differs from compact.step, and why:
+- A cond's branches may not write to the cache. So every token projects its K/V and writes them
+  before its gate is read: kv="all" means that anyway (the eager step defers them to the next
+  token that computes the layer instead); in kv="kept" a skipped token's K/V land in the slot
+  after the layer's last one and are overwritten by the next kept token (the layer's fill level
+  moves only when it keeps), so kv="kept" pays the K/V projection of a skipped token here.
+- The cache is read whole: the step attends over all of its slots with a mask (keys after the
+  token's position, or past the layer's fill level, are hidden), so its shapes do not change
+  from one step to the next. It compiles once per cache size, and Compiled.new_cache rounds
+  sizes up to a multiple of 256.
+"""
+import torch
+
+import router
+from model import attention_mask, rope_cos_sin
+
+
+CACHE_BUCKET = 256
+
+
+class Compiled:
+    """A model whose one-token decoding steps of batch 1 run compiled; anything else runs the
+    model itself. Callable like the model; `model`, `cfg` and `new_cache` are the model's."""
+
+    def __init__(self, model, backend: str = "inductor"):
+        # backend="aot_eager" traces the same graph without generating code: the tests' quick check
+        self.model, self.cfg = model, model.cfg
+        # Shapes are fixed (dynamic=False): a new cache size, or a model with other gates (bench.py's
+        # forced densities, its dense path), compiles again, and each is one more entry to keep.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+        self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend)
+
+    def new_cache(self, batch_size: int, max_len: int):
+        """The model's cache, its length rounded up to a multiple of CACHE_BUCKET (the step reads
+        all of it, masked): generations of different lengths share one compiled step."""
+        bucket = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        return self.model.new_cache(batch_size, max(max_len, min(bucket, self.cfg.max_seq_len)))
+
+    def __call__(self, idx, cache=None, routers_off=False, last_only=False, **kw):
+        if cache is None or idx.shape != (1, 1) or cache.batch_size != 1 or kw:
+            return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
+        return self.decode(idx, cache, routers_off)
+
+    def decode(self, idx, cache, routers_off: bool):
+        """The compiled step for the one token idx (1, 1): (logits (1, 1, V), gate records)."""
+        cfg, layers = self.cfg, cache.layers
+        if cache.seen + 1 > cfg.max_seq_len:
+            raise ValueError(f"{cache.seen + 1} tokens exceed the model's context of {cfg.max_seq_len}")
+        if any(c.deferred for c in layers):
+            raise ValueError("the cache holds deferred K/V (an eager step wrote it): decode it with one path")
+        pos = torch.full((1, 1), cache.seen, dtype=torch.long, device=idx.device)
+        levels = torch.tensor([c.lengths[0] for c in layers], device=idx.device)     # (L,) filled slots
+        logits, z = self.step(self.model, idx, pos, levels, [c.k for c in layers], [c.v for c in layers],
+                              [c.pos for c in layers], routers_off)
+        records = [] if routers_off else gate_records(self.model, z)
+        kept = advanced(self.model, records)                 # how far each layer's cache moved
+        for c, n in zip(layers, kept):
+            c.lengths = [c.lengths[0] + n]
+        cache.seen += 1
+        return logits, records
+
+
+def gate_records(model, z):
+    """The step's logits z (G, 1, 1), one per routed sublayer in model order, as GateRecords."""
+    kinds = [(block.layer, kind) for block in model.layers for kind in routed_kinds(block)]
+    return [router.GateRecord(layer, kind, zi, ki)
+            for (layer, kind), zi, ki in zip(kinds, z.unbind(0), (z > router.ZERO).unbind(0))]
+
+
+def routed_kinds(block):
+    """The kinds whose gate this block records, in the order the step decides them."""
+    if block.cfg.route == "block":
+        return ("attn", "mlp") if block.attn_router is not None else ()
+    return tuple(k for k, r in (("attn", block.attn_router), ("mlp", block.mlp_router)) if r is not None)
+
+
+def advanced(model, records):
+    """Slots each layer's cache filled in the step: 1, or in kv="kept" whether attention kept."""
+    moved = [1] * model.cfg.n_layers
+    attn = [r for r in records if r.kind == "attn"] if model.cfg.kv == "kept" else []
+    if attn:
+        for r, kept in zip(attn, torch.cat([r.keep.view(1) for r in attn]).tolist()):   # one read
+            moved[r.layer] = int(kept)
+    return moved
+
+
+# ----------------------------------------------------------------------------------------------
+# The step, as torch.compile sees it
+# ----------------------------------------------------------------------------------------------
+
+def decode_step(model, idx, pos, levels, ks, vs, kps, routers_off: bool):
+    """compact.step for every block, then the head: idx, pos (1, 1); levels (L,) each layer's
+    filled slots; ks, vs (1, Hkv, S, D) and kps (1, S), the layers' cache buffers, written in
+    place. -> (logits (1, 1, V), router logits (G, 1, 1) of the G routed sublayers, in order)."""
+    cfg = model.cfg
+    h = model.tok_emb(idx)                                                # (1, 1, d)
+    if cfg.embed_scale:
+        h = h * torch.tensor(cfg.dim ** 0.5, dtype=h.dtype)
+    rope = {s: rope_cos_sin(model.inv_freq(s, idx.device), pos, h.dtype) for s in (False, True)}
+    sink = idx == cfg.bos_id if cfg.sinks and cfg.bos_id is not None else None    # BOS always computes
+    zs = []
+    for block, level, k_cache, v_cache, k_pos in zip(model.layers, levels, ks, vs, kps):
+        h = block_step(block, h, pos, rope, level, k_cache, v_cache, k_pos, sink, routers_off, zs)
+    logits = model.logits(model.norm(h))
+    return logits, (torch.stack(zs) if zs else h.new_zeros(0, 1, 1))
+
+
+def block_step(block, h, pos, rope, level, k_cache, v_cache, k_pos, sink, routers_off, zs):
+    """One block for the one token h (1, 1, d); appends its router logits to zs."""
+    a, kv = block.attn, block.cfg.kv
+    cos, sin = rope[a.window is not None]                                 # (1, 1, D)
+    x = block.attn_norm(h)
+    z = logit(block.attn_router, x, sink, routers_off)                    # (1, 1) or None
+    slot = (pos[0] if kv == "all" else level.view(1))                     # (1,) where its K/V go
+    k, v = a.project_kv(x, cos, sin)                                      # (1, Hkv, 1, D)
+    k_cache.index_copy_(2, slot, k)
+    v_cache.index_copy_(2, slot, v)
+    k_pos.index_copy_(1, slot, pos)
+    S = k_cache.shape[2]
+    if kv == "all":    # key s is the token at position s; the causal mask hides the empty slots
+        keys_at, valid = torch.arange(S, device=h.device)[None], None
+    else:              # the layer's kept tokens fill its slots in order; this one sits at `slot`
+        keys_at, valid = k_pos, torch.arange(S, device=h.device)[None] <= level
+
+    def attend(h, x):
+        q = a.project_q(x, cos, sin)                                      # (1, H, 1, D)
+        y = a.attend(q, k_cache, v_cache, attention_mask(pos, keys_at, a.window, valid))
+        return h + block.attn_post_norm(a.wo(y))
+
+    h = branch(z, attend, block.attn_skip, h, x, zs)
+    x = block.mlp_norm(h)
+    if block.cfg.route == "block":
+        if z is not None:
+            zs.append(z)                                                  # one gate, recorded as both
+    else:
+        z = logit(block.mlp_router, x, sink, routers_off)
+    return branch(z, lambda h, x: h + block.mlp_post_norm(block.mlp(x)), block.mlp_skip, h, x,
+                  zs if block.cfg.route != "block" else None)
+
+
+def logit(r, x, sink, routers_off):
+    """The router logit (1, 1) of the one token x (1, 1, d), sinks pinned; None: no gate."""
+    if routers_off or r is None:      # in this order: the dense step never looks at (or recompiles for) a router
+        return None
+    z = r(x)
+    return z if sink is None else z.masked_fill(sink, router.SINK_LOGIT)
+
+
+def branch(z, compute, skip, h, x, zs):
+    """compute(h, x) where the gate z keeps the token, else h + skip(x) (or h): a torch.cond."""
+    if z is None:
+        return compute(h, x)
+    if zs is not None:
+        zs.append(z)
+    skipped = (lambda h, x: h + skip(x)) if skip is not None else (lambda h, x: h.clone())
+    return torch.cond((z > router.ZERO).view(()), compute, skipped, (h, x))
