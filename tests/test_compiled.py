@@ -4,8 +4,9 @@
 
 The routers are real ones with random weights, so the gates depend on the hidden state and
 both branches of every torch.cond run. Most checks trace the step with backend="aot_eager"
-(the graph torch.compile captures, without generating code: seconds); two run inductor's
-generated code, one per kv mode, and bench.py --compile runs once on a tiny preset.
+(the graph torch.compile captures, without generating code: seconds); three run inductor's
+generated code (C++, minutes in all): one model sparse and dense, sample.py --compile and
+bench.py --compile on tiny models.
 """
 import sys
 from pathlib import Path
@@ -101,9 +102,8 @@ def test_routers_off_is_the_dense_model():
     assert_same_decoding(routed("gemma2", "all"), "aot_eager", routers_off=True)
 
 
-@pytest.mark.parametrize("family,kv,substitute", [("llama_gqa", "all", 4), ("gemma2", "kept", None)])
-def test_inductors_code_decodes_as_the_eager_step(family, kv, substitute):
-    model = routed(family, kv, substitute=substitute)
+def test_inductors_code_decodes_as_the_eager_step():
+    model = routed("gemma2", "kept", substitute=4)          # soft-capping, a window, kv="kept", substitutes
     assert_same_decoding(model, "inductor")
     assert_same_decoding(model, "inductor", routers_off=True)
 
@@ -136,13 +136,13 @@ def test_a_cache_with_deferred_kv_is_refused():
 def test_bench_compile_adds_the_eager_against_compiled_row(monkeypatch, capsys):
     monkeypatch.setitem(bench.PRESETS, "tiny-llama", dict(vocab_size=300, dim=32, n_layers=2, n_heads=4,
                                                          n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=64))
-    bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=1,0.5", "--kv=all", "--prefill=1x16",
-                "--prompt_len=8", "--new_tokens=4", "--repeat=1", "--threads=1", "--compile=True", "--json"])
+    bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=0.5", "--kv=all", "--prefill=1x16",
+                "--prompt_len=8", "--new_tokens=12", "--repeat=1", "--threads=1", "--compile=True", "--json"])
     rows = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [(r["mode"], r["gates"]) for r in rows] == [("decode", "compiled")] + [("prefill", "random"),
-                                                                                ("decode", "random")] * 2
+    assert [(r["mode"], r["gates"]) for r in rows] == [("decode", "compiled"), ("prefill", "random"),
+                                                       ("decode", "random")]
     assert rows[0]["density"] == 1.0 and rows[0]["dense_s"] > 0 and rows[0]["sparse_s"] > 0
-    assert 0.2 < rows[4]["density"] < 0.8
+    assert 0.1 < rows[2]["density"] < 0.9                         # 48 random gates at 0.5
     with pytest.raises(ValueError, match="use --decode_batch=1"):
         bench.main(["--init=tiny-llama", "--random_weights=True", "--compile=True", "--decode_batch=2"])
 
