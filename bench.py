@@ -192,7 +192,8 @@ def bench_all(model, base, config, ids, clock) -> list:
     (--ckpt, or a folder export.py wrote)."""
     device = config["device"]
     exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
-    run = Compiled(model) if config["compile"] else model    # what decodes: the model, or its compiled step
+    decoder = lambda m: Compiled(m) if config["compile"] else m   # noqa: E731  the model, or its compiled step
+    run = decoder(model)
     print(HEADER)
     rows = [compiled_row(model, run, config, ids, clock)] if config["compile"] else []
     for kv in config["kv"]:
@@ -204,11 +205,11 @@ def bench_all(model, base, config, ids, clock) -> list:
         model, tok, meta = load_sparse(config["ckpt"], config["dtype"], device, base=base)
         lora.merge(model)                        # W += scale * B A: adapters cost nothing
         print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
-        rows += bench_gates(Compiled(model) if config["compile"] else model, config, "learned", ids, clock)
+        rows += bench_gates(decoder(model), config, "learned", ids, clock)
     elif exported:                               # the random gates replaced its routers: reload
         model, tok = load_weights.load(base, config["dtype"], device)
         print(f"learned gates of {base} (exported, LoRA merged)")
-        rows += bench_gates(Compiled(model) if config["compile"] else model, config, "learned", ids, clock)
+        rows += bench_gates(decoder(model), config, "learned", ids, clock)
     return rows
 
 

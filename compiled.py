@@ -136,7 +136,7 @@ def block_step(block, h, pos, rope, level, k_cache, v_cache, k_pos, sink, router
     a, kv = block.attn, block.cfg.kv
     cos, sin = rope[a.window is not None]                                 # (1, 1, D)
     x = block.attn_norm(h)
-    z = logit(block.attn_router, x, sink, routers_off)                    # (1, 1) or None
+    z = logit(block, "attn", x, sink, routers_off)                        # (1, 1) or None
     slot = (pos[0] if kv == "all" else level.view(1))                     # (1,) where its K/V go
     k, v = a.project_kv(x, cos, sin)                                      # (1, Hkv, 1, D)
     k_cache.index_copy_(2, slot, k)
@@ -159,17 +159,17 @@ def block_step(block, h, pos, rope, level, k_cache, v_cache, k_pos, sink, router
         if z is not None:
             zs.append(z)                                                  # one gate, recorded as both
     else:
-        z = logit(block.mlp_router, x, sink, routers_off)
+        z = logit(block, "mlp", x, sink, routers_off)
     return branch(z, lambda h, x: h + block.mlp_post_norm(block.mlp(x)), block.mlp_skip, h, x,
                   zs if block.cfg.route != "block" else None)
 
 
-def logit(r, x, sink, routers_off):
-    """The router logit (1, 1) of the one token x (1, 1, d), sinks pinned; None: no gate."""
-    if routers_off or r is None:      # in this order: the dense step never looks at (or recompiles for) a router
+def logit(block, kind, x, sink, routers_off):
+    """The router logit (1, 1) of the one token x (1, 1, d) (router.decide), or None: no gate."""
+    if routers_off:              # before reading the router: the dense step never recompiles for one
         return None
-    z = r(x)
-    return z if sink is None else z.masked_fill(sink, router.SINK_LOGIT)
+    g = router.decide(getattr(block, f"{kind}_router"), x, block.layer, kind, sink=sink)
+    return None if g is None else g.z
 
 
 def branch(z, compute, skip, h, x, zs):

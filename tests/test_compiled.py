@@ -8,6 +8,7 @@ both branches of every torch.cond run. Most checks trace the step with backend="
 generated code (C++, minutes in all): one model sparse and dense, sample.py --compile and
 bench.py --compile on tiny models.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def test_bench_compile_adds_the_eager_against_compiled_row(monkeypatch, capsys):
                                                          n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=64))
     bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=0.5", "--kv=all", "--prefill=1x16",
                 "--prompt_len=8", "--new_tokens=12", "--repeat=1", "--threads=1", "--compile=True", "--json"])
-    rows = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [(r["mode"], r["gates"]) for r in rows] == [("decode", "compiled"), ("prefill", "random"),
                                                        ("decode", "random")]
     assert rows[0]["density"] == 1.0 and rows[0]["dense_s"] > 0 and rows[0]["sparse_s"] > 0

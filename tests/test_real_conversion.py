@@ -3,11 +3,11 @@
     python -m pytest -m real -s tests/test_real_conversion.py
 
 The model is found by name (conftest.real_checkpoint); it is stored in bfloat16 and runs in
-float32 here, and export writes float32. Export: train 2 steps, export; the folder, loaded with no base model beside it, must give
-evaluate.py's perplexity of the checkpoint to 1e-4 relative (same windows, same gates) and
-sample.py's greedy tokens. bfloat16: train 2 steps of the bf16 checkpoint with --dtype=bfloat16;
-the losses are finite (and nonzero: the fitted gates start partly closed) and the checkpoint
-evaluates.
+float32 here, and export writes float32. Export: train 2 steps, export; the folder, loaded with
+no base model beside it, must give evaluate.py's perplexity of the checkpoint to 1e-4 relative
+(same windows, same gates) and sample.py's greedy tokens. bfloat16: train 2 steps of the bf16
+checkpoint with --dtype=bfloat16; the losses are finite (and nonzero: the fitted gates start
+partly closed) and the checkpoint evaluates.
 """
 import json
 import math

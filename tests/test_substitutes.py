@@ -13,6 +13,7 @@ h = h + g·f(x) + (1 - g)·s(x) wherever a gate acts. What is checked, on tiny r
 - the peek rule with substitutes by hand; a train.py run with --substitute trains and saves
   them, and its checkpoint loads with them.
 """
+import json
 import math
 
 import pytest
@@ -236,13 +237,12 @@ def test_bench_counts_the_substitutes_in_the_ideal_speedup(folder, corpus, capsy
     """bench.py --substitute: random gates whose skips add a rank-r map; the same draws as without
     (so the same densities), and an ideal speedup lowered by the substitutes' FLOPs."""
     import bench
-    import json as js
     rows = {}
     for rank in ("None", "16"):
         bench.main([f"--init={folder}", f"--text={corpus / 'val' / 'c.txt'}", "--densities=0.5", "--kv=all",
                     "--prefill=1x32", "--prompt_len=8", "--new_tokens=2", "--repeat=1", "--threads=1",
                     f"--substitute={rank}", "--json"])
-        rows[rank] = js.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        rows[rank] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for plain, sub in zip(rows["None"], rows["16"]):
         assert plain["density"] == sub["density"] and 0 < sub["density"] < 1
         assert sub["ideal_speedup"] < plain["ideal_speedup"]
