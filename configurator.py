@@ -5,8 +5,9 @@
 
 Every flag is --key=value or --key value, with the type of its default: a bool takes
 true/false/1/0 (or --key alone for true), a tuple/list takes comma-separated items, a None
-default takes an int, a float, "none", or else the string as is. A wrong key or value raises
-ValueError with a message naming the fix; --help prints the defaults and exits.
+default takes an int, a float, "none", or else the string as is; a number also reads "none"
+as None, which its Range must allow. A wrong key or value raises ValueError with a message
+naming the fix; --help prints the defaults and exits.
 
 check_ranges(config, RANGES) is the other half of a script's input checking: every numeric
 flag has a Range, and a value outside it is an error naming the flag and the range.
@@ -28,9 +29,9 @@ def parse_value(key: str, text: str, default):
     if isinstance(default, (tuple, list)):
         items = [t for t in text.split(",") if t]
         return type(default)(parse_value(key, t, default[0]) if default else t for t in items)
+    if text.lower() == "none" and (default is None or isinstance(default, (int, float))):
+        return None                                      # a number's Range says whether None is valid
     if default is None:
-        if text.lower() == "none":
-            return None
         for kind in (int, float):
             try:
                 return kind(text)
@@ -83,18 +84,24 @@ def configure(defaults: dict, argv) -> dict:
 
 @dataclass(frozen=True)
 class Range:
-    """The valid values of a numeric flag: lo <= v <= hi (lo < v with open_lo)."""
+    """The valid values of a numeric flag: lo <= v <= hi (lo < v with open_lo), and None (--key=none)
+    only where or_none says so."""
     lo: float = -math.inf
     hi: float = math.inf
     open_lo: bool = False
+    or_none: bool = False
 
     def __contains__(self, v) -> bool:
+        if v is None:
+            return self.or_none
         return math.isfinite(v) and (self.lo < v if self.open_lo else self.lo <= v) and v <= self.hi
 
     def __str__(self):
         if self.hi == math.inf:
-            return f"{'>' if self.open_lo else '>='} {self.lo:g}"
-        return f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
+            text = f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        else:
+            text = f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
+        return text + (" or none" if self.or_none else "")
 
 
 AT_LEAST_1, AT_LEAST_0, POSITIVE, FRACTION = Range(1), Range(0), Range(0, open_lo=True), Range(0, 1)
@@ -106,4 +113,4 @@ def check_ranges(config: dict, ranges: dict):
         values = config[key] if isinstance(config[key], (tuple, list)) else [config[key]]
         for v in values:
             if v not in valid:
-                raise ValueError(f"--{key}={v:g} is out of range: it must be {valid}")
+                raise ValueError(f"--{key}={'none' if v is None else format(v, 'g')} is out of range: it must be {valid}")

@@ -16,7 +16,7 @@ import torch
 
 import lora
 import router
-from distributed import gathered, held_as
+from distributed import gathered, held_as, whole
 
 
 @torch.no_grad()
@@ -81,6 +81,13 @@ def fit_substitutes(model, batches, ridge: float = 1e-2):
         s.bias.copy_(held_as(s.bias, (my - mx @ a @ b).float()))
 
 
+def skip_output(skip, x: torch.Tensor) -> torch.Tensor:
+    """s(x) of a router.Substitute from its whole parameters: under train.py --fsdp they are
+    shards outside their block's forward (every process calls this, in the same order)."""
+    bias = whole(skip.bias)
+    return bias.expand_as(x) if skip.down is None else x @ whole(skip.down) @ whole(skip.up) + bias
+
+
 def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
     """Fit every router, by ridge regression on the dense model, to predict what a skip of its
     sublayer would lose, log(|f(x) - s(x)| / |h|) (s the substitute, or 0), from its input x,
@@ -98,7 +105,7 @@ def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
             h, inputs, y = found[(layer, kind)]                                # (N, d) each
             skip = getattr(model.layers[layer], f"{kind}_skip")
             with torch.no_grad():
-                target = router.log_move(h, y if skip is None else y - skip(inputs))       # (N,)
+                target = router.log_move(h, y if skip is None else y - skip_output(skip, inputs))   # (N,)
             xa = torch.cat([inputs, torch.ones(len(inputs), 1, device=inputs.device)], 1).double()   # (N, d + 1)
             key = (layer, kind)
             gram[key] = gram.get(key, 0) + xa.T @ xa

@@ -435,11 +435,22 @@ class TextTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
 
+def native_dtype(device="cpu") -> str:
+    """What --dtype=auto means: "bfloat16" where the device multiplies in bfloat16 natively (a CUDA
+    GPU that supports it; a CPU with AVX512-BF16 or AMX-BF16), else "float32" (elsewhere bf16
+    would be emulated, and slower than float32)."""
+    if torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    caps = torch.cpu.get_capabilities() if torch.device(device).type == "cpu" else {}
+    return "bfloat16" if caps.get("avx512_bf16") or caps.get("amx_bf16") else "float32"
+
+
 def load(name_or_dir: str, dtype="float32", device="cpu"):
     """(model, tokenizer) for a preset name or a folder; a folder written by export.py gives
-    the sparse model (its routers attached and on)."""
+    the sparse model (its routers attached and on). dtype "auto" is native_dtype(device)."""
+    dtype = native_dtype(device) if dtype == "auto" else dtype
     if dtype not in DTYPES:
-        raise LoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise LoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} or auto")
     folder = resolve(name_or_dir)
     model = load_model(folder, DTYPES[dtype], device)
     sparse = json.loads((folder / "config.json").read_text()).get(SPARSE_SECTION)

@@ -159,14 +159,17 @@ STATIC_METHOD = {"kl": "static sublayers, KL", "bi": "static sublayers, BI", "la
 
 def method(train_config: dict, gates: str) -> str:
     """What made a result's skips, as the frontier plot and the tables name it: the gates, or
-    for a checkpoint's own gates how it was trained (a static baseline, a route, a kv mode)."""
+    for a checkpoint's own gates how it was trained (a static baseline, a route, a kv mode),
+    and what its skips add (router.Substitute) when that is not 0."""
+    rank = train_config.get("substitute")
+    adds = "" if rank is None else ", mean substitute" if rank == 0 else f", rank-{rank} substitutes"
     if gates != "learned":
-        return GATES_METHOD[gates]
+        return GATES_METHOD[gates] + adds
     if train_config.get("prune"):
-        return STATIC_METHOD[train_config["prune"]] + (" + routed" if train_config.get("prune_routed") else "")
+        return STATIC_METHOD[train_config["prune"]] + (" + routed" if train_config.get("prune_routed") else "") + adds
     variants = [f"{k}={train_config[k]}" for k, plain in (("route", "sublayer"), ("kv", "all"))
                 if train_config.get(k, plain) != plain]
-    return "routed, " + ", ".join(variants) if variants else GATES_METHOD["learned"]
+    return ("routed, " + ", ".join(variants) if variants else GATES_METHOD["learned"]) + adds
 
 
 # ----------------------------------------------------------------------------------------------

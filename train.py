@@ -79,8 +79,8 @@ DEFAULTS = dict(
     route="sublayer",              # sublayer | attn | mlp | block
     kv="all",                      # all | kept
     fit_windows=8,                 # training windows the routers are fitted on before training
-    substitute=None,               # what a skipped token adds: None = 0 (the paper), 0 = the sublayer's mean
-                                   # output, r = a rank-r linear map of its input (router.Substitute)
+    substitute=8,                  # what a skipped token adds: r = a fitted rank-r linear map of its input
+                                   # (router.Substitute), 0 = the sublayer's mean output, none = 0 (the paper)
     # sparsity
     target_density=(0.87,),        # FLOP-weighted fraction of routed work to keep (one per stage)
     anneal=0.1,                    # fraction of each later stage over which its target slides down
@@ -97,7 +97,7 @@ DEFAULTS = dict(
     save_interval=0,               # iterations between checkpoints; 0 = every eval_interval
     eval_batches=2,
     seed=1337,
-    dtype="float32",               # or bfloat16: frozen weights and activations (routers, LoRA, KL stay float32)
+    dtype="auto",                  # frozen weights, activations: auto = bfloat16 where native, else float32
     device="cpu",
     grad_checkpoint=False,
     fsdp=False,                    # torchrun: shard the model across the processes instead of copying it
@@ -105,7 +105,7 @@ DEFAULTS = dict(
 RANGES = dict(   # the valid values of every numeric flag (configurator.check_ranges)
     max_iters=AT_LEAST_1, batch_size=AT_LEAST_1, seq_len=Range(2), grad_accum=AT_LEAST_1,
     lr=AT_LEAST_0, router_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, min_lr_frac=FRACTION, grad_clip=POSITIVE,
-    lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1,
+    lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1, substitute=Range(0, or_none=True),
     target_density=FRACTION, anneal=FRACTION, density_gain=FRACTION, l1=AT_LEAST_0, ce=AT_LEAST_0,
     prune_compute=Range(0, 1, open_lo=True),
     eval_interval=AT_LEAST_1, save_interval=AT_LEAST_0, eval_batches=AT_LEAST_1, seed=AT_LEAST_0,

@@ -399,6 +399,9 @@ def test_a_result_names_the_method_that_made_its_skips():
     assert scoring.method(dict(route="block", kv="kept"), "learned") == "routed, route=block, kv=kept"
     assert scoring.method(dict(prune="kl"), "learned") == "static sublayers, KL"
     assert scoring.method(dict(prune="kl"), "random") == "random gates"
+    assert scoring.method(dict(route="sublayer", kv="all", substitute=8), "learned") == "routed (ours), rank-8 substitutes"
+    assert scoring.method(dict(prune="layer", substitute=0), "learned") == "static blocks (ShortGPT), mean substitute"
+    assert scoring.method(dict(substitute=8), "peek") == "peek rule, rank-8 substitutes"
 
 
 @torch.no_grad()

@@ -123,7 +123,7 @@ def test_a_hybrid_closes_the_removed_sublayers_and_routes_the_rest(folder, corpu
     rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert all(r["target"] is not None for r in rows)                     # the controller holds a target
     assert checkpoint.load_sparse(out / "stage1")[2]["train_state"]["iter"] == 2
-    assert method(meta["train_config"], "learned") == "static blocks (ShortGPT) + routed"
+    assert method(meta["train_config"], "learned") == "static blocks (ShortGPT) + routed, rank-8 substitutes"
     assert prune.read_removed(out) == removed                              # what a resume keeps closed
     (out / "prune.json").unlink()
     with pytest.raises(ValueError, match="cannot read what this run removed .* start the run again"):

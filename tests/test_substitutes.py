@@ -211,8 +211,13 @@ def test_training_with_substitutes_saves_and_loads_them(folder, corpus, tmp_path
 
 @pytest.mark.parametrize("bad", ["-1", "1.5", "many", "999"])
 def test_a_bad_substitute_is_a_clear_error(folder, corpus, tmp_path, bad):
-    with pytest.raises(ValueError, match="substitute="):
+    with pytest.raises(ValueError, match="substitute"):
         train.train(train.read_config(args(folder, corpus, tmp_path / "out", substitute=bad)))
+
+
+def test_the_default_adds_rank_8_and_none_is_the_papers_zero(folder, corpus, tmp_path):
+    assert train.read_config(args(folder, corpus, tmp_path / "a"))["substitute"] == 8
+    assert train.read_config(args(folder, corpus, tmp_path / "b", substitute="none"))["substitute"] is None
 
 
 def test_an_exported_folder_carries_its_substitutes(folder, corpus, tmp_path):

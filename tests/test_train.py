@@ -58,7 +58,8 @@ def corpus(tmp_path_factory):
 def args(folder, corpus, out_dir, **over):
     base = dict(init=str(folder), data=str(corpus / "train"), val_data=str(corpus / "val"),
                 out_dir=str(out_dir), max_iters=4, batch_size=2, seq_len=16, eval_interval=2,
-                eval_batches=1, lora_rank=4, target_density=0.7, warmup_iters=1, fit_windows=4)
+                eval_batches=1, lora_rank=4, target_density=0.7, warmup_iters=1, fit_windows=4,
+                dtype="float32")   # not auto: the same numbers on every CPU
     base.update(over)
     return [f"--{k}={v}" for k, v in base.items()]
 
