@@ -7,7 +7,7 @@
     python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
     python bench.py --init=checkpoints/smollm2-135m-instruct --dtype=bfloat16 --load_rss   # loading's memory
     python bench.py --init=llama-3.1-8b --random_weights=True --device=cuda --dtype=bfloat16  # a GPU, no download
-    python bench.py --compile=True --densities=1,0.5,0.25 --kv=all    # decoding steps compiled (compiled.py)
+    python bench.py --compile=True --densities=1,0.5,0.25 --kv=all    # compiled.py: decoding steps, bucketed rows
 
 Both paths run in the same process on the same weights: the dense path is
 model(idx, routers_off=True), the sparse path is the compacted default, where a skipped
@@ -28,9 +28,13 @@ turned into saved time).
 
 Our dense model against transformers' on the same folder: `python -m research.vs_hf --init=...`.
 
---compile=True runs every decoding step of batch 1 (both paths) through compiled.py's compiled
-step, and adds a first row: dense decoding eager (dense_s) against compiled (sparse_s). The first
-steps of each path compile it (minutes on a CPU, untimed warm-up). Prefill rows stay eager.
+--compile=True runs both paths through compiled.py: every decoding step of batch 1 as its
+compiled step, and every prefill with each block's MLP and attention output projection compiled
+on their rows, padded up to a bucket (one graph per bucket, not per kept count). The first rows
+compare the dense model eager (dense_s) against compiled (sparse_s), prefill and decoding. The
+untimed first run of each path compiles what it meets (minutes on a CPU); random gates draw new
+kept counts every run, so a timed prefill can still meet a new bucket and compile it (the
+median of --repeat=3 runs leaves out one such run).
 
 --random_weights builds a preset's architecture with random weights on --device instead of
 loading it (nothing is downloaded): the gates are forced, so the speed of either path does not
@@ -63,7 +67,7 @@ from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from compiled import Compiled
 from gates import forced
 from model import PRESETS, Model, ModelConfig
-from timing import HEADER, bench_gates, compiled_row, make_clock, parse_shape, token_ids, where
+from timing import HEADER, bench_gates, compiled_rows, make_clock, parse_shape, token_ids, where
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
@@ -85,7 +89,7 @@ DEFAULTS = dict(
     device="cpu",                     # cpu | cuda | cuda:1 ...
     random_weights=False,             # --init is a preset: its shapes, random weights, no download
     load_rss=False,                   # measure the peak memory of loading the model instead
-    compile=False,                    # decode batch 1 through compiled.py's compiled step (both paths)
+    compile=False,                    # compiled.py: decode batch 1 as its compiled step, prefill with bucketed rows
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
@@ -195,7 +199,7 @@ def bench_all(model, base, config, ids, clock) -> list:
     decoder = lambda m: Compiled(m) if config["compile"] else m   # noqa: E731  the model, or its compiled step
     run = decoder(model)
     print(HEADER)
-    rows = [compiled_row(model, run, config, ids, clock)] if config["compile"] else []
+    rows = compiled_rows(model, run, config, ids, clock) if config["compile"] else []
     for kv in config["kv"]:
         router.add_routers(model, config["route"], kv, substitute=config["substitute"])
         for density in config["densities"]:

@@ -32,6 +32,11 @@ A folder written by export.py (--init) is the sparse model with no base beside i
 perplexity, density and compute ratio, nothing compared with a dense model.
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
 the compacted one; both must give the same numbers.
+--compile=True runs the passes (sparse and dense, or the model alone) through compiled.py: the
+compacted path with each block's MLP and attention output projection compiled on rows padded
+to a bucket. The numbers are the eager ones (within float rounding); the seconds count the
+compiling of every bucket met after the warm-up on the first window (minutes on a CPU). It runs
+the compacted path only: not with --path=masked or --gates=peek.
 
 Beyond perplexity, in research/ (python -m research.NAME, the same flags where they apply):
 research.plots draws a --json result's density per layer (--density=r.json) and the frontier
@@ -46,6 +51,7 @@ import math
 import sys
 
 import router
+from compiled import Compiled
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
 from gates import evaluate_sparse
@@ -64,6 +70,7 @@ DEFAULTS = dict(
     gates="learned",                # --ckpt: learned | random | open | peek (see above)
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random
+    compile=False,                  # run the passes through compiled.py (see above; compiling takes minutes on a CPU)
     json=False,                     # print the results as one JSON object on the last line
 )
 RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
@@ -75,6 +82,11 @@ def check(config):
         raise ValueError("nothing to score: pass --text=FILE (benchmarks: python -m research.tasks --tasks=DIR)")
     check_ranges(config, RANGES)
     check_gates(config)
+    if config["compile"] and config["path"] == "masked":
+        raise ValueError("--compile compiles the compacted path, not the masked (training) one: drop --path=masked")
+    if config["compile"] and config["gates"] == "peek":
+        raise ValueError("--gates=peek decides from f(x) on the masked (training) path, which --compile does not "
+                         "compile: drop --compile")
 
 
 def perplexity(config, model, chunks, out: dict):
@@ -112,6 +124,8 @@ def main(argv):
     config = dict(DEFAULTS, **given)
     check(config)
     model, tok, name, meta = load_model(config, given)
+    if config["compile"]:   # reads as the model (scoring.py and gates.py take it), its rows compiled
+        model = Compiled(model)
     chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
     out = dict(model=name, ckpt=config["ckpt"] or None, text=config["text"], seq_len=config["seq_len"],
                windows=len(chunks), bos=tok.adds_bos)

@@ -142,7 +142,7 @@ def main(argv):
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
     sparse = bool(router.routers(model))     # a checkpoint, or a folder export.py wrote
     idx = torch.tensor([tok.encode(config["prompt"])], dtype=torch.long, device=config["device"])   # (1, T)
-    if config["compile"]:   # the same model, its one-token steps compiled (now: no timing counts it)
+    if config["compile"]:   # the same model, its steps and its prompt's rows compiled (now: no timing counts it)
         model = Compiled(model)
         generate(model, idx, 2, routers_off=not sparse)
     stats = router.GateStats()

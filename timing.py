@@ -165,18 +165,30 @@ def bench_gates(model, plan, gates: str, ids: torch.Tensor, clock=time.perf_coun
     return out
 
 
-def compiled_row(model, fast, plan, ids: torch.Tensor, clock=time.perf_counter) -> dict:
-    """Dense decoding, eager (model) against compiled (fast, a compiled.Compiled of it), in
-    lockstep: a row whose dense_s is the eager path's, sparse_s the compiled one's, and speedup
-    what compiling gains (ideal 1: the same FLOPs)."""
+def compiled_rows(model, fast, plan, ids: torch.Tensor, clock=time.perf_counter) -> list:
+    """The dense model eager (model) against compiled (fast, a compiled.Compiled of it), run
+    alternately: a row per prefill shape and one for decoding, whose dense_s is the eager path's,
+    sparse_s the compiled one's, and speedup what compiling gains (ideal 1: the same FLOPs)."""
+    def compared(mode, B, seq_len, queries, eager_s, compiled_s):
+        r = dict(mode=mode, kv=model.cfg.kv, gates="compiled", density=1.0, batch=B, seq_len=seq_len,
+                 new_tokens=queries, dense_s=eager_s, sparse_s=compiled_s, speedup=eager_s / compiled_s,
+                 ideal_speedup=1.0, efficiency=eager_s / compiled_s,
+                 compares="eager dense (dense_s), compiled dense (sparse_s)")
+        print_row(r)
+        return r
+
+    out = []
+    for spec in plan["prefill"]:
+        B, T = parse_shape(spec)
+        idx = ids[: B * T].view(B, T)
+        e, c, _ = interleaved(lambda: prefill_run(model, idx, True, clock),
+                              lambda: prefill_run(fast, idx, True, clock), plan["repeat"])
+        out.append(compared("prefill", B, T, None, e, c))
     B, P, n = plan["decode_batch"], plan["prompt_len"], plan["new_tokens"]
     prompt = ids[: B * P].view(B, P)
-    eager_s, compiled_s, _ = decode_runs(model, prompt, n, plan["repeat"], clock, ((model, True), (fast, True)))
-    r = dict(mode="decode", kv=model.cfg.kv, gates="compiled", density=1.0, batch=B, seq_len=P + n,
-             new_tokens=n, dense_s=eager_s, sparse_s=compiled_s, speedup=eager_s / compiled_s,
-             ideal_speedup=1.0, efficiency=eager_s / compiled_s, compares="eager dense (dense_s), compiled dense (sparse_s)")
-    print_row(r)
-    return r
+    e, c, _ = decode_runs(model, prompt, n, plan["repeat"], clock, ((model, True), (fast, True)))
+    out.append(compared("decode", B, P + n, n, e, c))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

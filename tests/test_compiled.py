@@ -1,12 +1,15 @@
-"""--compile: the compiled decoding step (compiled.py) gives the eager step's tokens, logits and gates.
+"""--compile: compiled.py gives the eager model's tokens, logits and gates.
 
     python -m pytest tests/test_compiled.py -q
 
 The routers are real ones with random weights, so the gates depend on the hidden state and
-both branches of every torch.cond run. Most checks trace the step with backend="aot_eager"
-(the graph torch.compile captures, without generating code: seconds); three run inductor's
-generated code (C++, minutes in all): one model sparse and dense, sample.py --compile and
-bench.py --compile on tiny models.
+both branches of every torch.cond run. Checked: the compiled decoding step against the eager
+step, and a prefill or a batch with bucketed rows (each block's MLP and wo compiled on rows
+padded to a bucket) against the eager compacted path, with one graph per bucket, the model's
+own modules back after every call, and evaluate.py --compile. Most checks trace with
+backend="aot_eager" (the graph torch.compile captures, without generating code: seconds);
+four run inductor's generated code (C++, minutes in all): one model sparse and dense, decoding
+and a prefill, sample.py --compile and bench.py --compile on tiny models.
 """
 import json
 import sys
@@ -18,8 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench
+import compiled
+import evaluate
 import router
-from compiled import Compiled
+from compiled import Compiled, bucket
+from model import MLP
 from test_compaction import FAMILIES, tiny_model, tokens
 
 
@@ -103,22 +109,27 @@ def test_routers_off_is_the_dense_model():
     assert_same_decoding(routed("gemma2", "all"), "aot_eager", routers_off=True)
 
 
-def test_inductors_code_decodes_as_the_eager_step():
+def test_inductors_code_decodes_and_prefills_as_the_eager_model():
     model = routed("gemma2", "kept", substitute=4)          # soft-capping, a window, kv="kept", substitutes
     assert_same_decoding(model, "inductor")
     assert_same_decoding(model, "inductor", routers_off=True)
+    assert_same_prefill(model, "inductor")
 
 
-def test_anything_but_a_one_token_step_of_batch_1_runs_the_model():
+def test_the_training_path_and_a_step_of_a_batch_run_the_model_itself():
     model = routed("llama_gqa", "all")
-    fast = Compiled(model, backend=lambda *a: pytest.fail("compiled a call that is not a decoding step"))
-    with torch.inference_mode():
-        want, _ = model(tokens(2, 6))
-        got, _ = fast(tokens(2, 6))                                # no cache, batch 2
-        cache = model.new_cache(2, 8)
-        fast(tokens(2, 6), cache=cache)                             # a prefill
-        fast(tokens(2, 1), cache=cache)                             # a step of batch 2
-    assert torch.equal(got, want)
+    fast = Compiled(model, backend=lambda *a: pytest.fail("compiled the training path or a step of batch 2"))
+    idx = tokens(2, 6)
+    with torch.no_grad():
+        want, _ = model(idx, masked=True)
+        got, _ = fast(idx, masked=True)
+        assert torch.equal(got, want)
+        caches = model.new_cache(2, 8), model.new_cache(2, 8)
+        model(idx, cache=caches[0]), model(idx, cache=caches[1])
+        want, got = model(tokens(2, 1), cache=caches[0])[0], fast(tokens(2, 1), cache=caches[1])[0]
+        assert torch.equal(got, want)
+    got, _ = fast(idx)                                              # gradients on
+    assert got.requires_grad and torch.equal(got.detach(), model(idx)[0].detach())
 
 
 def test_a_cache_with_deferred_kv_is_refused():
@@ -134,16 +145,113 @@ def test_a_cache_with_deferred_kv_is_refused():
             Compiled(model, "aot_eager")(tokens(1, 1), cache=cache)
 
 
-def test_bench_compile_adds_the_eager_against_compiled_row(monkeypatch, capsys):
+# ----------------------------------------------------------------------------------------------
+# A prefill or a batch: the row-wise sublayers compiled on bucketed rows
+# ----------------------------------------------------------------------------------------------
+
+class Graphs:
+    """A torch.compile backend that counts the graphs it is given (count) and the calls of their
+    compiled code (calls), compiling each with backend."""
+
+    def __init__(self, backend="aot_eager"):
+        self.backend, self.count, self.calls = torch._dynamo.lookup_backend(backend), 0, 0
+
+    def __call__(self, gm, example_inputs):
+        self.count += 1
+        run = self.backend(gm, example_inputs)
+
+        def counted(*args):
+            self.calls += 1
+            return run(*args)
+        return counted
+
+
+def assert_same_prefill(model, backend):
+    """Batch 2 through the model and through its Compiled, with no cache, dense, and with a cache
+    (two prefills): the same logits and gates, and one graph per (kind of module, bucket) of the
+    row counts the calls met."""
+    graphs = Graphs(backend)
+    fast, idx = Compiled(model, graphs), tokens(2, 64, seed=3)     # 128 rows
+    caches = model.new_cache(2, 64), model.new_cache(2, 64)         # the eager model's, the Compiled's
+    calls = [(idx, False, None, None), (idx, True, None, None),     # sparse, dense
+             (idx[:, :40], False, *caches), (idx[:, 40:], False, *caches)]      # a prefill, then more
+    buckets = set()
+    with torch.inference_mode():
+        for x, routers_off, want_cache, got_cache in calls:
+            want, want_records = model(x, cache=want_cache, routers_off=routers_off)
+            got, got_records = fast(x, cache=got_cache, routers_off=routers_off)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            assert [(r.layer, r.kind) for r in got_records] == [(r.layer, r.kind) for r in want_records]
+            assert all(torch.equal(g.keep, w.keep) for g, w in zip(got_records, want_records))
+            assert router.GateStats(got_records).mean() == router.GateStats(want_records).mean()
+            rows = ({(r.kind, int(r.keep.sum())) for r in want_records} if not routers_off
+                    else {("attn", x.numel()), ("mlp", x.numel())})           # dense: every row
+            buckets |= {(kind, bucket(n)) for kind, n in rows if n}
+        records = model(idx)[1]
+    assert any(len(set(r.keep.sum(1).tolist())) > 1 for r in records), "the sequences should keep unlike counts"
+    assert any(not r.keep.all() for r in records)
+    assert graphs.count == len(buckets) >= 3                        # not one per layer or per kept count
+    for block in model.layers:                                      # the model's own modules again
+        assert "forward" not in vars(block.mlp) and "forward" not in vars(block.attn.wo)
+
+
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefill_with_bucketed_rows_gives_the_eager_logits(family, kv):
+    assert_same_prefill(routed(family, kv, substitute=4), "aot_eager")
+
+
+def test_buckets_share_one_graph_across_kept_counts_and_layers():
+    """Kept counts 70 and 100 in both layers: one MLP graph of 128 rows; 130 rows: a second one."""
+    assert [bucket(n) for n in (0, 1, 64, 65, 70, 100, 128, 1024, 1025, 2048, 2049)] == \
+        [64, 64, 64, 128, 128, 128, 128, 1024, 1152, 2048, 2304]
+    assert all((bucket(n) - n) / n < 1 / 8 for n in range(1025, 9000, 7))     # padding past 1024 rows
+    model = tiny_model("llama_gqa")
+    graphs = Graphs()
+    fast = Compiled(model, graphs)
+    with torch.inference_mode(), fast.bucketed_rows():
+        for n in (70, 100, 130):
+            for block in model.layers:
+                x = torch.randn(n, model.cfg.dim)
+                torch.testing.assert_close(block.mlp(x), MLP.forward(block.mlp, x), atol=1e-6, rtol=1e-6)
+            assert graphs.count == (1 if n < 128 else 2)
+        y = model.layers[0].attn.wo(torch.randn(2, 3, model.cfg.n_heads * model.cfg.head_dim))
+        assert y.shape == (2, 3, model.cfg.dim) and graphs.count == 3       # wo, a Linear: a graph of its own
+
+
+def test_the_models_own_modules_are_back_after_a_call_even_one_that_raises():
+    model = routed("llama_gqa", "all")
+    fast, idx = Compiled(model, "aot_eager"), tokens(2, 16)
+    with torch.inference_mode():
+        want, _ = model(idx)
+        fast(idx)
+        for block in model.layers:
+            assert "forward" not in vars(block.mlp) and "forward" not in vars(block.attn.wo)
+
+        def boom(module, args, out):
+            assert "forward" in vars(module)                        # the bucketed rows ran
+            raise RuntimeError("boom")
+
+        hook = model.layers[1].mlp.register_forward_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            fast(idx)
+        hook.remove()
+        for block in model.layers:
+            assert "forward" not in vars(block.mlp) and "forward" not in vars(block.attn.wo)
+        assert torch.equal(model(idx)[0], want)                     # eager: the model's own forward
+
+
+def test_bench_compile_adds_the_eager_against_compiled_rows(monkeypatch, capsys):
     monkeypatch.setitem(bench.PRESETS, "tiny-llama", dict(vocab_size=300, dim=32, n_layers=2, n_heads=4,
                                                          n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=64))
     bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=0.5", "--kv=all", "--prefill=1x16",
                 "--prompt_len=8", "--new_tokens=12", "--repeat=1", "--threads=1", "--compile=True", "--json"])
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [(r["mode"], r["gates"]) for r in rows] == [("decode", "compiled"), ("prefill", "random"),
-                                                       ("decode", "random")]
-    assert rows[0]["density"] == 1.0 and rows[0]["dense_s"] > 0 and rows[0]["sparse_s"] > 0
-    assert 0.1 < rows[2]["density"] < 0.9                         # 48 random gates at 0.5
+    assert [(r["mode"], r["gates"]) for r in rows] == [("prefill", "compiled"), ("decode", "compiled"),
+                                                       ("prefill", "random"), ("decode", "random")]
+    for r in rows[:2]:
+        assert r["density"] == 1.0 and r["dense_s"] > 0 and r["sparse_s"] > 0
+    assert 0.1 < rows[3]["density"] < 0.9                         # 48 random gates at 0.5
     with pytest.raises(ValueError, match="use --decode_batch=1"):
         bench.main(["--init=tiny-llama", "--random_weights=True", "--compile=True", "--decode_batch=2"])
 
@@ -161,3 +269,34 @@ def test_sample_compile_prints_the_eager_text(tiny_hf, tmp_path_factory, capsys)
     eager = capsys.readouterr().out.splitlines()[0]
     sample.main(argv + ["--compile=True"])
     assert capsys.readouterr().out.splitlines()[0] == eager
+
+
+def test_evaluate_compile_gives_the_eager_numbers(tiny_hf, tmp_path_factory, monkeypatch, capsys):
+    """evaluate.py --compile=True on a sparse checkpoint and on its base model: the perplexities,
+    KL and densities of the eager run, through compiled graphs; refused with the masked path."""
+    from conftest import tiny_model_folder, word_text_file
+    from test_cli import SEQ_LEN, make_checkpoint
+    folder = tiny_model_folder(tiny_hf, tmp_path_factory, "llama", False)
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("compiled") / "ckpt", folder, lora_std=0.3)
+    text = word_text_file(tmp_path_factory, "val", 400, seed=0)
+    graphs = Graphs()
+    monkeypatch.setattr(evaluate, "Compiled", lambda model: compiled.Compiled(model, graphs))   # not inductor: fast
+
+    def run(*argv):
+        evaluate.main([*argv, f"--text={text}", f"--seq_len={SEQ_LEN}", "--json"])
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    against_dense = ("perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "density", "compute_ratio")
+    for argv, keys in (([f"--ckpt={ckpt}"], against_dense), ([f"--ckpt={ckpt}", "--gates=random"], against_dense),
+                       ([f"--init={folder}"], ("perplexity",))):
+        eager, before = run(*argv), graphs.calls
+        fast = run(*argv, "--compile=True")
+        assert graphs.calls > before                                     # it did run compiled graphs
+        for key in keys:
+            assert fast[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-7), (argv, key)
+        if "density" in keys:
+            assert 0.2 < fast["density"] < 0.8 and fast["kl_to_dense"] > 1e-3   # the gates skip, LoRA moves
+    with pytest.raises(ValueError, match="drop --path=masked"):
+        evaluate.main([f"--ckpt={ckpt}", f"--text={text}", "--compile=True", "--path=masked"])
+    with pytest.raises(ValueError, match="--gates=peek .* drop --compile"):
+        evaluate.main([f"--ckpt={ckpt}", f"--text={text}", "--compile=True", "--gates=peek"])
