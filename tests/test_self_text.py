@@ -1,0 +1,75 @@
+"""research/self_text.py on a tiny random model folder: the text it writes, and its errors.
+
+    python -m pytest tests/test_self_text.py -q
+
+What is checked: the file holds at least --tokens sampled tokens, split into samples at blank
+lines; the same seed writes the same text and another seed another; no temporary file is left
+behind; a sample starts after BOS, or else after the end-of-text token; bad flags are errors naming the fix.
+"""
+import json
+
+import pytest
+
+import load_weights
+import test_train
+from research import self_text
+
+folder = test_train.folder            # the tiny llama model folder (a module-scoped fixture)
+
+
+def write(folder, out, *flags):
+    return self_text.main([f"--init={folder}", f"--out={out}", "--tokens=40", "--batch_size=2", "--length=12",
+                           "--dtype=float32", *flags])
+
+
+def test_writes_at_least_the_tokens_asked_for(folder, tmp_path, capsys):
+    out = tmp_path / "self.txt"
+    result = write(folder, out)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    text = out.read_text()
+    _, tok = load_weights.load(str(folder))
+    assert result["samples"] == len(text.strip().split("\n\n")) >= 1
+    assert result["tokens"] >= 40 - 2 * 12          # the last batch may end early at EOS ...
+    assert len(tok.encode(text, special=False)) >= result["tokens"] - result["samples"]
+    assert [p.name for p in tmp_path.iterdir()] == ["self.txt"]      # no .tmp left behind
+
+
+def test_a_seed_is_a_text(folder, tmp_path):
+    write(folder, tmp_path / "a.txt", "--seed=3")
+    write(folder, tmp_path / "b.txt", "--seed=3")
+    write(folder, tmp_path / "c.txt", "--seed=4")
+    a, b, c = ((tmp_path / f"{n}.txt").read_text() for n in "abc")
+    assert a == b and a != c
+
+
+class Vocab:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def token_to_id(self, name):
+        return self.ids.get(name)
+
+
+class Tok:
+    def __init__(self, adds_bos, bos_id, ids):
+        self.adds_bos, self.bos_id, self.tok = adds_bos, bos_id, Vocab(ids)
+
+
+def test_a_sample_starts_where_a_document_starts():
+    assert self_text.start_id(Tok(True, 2, {"<eos>": 1})) == 2                # Gemma: after BOS
+    assert self_text.start_id(Tok(False, 1, {"<|endoftext|>": 0})) == 0       # SmolLM2: after <|endoftext|>
+    assert self_text.start_id(Tok(False, 1, {"</s>": 5})) == 5
+    assert self_text.start_id(Tok(False, 7, {})) == 7                         # nothing else: BOS
+    with pytest.raises(ValueError, match="no BOS or end-of-text token"):
+        self_text.start_id(Tok(False, None, {}))
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--top_p=0", "--top_p=0 is out of range: it must be in (0, 1]"),
+    ("--temperature=0", "--temperature=0 is out of range: it must be > 0"),
+    ("--length=1", "--length=1 is out of range: it must be >= 2"),
+])
+def test_bad_flags_name_the_fix(folder, tmp_path, flag, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        write(folder, tmp_path / "x.txt", flag)
+    assert not (tmp_path / "x.txt").exists()
