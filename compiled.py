@@ -27,9 +27,11 @@ from a cache that a prefill filled. Same weights, same gates, the same logits as
 model: tests/test_compiled.py checks it for every family and both kv modes. model.py, router.py
 and compact.py do not know about this file.
 
-On this CPU compiled dense decoding is 14 % faster than eager, but a skip saves less time here
-than in the eager step (efficiency 0.92 against 0.97 at density 0.5; RESULTS.md, "A compiled
-decoding step"), so the eager step stays the default. The bucketed rows' speed is not measured yet.
+On this CPU compiled dense decoding is 9-14 % faster than eager, but a skip saves less time here
+than in the eager step (efficiency 0.90 against 0.97 at density 0.5), and a compiled prefill
+does not pay: its matmuls are the same BLAS calls, and padding to a bucket adds work (dense 0.97x
+eager; efficiency 0.90 at density 0.5, 0.73 at 0.25). Fixed shapes are for a GPU, where a graph
+needs them; on a CPU the eager path stays the default (RESULTS.md, "A compiled decoding step").
 
 How the compiled step differs from compact.step, and why:
 - A cond's branches may not write to the cache. So every token projects its K/V and writes them
