@@ -44,7 +44,7 @@ How the compiled step differs from compact.step, and why:
   from one step to the next. It compiles once per cache size, and Compiled.new_cache rounds
   sizes up to a multiple of 256.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -90,9 +90,9 @@ class Compiled:
         self.model, self.cfg = model, model.cfg
         # Shapes are fixed (dynamic=False): a new cache size, or a model with other gates (bench.py's
         # forced densities, its dense path), compiles the step again, a new bucket the rows, and
-        # each is one more entry to keep (ROW_GRAPHS: the rows' count, the larger one)
+        # each is one more entry to keep (ROW_GRAPHS of them: the rows need more than the step)
         dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 64, ROW_GRAPHS)
+        dynamo.recompile_limit = max(dynamo.recompile_limit, ROW_GRAPHS)
         # cpp_wrapper: inductor writes the code around its kernels (the calls, each cond's branch) in
         # C++ too, not Python; a branch then costs ~nothing, and sparse steps run faster than eager
         options = dict(cpp_wrapper=True) if backend == "inductor" else None
@@ -120,9 +120,8 @@ class Compiled:
         if cache is not None and idx.shape == (1, 1) and cache.batch_size == 1 and not kw:
             return self.decode(idx, cache, routers_off)
         step = cache is not None and idx.shape[1] == 1      # B rows: a bucket would pad them to 64
-        if step or kw.get("masked") or torch.is_grad_enabled():
-            return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
-        with self.bucketed_rows():
+        eager = step or kw.get("masked") or torch.is_grad_enabled()
+        with nullcontext() if eager else self.bucketed_rows():
             return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
 
     @contextmanager

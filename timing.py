@@ -147,21 +147,28 @@ def row(model, mode, gates, B, seq_len, queries, dense_s, sparse_s, records) -> 
                 efficiency=speedup * ratio)
 
 
-def bench_gates(model, plan, gates: str, ids: torch.Tensor, clock=time.perf_counter) -> list:
-    """Prefill and decode rows for the gates the model has now (plan: see the top of this file)."""
-    out = []
+def timed_pairs(plan, ids: torch.Tensor, paths, clock=time.perf_counter):
+    """Two paths ((model, routers_off), (model, routers_off)) timed against each other on every
+    prefill shape of the plan, then in decoding: yields (mode, batch, seq_len, queries (None for a
+    prefill), first path's seconds, second path's seconds, second path's gate records)."""
+    (first, first_off), (second, second_off) = paths
     for spec in plan["prefill"]:
         B, T = parse_shape(spec)
         idx = ids[: B * T].view(B, T)
-        d, s, recs = interleaved(lambda: prefill_run(model, idx, True, clock),
-                                 lambda: prefill_run(model, idx, False, clock), plan["repeat"])
-        out.append(row(model, "prefill", gates, B, T, None, d, s, recs))
-        print_row(out[-1])
+        a, b, recs = interleaved(lambda: prefill_run(first, idx, first_off, clock),
+                                 lambda: prefill_run(second, idx, second_off, clock), plan["repeat"])
+        yield "prefill", B, T, None, a, b, recs
     B, P, n = plan["decode_batch"], plan["prompt_len"], plan["new_tokens"]
-    prompt = ids[: B * P].view(B, P)
-    d, s, recs = decode_runs(model, prompt, n, plan["repeat"], clock)
-    out.append(row(model, "decode", gates, B, P + n, n, d, s, recs))
-    print_row(out[-1])
+    a, b, recs = decode_runs(first, ids[: B * P].view(B, P), n, plan["repeat"], clock, paths)
+    yield "decode", B, P + n, n, a, b, recs
+
+
+def bench_gates(model, plan, gates: str, ids: torch.Tensor, clock=time.perf_counter) -> list:
+    """Prefill and decode rows for the gates the model has now (plan: see the top of this file)."""
+    out = []
+    for mode, B, seq_len, queries, d, s, recs in timed_pairs(plan, ids, ((model, True), (model, False)), clock):
+        out.append(row(model, mode, gates, B, seq_len, queries, d, s, recs))
+        print_row(out[-1])
     return out
 
 
@@ -169,25 +176,12 @@ def compiled_rows(model, fast, plan, ids: torch.Tensor, clock=time.perf_counter)
     """The dense model eager (model) against compiled (fast, a compiled.Compiled of it), run
     alternately: a row per prefill shape and one for decoding, whose dense_s is the eager path's,
     sparse_s the compiled one's, and speedup what compiling gains (ideal 1: the same FLOPs)."""
-    def compared(mode, B, seq_len, queries, eager_s, compiled_s):
-        r = dict(mode=mode, kv=model.cfg.kv, gates="compiled", density=1.0, batch=B, seq_len=seq_len,
-                 new_tokens=queries, dense_s=eager_s, sparse_s=compiled_s, speedup=eager_s / compiled_s,
-                 ideal_speedup=1.0, efficiency=eager_s / compiled_s,
-                 compares="eager dense (dense_s), compiled dense (sparse_s)")
-        print_row(r)
-        return r
-
     out = []
-    for spec in plan["prefill"]:
-        B, T = parse_shape(spec)
-        idx = ids[: B * T].view(B, T)
-        e, c, _ = interleaved(lambda: prefill_run(model, idx, True, clock),
-                              lambda: prefill_run(fast, idx, True, clock), plan["repeat"])
-        out.append(compared("prefill", B, T, None, e, c))
-    B, P, n = plan["decode_batch"], plan["prompt_len"], plan["new_tokens"]
-    prompt = ids[: B * P].view(B, P)
-    e, c, _ = decode_runs(model, prompt, n, plan["repeat"], clock, ((model, True), (fast, True)))
-    out.append(compared("decode", B, P + n, n, e, c))
+    for mode, B, seq_len, queries, e, c, _ in timed_pairs(plan, ids, ((model, True), (fast, True)), clock):
+        out.append(dict(mode=mode, kv=model.cfg.kv, gates="compiled", density=1.0, batch=B, seq_len=seq_len,
+                        new_tokens=queries, dense_s=e, sparse_s=c, speedup=e / c, ideal_speedup=1.0,
+                        efficiency=e / c, compares="eager dense (dense_s), compiled dense (sparse_s)"))
+        print_row(out[-1])
     return out
 
 

@@ -55,7 +55,8 @@ def start_id(tok) -> int:
 
 
 def samples(model, tok, config):
-    """Yield sampled texts (str), batch by batch, until config["tokens"] tokens are drawn."""
+    """Yield (sampled text, its token count), batch by batch, until config["tokens"] tokens are
+    drawn."""
     gen = torch.Generator(device=config["device"]).manual_seed(config["seed"])
     first = start_id(tok)
     stops = set(tok.eos_ids) | {first}
@@ -73,7 +74,7 @@ def samples(model, tok, config):
                 bar.update(len(ids))
                 text = tok.decode(ids).strip()
                 if text:
-                    yield text
+                    yield text, len(ids)
 
 
 def write_atomic(path: Path, text: str):
@@ -91,10 +92,10 @@ def main(argv) -> dict:
     model, tok = load_weights.load(config["init"], config["dtype"], config["device"])
     model.eval()
     t0 = time.perf_counter()
-    texts = list(samples(model, tok, config))
+    texts, counts = zip(*samples(model, tok, config))
     write_atomic(Path(config["out"]), "\n\n".join(texts) + "\n")
-    out = dict(init=config["init"], out=config["out"], samples=len(texts),
-               tokens=sum(len(tok.encode(t, special=False)) for t in texts), seconds=time.perf_counter() - t0)
+    out = dict(init=config["init"], out=config["out"], samples=len(texts), tokens=sum(counts),
+               seconds=time.perf_counter() - t0)
     print(json.dumps(out))
     return out
 
