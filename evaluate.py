@@ -28,6 +28,8 @@ pass. --gates picks what decides the skips (gates.py forces the baselines onto t
            --target_compute (+-0.005). It computes f(x) to decide, so it saves nothing: it
            shows how good per-token decisions can be before any training. Without --ckpt it
            attaches routers to every sublayer of the --init model.
+  peek_lora  the peek rule on the trained model (LoRA on, --ckpt): how far the learned routers'
+           choices are from the rule's, on the weights they were trained with.
 A folder written by export.py (--init) is the sparse model with no base beside it: its
 perplexity, density and compute ratio, nothing compared with a dense model.
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
@@ -36,7 +38,7 @@ the compacted one; both must give the same numbers.
 compacted path with each block's MLP and attention output projection compiled on rows padded
 to a bucket. The numbers are the eager ones (within float rounding); the seconds count the
 compiling of every bucket met after the warm-up on the first window (minutes on a CPU). It runs
-the compacted path only: not with --path=masked or --gates=peek.
+the compacted path only: not with --path=masked or --gates=peek(_lora).
 
 Beyond perplexity, in research/ (python -m research.NAME, the same flags where they apply):
 research.plots draws a --json result's density per layer (--density=r.json) and the frontier
@@ -54,7 +56,7 @@ import router
 from compiled import Compiled
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
-from gates import evaluate_sparse
+from gates import PEEK, evaluate_sparse
 from scoring import check_gates, evaluate, load_model, method, read_text, windows
 
 DEFAULTS = dict(
@@ -67,7 +69,7 @@ DEFAULTS = dict(
     dtype="float32",                # float32 | bfloat16 | float16
     device="cpu",                   # cpu | cuda | cuda:1 | mps
     path="compact",                 # --ckpt: compact (skipped work removed) | masked (training path)
-    gates="learned",                # --ckpt: learned | random | open | peek (see above)
+    gates="learned",                # --ckpt: learned | random | open | peek | peek_lora (see above)
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random
     compile=False,                  # run the passes through compiled.py (see above; compiling takes minutes on a CPU)
@@ -84,9 +86,9 @@ def check(config):
     check_gates(config)
     if config["compile"] and config["path"] == "masked":
         raise ValueError("--compile compiles the compacted path, not the masked (training) one: drop --path=masked")
-    if config["compile"] and config["gates"] == "peek":
-        raise ValueError("--gates=peek decides from f(x) on the masked (training) path, which --compile does not "
-                         "compile: drop --compile")
+    if config["compile"] and config["gates"] in PEEK:
+        raise ValueError(f"--gates={config['gates']} decides from f(x) on the masked (training) path, which "
+                         "--compile does not compile: drop --compile")
 
 
 def perplexity(config, model, chunks, out: dict):
@@ -106,7 +108,7 @@ def perplexity(config, model, chunks, out: dict):
 
 def against_dense(config, model, chunks, meta, out: dict):
     """The sparse model under --gates against its dense base (gates.evaluate_sparse)."""
-    path = "masked" if config["gates"] == "peek" else config["path"]         # peek decides from f(x)
+    path = "masked" if config["gates"] in PEEK else config["path"]         # peek decides from f(x)
     out.update(path=path, gates=config["gates"], route=model.cfg.route, kv=model.cfg.kv,
                method=method(meta.get("train_config", {}) if config["ckpt"] else {}, config["gates"]))
     out.update(evaluate_sparse(model, chunks, config["seq_len"], config["batch_size"], config["path"], config["gates"],

@@ -148,6 +148,9 @@ def peek_hooks(model, thresholds: dict) -> list:
     return hooks
 
 
+PEEK = ("peek", "peek_lora")    # the peek rule on the base weights, and on the trained ones (LoRA on)
+
+
 def peek_gates(model, log_threshold: float, savings: dict) -> dict:
     """forced()'s table for the peek rule with one global threshold: a token computes a sublayer
     iff |f(x) - s(x)| / |h| per FLOP that skipping it would save is above exp(log_threshold).
@@ -158,16 +161,17 @@ def peek_gates(model, log_threshold: float, savings: dict) -> dict:
     return {(l, k): ("peek", log_threshold + math.log(savings[k])) for l, k, _ in router.routers(model)}
 
 
-def peek_threshold(model, chunks, seq_len, target: float, batch_size=4, tol=0.004) -> dict:
+def peek_threshold(model, chunks, seq_len, target: float, batch_size=4, tol=0.004, adapters=False) -> dict:
     """forced()'s table of peek gates whose compute ratio on chunks is target +- tol.
 
     The compute ratio falls as the global log threshold rises; regula falsi (Illinois) finds it
-    in a few passes, each a masked forward over the windows with the base weights.
+    in a few passes, each a masked forward over the windows with the base weights (adapters:
+    with the LoRA adapters on, as --gates=peek_lora runs).
     """
     savings = skip_savings(model.cfg, seq_len)
 
     def excess(t):                                       # compute ratio at threshold t, minus target
-        with forced(model, peek_gates(model, t, savings)), lora.disabled(model):
+        with forced(model, peek_gates(model, t, savings)), adapters_off(model, not adapters):
             stats = scoring.gate_stats(model, chunks, batch_size, "masked", f"peek threshold {t:.2f}")
             return compute_ratio(model.cfg, seq_len, stats.density()) - target
 
@@ -200,12 +204,17 @@ def gates_as(model, chunks, seq_len, gates="learned", path="compact", batch_size
     if gates == "random":
         # the densities the learned routers show on this text, then coin flips at those rates
         table = scoring.gate_stats(model, chunks, batch_size, path).density()
-    adapters_off = lora.disabled(model) if gates == "peek" else contextlib.nullcontext()
-    if gates == "peek":
-        table, path = peek_threshold(model, chunks, seq_len, target_compute, batch_size), "masked"
+    if gates in PEEK:
+        table = peek_threshold(model, chunks, seq_len, target_compute, batch_size, adapters=gates == "peek_lora")
+        path = "masked"
     torch.manual_seed(seed)
-    with forced(model, table), adapters_off:
+    with forced(model, table), adapters_off(model, gates == "peek"):
         yield path
+
+
+def adapters_off(model, off: bool):
+    """lora.disabled(model) when off, else a block that changes nothing."""
+    return lora.disabled(model) if off else contextlib.nullcontext()
 
 
 def evaluate_sparse(model, chunks, seq_len, batch_size=4, path="compact", gates="learned", seed=1337,

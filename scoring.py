@@ -153,7 +153,8 @@ def read_text(path):
         raise ValueError(f"cannot read --text={path} ({e}): pass a UTF-8 text file") from None
 
 
-GATES_METHOD = {"learned": "routed (ours)", "random": "random gates", "peek": "peek rule", "open": "LoRA only"}
+GATES_METHOD = {"learned": "routed (ours)", "random": "random gates", "peek": "peek rule", "open": "LoRA only",
+                "peek_lora": "peek rule, LoRA on"}
 STATIC_METHOD = {"kl": "static sublayers, KL", "bi": "static sublayers, BI", "layer": "static blocks (ShortGPT)"}
 
 
@@ -180,8 +181,10 @@ def check_gates(config):
     """The flags every research command shares with evaluate.py: --path, --gates, --device."""
     if config["path"] not in ("compact", "masked"):
         raise ValueError(f"--path must be compact or masked, got {config['path']!r}")
-    if config["gates"] not in ("learned", "random", "open", "peek"):
-        raise ValueError(f"--gates must be learned, random, open or peek, got {config['gates']!r}")
+    if config["gates"] not in GATES_METHOD:
+        raise ValueError(f"--gates must be learned, random, open, peek or peek_lora, got {config['gates']!r}")
+    if config["gates"] == "peek_lora" and not config["ckpt"]:
+        raise ValueError("--gates=peek_lora runs the peek rule on a checkpoint's trained adapters: pass --ckpt")
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import lora
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
-from gates import gates_as
+from gates import PEEK, gates_as
 from research.tasks import benchmark, read_task, task_paths
 from scoring import check_gates, compare_dense, load_model, read_text, windows
 from timing import HEADER, bench_gates, make_clock, token_ids
@@ -92,7 +92,7 @@ def suite(config, model, tok, name) -> dict:
         out["tasks"] = [benchmark(model, tok, t, config["limit"], config["requests_per_batch"],
                                   config["max_new_tokens"], ("dense", "sparse"), path)
                         for t in tqdm(tasks, desc="tasks")]
-        out["prefill"], out["decode"] = speed(model, tok, config) if config["gates"] != "peek" else (None, None)
+        out["prefill"], out["decode"] = speed(model, tok, config) if config["gates"] not in PEEK else (None, None)
     for mode in ("prefill", "decode"):                 # peek gates compute f(x) to decide: nothing to time
         out[f"{mode}_speedup"] = out[mode]["speedup"] if out[mode] else None
     out["repeat"] = config["repeat"]

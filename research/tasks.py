@@ -55,7 +55,7 @@ import lora
 import router
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
 from flops import compute_ratio
-from gates import gates_as
+from gates import PEEK, gates_as
 from generate import decode, sample_next
 from scoring import check_gates, dense_hidden, load_model, read_text, sparse_hidden, windows
 
@@ -372,8 +372,8 @@ def check(config):
     if config["gates"] == "random" and not (config["ckpt"] and config["text"]):
         raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
                          "learned gates' densities are measured")
-    if config["gates"] == "peek" and not config["text"]:
-        raise ValueError("--tasks with --gates=peek needs --text=FILE, the text on which the threshold for "
+    if config["gates"] in PEEK and not config["text"]:
+        raise ValueError(f"--tasks with --gates={config['gates']} needs --text=FILE, the text on which the threshold for "
                          "--target_compute is chosen")
     check_gates(config)
 

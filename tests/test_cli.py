@@ -381,6 +381,26 @@ def test_gates_peek_lands_on_the_target_compute_with_the_base_weights(ckpts, tex
         gates.evaluate_sparse(model, chunks, SEQ_LEN, gates="peek", target_compute=0.01)
 
 
+def test_gates_peek_lora_runs_the_peek_rule_with_the_trained_adapters(ckpts, text_file):
+    """--gates=peek_lora: the same rule and target, with LoRA on. A checkpoint whose LoRA B is
+    zero gives --gates=peek's numbers exactly; one with trained adapters gives others."""
+    out = {}
+    for ckpt in ckpts:
+        model, tok, _ = checkpoint.load_sparse(ckpt)
+        chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+        for g in ("peek", "peek_lora"):
+            out[ckpt, g] = gates.evaluate_sparse(model, chunks, SEQ_LEN, gates=g, target_compute=0.8)
+            assert all(m.enabled for m in lora.adapters(model))                         # restored afterwards
+    zero, trained = ckpts
+    assert out[zero, "peek_lora"]["compute_ratio"] == pytest.approx(0.8, abs=0.005)
+    assert out[trained, "peek_lora"]["compute_ratio"] == pytest.approx(0.8, abs=0.005)
+    assert out[zero, "peek_lora"]["perplexity"] == out[zero, "peek"]["perplexity"]
+    assert out[trained, "peek_lora"]["perplexity"] != out[trained, "peek"]["perplexity"]
+    assert out[trained, "peek"]["perplexity"] == out[zero, "peek"]["perplexity"]         # peek: the base weights
+    with pytest.raises(ValueError, match="peek_lora .* pass --ckpt"):
+        evaluate.main([f"--text={text_file}", "--gates=peek_lora"])
+
+
 def test_frontier_draws_one_line_per_method(tmp_path):
     rows = [dict(gates="learned", compute_ratio=0.9, perplexity=11.0), dict(gates="learned", compute_ratio=0.95, perplexity=10.5),
             dict(gates="random", compute_ratio=0.9, perplexity=15.0), dict(gates="peek", compute_ratio=0.9, perplexity=12.0),
