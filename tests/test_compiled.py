@@ -12,8 +12,11 @@ four run inductor's generated code (C++, minutes in all): one model sparse and d
 and a prefill, sample.py --compile and bench.py --compile on tiny models.
 """
 import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +28,7 @@ import compiled
 import evaluate
 import router
 from compiled import Compiled, bucket
-from model import MLP
+from model import MLP, PRESETS, ModelConfig
 from test_compaction import FAMILIES, tiny_model, tokens
 
 
@@ -300,3 +303,32 @@ def test_evaluate_compile_gives_the_eager_numbers(tiny_hf, tmp_path_factory, mon
         evaluate.main([f"--ckpt={ckpt}", f"--text={text}", "--compile=True", "--path=masked"])
     with pytest.raises(ValueError, match="--gates=peek .* drop --compile"):
         evaluate.main([f"--ckpt={ckpt}", f"--text={text}", "--compile=True", "--gates=peek"])
+
+
+# ----------------------------------------------------------------------------------------------
+# tools/gpu_bench.sh: the GPU rows, prepared on a machine without one
+# ----------------------------------------------------------------------------------------------
+
+GPU_BENCH = Path(__file__).resolve().parents[1] / "tools" / "gpu_bench.sh"
+
+
+def test_gpu_bench_script_runs_commands_that_bench_accepts():
+    """Every bench line of the script is a valid bench.py command for its preset (flags, shapes,
+    the context), so a GPU session spends its minutes measuring, not on a typo."""
+    text = GPU_BENCH.read_text()
+    common = shlex.split(text.split('COMMON="', 1)[1].split('"', 1)[0])
+    lines = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith("bench ")]
+    assert len(lines) == 5
+    for args in lines:
+        config = dict(bench.DEFAULTS, **bench.overrides(bench.DEFAULTS, common + args))
+        bench.check(config)
+        assert config["random_weights"] and config["device"] == "cuda" and config["init"] in PRESETS
+        bench.check_context(SimpleNamespace(cfg=ModelConfig(**PRESETS[config["init"]])), config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the script would measure it")
+def test_gpu_bench_script_stops_with_a_clear_message_without_a_gpu(tmp_path):
+    run = subprocess.run(["bash", str(GPU_BENCH), str(tmp_path / "gpu")], capture_output=True, text=True,
+                         cwd=GPU_BENCH.parents[1])
+    assert run.returncode == 2 and "no CUDA device" in run.stderr
+    assert not list((tmp_path / "gpu").glob("*.json"))
