@@ -461,7 +461,7 @@ def test_cli_with_checkpoint(tiny, ckpts, text_file, tmp_path, capsys):
     assert "sparse" in out and "dense" in out and "layer" in out and "compute ratio" in out
     sample.main([f"--ckpt={ckpts[1]}", "--prompt=the cat", "--max_new_tokens=4"])
     assert "\033[48;5;" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--gates must be learned, random, open or peek, got 'lerned'"):
+    with pytest.raises(ValueError, match="--gates must be learned, random, open, peek or peek_lora, got 'lerned'"):
         evaluate.main([f"--ckpt={ckpts[1]}", f"--text={text_file}", "--gates=lerned"])
 
 
