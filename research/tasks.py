@@ -373,8 +373,8 @@ def check(config):
         raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
                          "learned gates' densities are measured")
     if config["gates"] in PEEK and not config["text"]:
-        raise ValueError(f"--tasks with --gates={config['gates']} needs --text=FILE, the text on which the threshold for "
-                         "--target_compute is chosen")
+        raise ValueError(f"--tasks with --gates={config['gates']} needs --text=FILE, the text on which the "
+                         "threshold for --target_compute is chosen")
     check_gates(config)
 
 

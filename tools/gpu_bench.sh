@@ -9,7 +9,8 @@
 #
 #   1. Llama-3.1-8B shape, eager: prefill 1 x 2048, decoding 64 tokens after 512, batch 1
 #   2. the same, --compile=True (compiled.py: the decoding step, bucketed prefill rows)
-#   3. Llama-3.1-8B shape, eager decoding at batch 8 (--compile decodes batch 1 only)
+#   3. Llama-3.1-8B shape, eager decoding at batch 8 alone (--compile decodes batch 1 only;
+#      its prefill rows would repeat 1's)
 #   4. SmolLM2-135M shape, eager and compiled, as 1 and 2
 #
 # The most important rows come first, and every command has its own time limit, so a slow
@@ -40,7 +41,7 @@ bench() {   # bench NAME SECONDS ARGS...: one bench.py run under a time limit
 
 bench llama8b-eager    120 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=512 --new_tokens=64
 bench llama8b-compiled 180 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=512 --new_tokens=64 --compile=True
-bench llama8b-eager-b8  60 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=512 --new_tokens=32 --decode_batch=8
+bench llama8b-eager-b8  60 --init=llama-3.1-8b --prefill= --prompt_len=512 --new_tokens=32 --decode_batch=8
 bench smollm2-eager     40 --init=smollm2-135m --prefill=1x2048 --prompt_len=512 --new_tokens=64
 bench smollm2-compiled 100 --init=smollm2-135m --prefill=1x2048 --prompt_len=512 --new_tokens=64 --compile=True
 echo "rows in $OUT/*.json"
