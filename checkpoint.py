@@ -298,6 +298,13 @@ def trim_log(path: Path, start: int):
     logged iterations that the resumed run does again."""
     if path.is_file():
         rows = [r for r in path.read_text().splitlines(keepends=True) if logged_before(r, start)]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(rows))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(rows))
+
+
+def write_text_atomic(path: Path, text: str):
+    """Write a text file whole or not at all: a temporary file beside it, then a rename (a crash
+    leaves the old file, or none, never half of the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -27,7 +27,6 @@ the usual recipe (a hybrid of static removal and routing). train.py imports this
 --prune is given (train.baselines).
 """
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ import controller
 import gates
 import lora
 import router
+from checkpoint import write_text_atomic
 from flops import compute_ratio
 
 RANKINGS = ("kl", "bi", "layer")
@@ -141,13 +141,6 @@ def set_static(model, removed):
     close(model, removed)
 
 
-def write_json(path: Path, record: dict):
-    """prune.json, written whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-
-
 def read_removed(out_dir) -> set:
     """The sublayers a --prune run removed, from its out_dir/prune.json: {(layer, kind)}."""
     file = Path(out_dir) / "prune.json"
@@ -203,8 +196,8 @@ def prune_routers(run, batches):
         run.out_dir.mkdir(parents=True, exist_ok=True)
         rows = [dict(layer=l, kind=k, score=v) for (l, k), v in sorted(scores.items(), key=lambda kv: kv[1])]
         ratio = compute_ratio(model.cfg, window, {key: 0.0 for key in removed})
-        write_json(run.out_dir / "prune.json", dict(ranking=config["prune"], base=config["base"],
-                                                          compute_ratio=ratio, removed=removed, scores=rows))
+        record = dict(ranking=config["prune"], base=config["base"], compute_ratio=ratio, removed=removed, scores=rows)
+        write_text_atomic(run.out_dir / "prune.json", json.dumps(record, indent=1))    # whole or not at all
         print(f"--prune={config['prune']}: removed {len(removed)} sublayers for every token, "
               f"compute ratio {ratio:.3f}")
     return removed

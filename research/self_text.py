@@ -12,7 +12,6 @@ boundary and is drawn token by token from the dense model (its KV cache, batched
 The file is written to a temporary name, then renamed: an interrupted run leaves no half file.
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import load_weights
+from checkpoint import write_text_atomic
 from configurator import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range, check_ranges, overrides
 from generate import generate
 
@@ -77,13 +77,6 @@ def samples(model, tok, config):
                     yield text, len(ids)
 
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv) -> dict:
     config = dict(DEFAULTS, **overrides(DEFAULTS, argv))
     check_ranges(config, RANGES)
@@ -93,7 +86,7 @@ def main(argv) -> dict:
     model.eval()
     t0 = time.perf_counter()
     texts, counts = zip(*samples(model, tok, config))
-    write_atomic(Path(config["out"]), "\n\n".join(texts) + "\n")
+    write_text_atomic(Path(config["out"]), "\n\n".join(texts) + "\n")
     out = dict(init=config["init"], out=config["out"], samples=len(texts), tokens=sum(counts),
                seconds=time.perf_counter() - t0)
     print(json.dumps(out))
