@@ -32,6 +32,9 @@ than in the eager step (efficiency 0.90 against 0.97 at density 0.5), and a comp
 does not pay: its matmuls are the same BLAS calls, and padding to a bucket adds work (dense 0.97x
 eager; efficiency 0.90 at density 0.5, 0.73 at 0.25). Fixed shapes are for a GPU, where a graph
 needs them; on a CPU the eager path stays the default (RESULTS.md, "A compiled decoding step").
+Where a step's time goes (python -m research.decode_profile): its matmuls shrink as the FLOP
+model says, but each call's guards (~1.5-2 ms) and each gate's cond and kernels run whether the
+gate skips or not.
 
 How the compiled step differs from compact.step, and why:
 - A cond's branches may not write to the cache. So every token projects its K/V and writes them
