@@ -1,11 +1,12 @@
 """research/decode_profile.py — where a decoding step of batch 1 spends its time, dense against sparse.
 
-    python -m research.decode_profile                       # SmolLM2-135M-Instruct: eager and compiled, densities 1, 0.5
+    python -m research.decode_profile        # SmolLM2-135M-Instruct: eager and compiled, densities 1 and 0.5
     python -m research.decode_profile --paths=eager --densities=0.5 --steps=32 --json
 
 bench.py says how much faster a sparse decoding step is than a dense one; this says where the time
 of each goes, so that a missed target (a density-1 step slower than the dense one, an efficiency
-under 1) has a reason. For each path (`eager`: the model; `compiled`: compiled.Compiled) it decodes --steps greedy tokens of batch 1 after a prompt of --prompt_len random token ids, with
+under 1) has a reason. For each path (`eager`: the model; `compiled`: compiled.Compiled) it
+decodes --steps greedy tokens of batch 1 after a prompt of --prompt_len random token ids, with
 routers on every sublayer (kv="all"), dense (routers off) and with random gates forced at each
 density (gates.forced, as bench.py does). Per step, in milliseconds:
 
@@ -138,6 +139,9 @@ def main(argv) -> list:
     torch.manual_seed(config["seed"])
     model, _ = load_weights.load(config["init"], config["dtype"], "cpu")
     model.requires_grad_(False).eval()
+    if config["prompt_len"] + config["steps"] > model.cfg.max_seq_len:
+        raise ValueError(f"--prompt_len + --steps = {config['prompt_len'] + config['steps']} exceeds the "
+                         f"model's context of {model.cfg.max_seq_len}: make them smaller")
     router.add_routers(model, "sublayer", "all")
     prompt = torch.randint(0, model.cfg.vocab_size, (1, config["prompt_len"]))
     print(f"{config['init']}: {config['dtype']}, {where('cpu', config['threads'])}, batch 1, "

@@ -61,7 +61,8 @@ def test_profiled_classes(rows):
     ("TorchDynamo Cache Lookup", "compiled-call overhead"), ("Pregraph bytecode", "compiled-call overhead"),
     ("AOTDispatcher Runtime Wrapper Prologue", "compiled-call overhead"),
     ("Torch-Compiled Region: 0/1", "compiled-call overhead"),
-    ("graph_0_cpp_fused_add_mean_0", "compiled kernels"), ("ProfilerStep#1", None), ("cudaLaunchKernel", None),
+    ("graph_0_cpp_fused_add_mean_0", "compiled kernels"),
+    ("ProfilerStep#1", None), ("cudaLaunchKernel", None),
 ])
 def test_op_class(name, kind):
     assert decode_profile.op_class(name) == kind
@@ -74,3 +75,8 @@ def test_op_class(name, kind):
 def test_bad_flags(flag, words):
     with pytest.raises(ValueError, match=words):
         decode_profile.main([flag])
+
+
+def test_a_context_too_long_is_an_error(folder):
+    with pytest.raises(ValueError, match="prompt_len.*context"):
+        decode_profile.main([f"--init={folder}", "--paths=eager", "--prompt_len=100000"])
