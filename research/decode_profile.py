@@ -148,9 +148,11 @@ def main(argv) -> list:
           f"{config['steps']} steps after {config['prompt_len']} tokens")
     rows = []
     for path in config["paths"]:
-        if path == "compiled":
-            torch._inductor.config.cpp.enable_kernel_profile = True     # matmuls and kernels by name
-        rows += profile_path(path, Compiled(model) if path == "compiled" else model, model, prompt, config)
+        if path == "compiled":       # inductor records its kernels and the matmuls it calls, by name
+            with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+                rows += profile_path(path, Compiled(model), model, prompt, config)
+        else:
+            rows += profile_path(path, model, model, prompt, config)
     if config["json"]:
         print(json.dumps(rows))
     return rows

@@ -193,7 +193,6 @@ def prune_routers(run, batches):
     else:
         set_static(model, removed)                  # frozen by train.build(): AdamW skips them
     if run.rank == 0:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
         rows = [dict(layer=l, kind=k, score=v) for (l, k), v in sorted(scores.items(), key=lambda kv: kv[1])]
         ratio = compute_ratio(model.cfg, window, {key: 0.0 for key in removed})
         record = dict(ranking=config["prune"], base=config["base"], compute_ratio=ratio, removed=removed, scores=rows)
