@@ -63,7 +63,7 @@ import load_weights
 import lora
 import router
 from checkpoint import load_sparse, read_checkpoint_meta
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from compiled import Compiled
 from gates import forced
 from model import PRESETS, Model, ModelConfig
@@ -251,7 +251,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:           # load_weights.LoadError is a ValueError
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -11,6 +11,7 @@ naming the fix; --help prints the defaults and exits.
 
 check_ranges(config, RANGES) is the other half of a script's input checking: every numeric
 flag has a Range, and a value outside it is an error naming the flag and the range.
+run_main(main) is a script's last line: such an error ends it with the message alone.
 """
 import math
 import sys
@@ -19,6 +20,14 @@ from dataclasses import dataclass
 BOOLS = {"true": True, "1": True, "false": False, "0": False}
 KIND_NAMES = {int: "an integer", float: "a number"}
 
+
+def run_main(main):
+    """A script's entry: main(sys.argv[1:]). A ValueError is input the user can fix (a flag, a
+    file; load_weights.LoadError is one): the script ends with its message, not a traceback."""
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 def parse_value(key: str, text: str, default):
     """text -> a value of the default's type."""

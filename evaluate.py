@@ -50,11 +50,10 @@ prints the results as one JSON object on the last line.
 """
 import json
 import math
-import sys
 
 import router
 from compiled import Compiled
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from flops import compute_ratio
 from gates import PEEK, evaluate_sparse
 from scoring import check_gates, evaluate, load_model, method, read_text, windows
@@ -141,7 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

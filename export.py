@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ import load_weights
 import lora
 import router
 from checkpoint import load_sparse, read_checkpoint_meta, trained_parameters
-from configurator import configure
+from configurator import configure, run_main
 from gates import evaluate_sparse
 from scoring import read_text, windows
 
@@ -246,7 +245,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -17,15 +17,13 @@ skipped sublayers are not computed at all, and the output shows where the comput
 
 Every option below is --key=value or --key value (python sample.py --help lists them).
 """
-import sys
-
 import torch
 
 import load_weights
 import lora
 import router
 from checkpoint import load_sparse
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from compiled import Compiled
 from flops import compute_ratio
 from generate import decode, generate, now, pieces
@@ -164,7 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -28,7 +28,6 @@ loads them. Every option below is --key=value or --key value (--help lists them)
 the rows as one JSON list on the last line.
 """
 import json
-import sys
 import time
 from collections import defaultdict
 
@@ -38,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 import load_weights
 import router
 from compiled import Compiled
-from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides
+from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides, run_main
 from gates import forced
 from timing import decode_runs, row, where
 
@@ -159,7 +158,4 @@ def main(argv) -> list:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -18,11 +18,10 @@ Every option below is --key=value or --key value (python -m research.plots --hel
 """
 import glob
 import json
-import sys
 from collections import defaultdict
 from xml.sax.saxutils import escape
 
-from configurator import overrides
+from configurator import overrides, run_main
 from scoring import GATES_METHOD
 
 DEFAULTS = dict(
@@ -220,7 +219,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -12,7 +12,6 @@ boundary and is drawn token by token from the dense model (its KV cache, batched
 The file is written to a temporary name, then renamed: an interrupted run leaves no half file.
 """
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 import load_weights
 from checkpoint import write_text_atomic
-from configurator import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range, check_ranges, overrides, run_main
 from generate import generate
 
 DEFAULTS = dict(
@@ -94,7 +93,4 @@ def main(argv) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -37,7 +37,6 @@ one JSON object on the last line.
 """
 import json
 import statistics
-import sys
 from contextlib import contextmanager
 from collections import defaultdict
 
@@ -47,7 +46,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import lora
 import router
 from checkpoint import trained_parameters
-from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, Range, check_ranges, overrides, run_main
 from controller import DensityController, set_density
 from data.prepare import with_bos
 from distill import DistillLoss
@@ -260,7 +259,4 @@ def main(argv) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -47,14 +47,13 @@ Every option below is --key=value or --key value (python -m research.studies --h
 --json prints the results as one JSON object on the last line.
 """
 import json
-import sys
 import unicodedata
 
 import torch
 from tqdm import tqdm
 
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from flops import compute_ratio, skip_savings
 from gates import gates_as
 from research.plots import heatmap_svg, write_plot
@@ -326,7 +325,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

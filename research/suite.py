@@ -23,12 +23,11 @@ Every option below is --key=value or --key value (python -m research.suite --hel
 --json prints the results as one JSON object on the last line.
 """
 import json
-import sys
 
 from tqdm import tqdm
 
 import lora
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from gates import PEEK, gates_as
 from research.tasks import benchmark, read_task, task_paths
 from scoring import check_gates, compare_dense, load_model, read_text, windows
@@ -163,7 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -40,7 +40,6 @@ import contextlib
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from tqdm import tqdm
 import load_weights
 import lora
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from flops import compute_ratio
 from gates import PEEK, gates_as
 from generate import decode, sample_next
@@ -389,7 +388,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:        # load_weights.LoadError is one: a problem the user can fix
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -16,12 +16,11 @@ Needs transformers (pip install transformers). Every option below is --key=value
 (python -m research.vs_hf --help lists them).
 """
 import json
-import sys
 
 import torch
 
 import load_weights
-from configurator import AT_LEAST_0, AT_LEAST_1, check_ranges, overrides
+from configurator import AT_LEAST_0, AT_LEAST_1, check_ranges, overrides, run_main
 from generate import generate
 from timing import interleaved, make_clock, print_row, token_ids, where
 
@@ -121,7 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:           # load_weights.LoadError is a ValueError
-        sys.exit(f"error: {e}")
+    run_main(main)
