@@ -9,6 +9,8 @@ this process; transformers runs its default (sdpa) attention. Timed, with timing
 - prefill: one forward over 1 x hf_seq_len tokens of --text;
 - decode:  greedy generation of hf_new_tokens after hf_prompt_len prompt tokens with a KV cache
            (ours: generate.generate; theirs: model.generate), and whether both chose the same tokens.
+With --compile=True ours is compiled.Compiled (its one-token step one torch.compile graph, its
+prefill's MLPs compiled on bucketed rows); transformers stays eager.
 speedup = transformers' seconds / ours. The clock is bench.py's: --clock=wall (time.perf_counter)
 or cpu (process CPU seconds); on a GPU it waits for the device before every reading.
 
@@ -20,6 +22,7 @@ import json
 import torch
 
 import load_weights
+from compiled import Compiled
 from configurator import AT_LEAST_0, AT_LEAST_1, check_ranges, overrides, run_main
 from generate import generate
 from timing import interleaved, make_clock, print_row, token_ids, where
@@ -36,6 +39,7 @@ DEFAULTS = dict(
     seed=0,
     clock="wall",                     # wall | cpu (process CPU seconds: steadier on a shared machine)
     device="cpu",                     # cpu | cuda | cuda:1 ...
+    compile=False,                    # ours through torch.compile (compiled.py; minutes to compile on a CPU)
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(hf_seq_len=AT_LEAST_1, hf_prompt_len=AT_LEAST_1, hf_new_tokens=AT_LEAST_1, repeat=AT_LEAST_1,
@@ -43,12 +47,16 @@ RANGES = dict(hf_seq_len=AT_LEAST_1, hf_prompt_len=AT_LEAST_1, hf_new_tokens=AT_
 
 
 def bench_vs_hf(model, folder, config, ids, clock) -> list:
-    """Our dense forward and cached greedy generation against transformers on the same weights."""
+    """Our dense forward and cached greedy generation (model: the model, or its Compiled) against
+    transformers on the same weights."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ValueError("research.vs_hf needs transformers: pip install transformers") from None
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.tok_emb.weight.dtype).eval()
+    # as generate.generate: hf_new_tokens whatever they are, an end-of-sequence token too (min_new_tokens
+    # would forbid it until the last, and pick another token where ours picks it)
+    hf.generation_config.eos_token_id = None
     T, P, n = config["hf_seq_len"], config["hf_prompt_len"], config["hf_new_tokens"]
     idx, prompt = ids[:T][None], ids[:P][None]
 
@@ -66,7 +74,8 @@ def bench_vs_hf(model, folder, config, ids, clock) -> list:
 
     out = []
     hf_s, ours_s, _ = interleaved(hf_forward, ours_forward, config["repeat"])
-    out.append(dict(mode="prefill", batch=1, seq_len=T, ours_s=ours_s, hf_s=hf_s, speedup=hf_s / ours_s))
+    ours = "compiled" if config["compile"] else "eager"
+    out.append(dict(mode="prefill", batch=1, seq_len=T, ours=ours, ours_s=ours_s, hf_s=hf_s, speedup=hf_s / ours_s))
     print_row(out[-1])
 
     tokens = {}
@@ -80,11 +89,11 @@ def bench_vs_hf(model, folder, config, ids, clock) -> list:
     def hf_generate():
         t0 = clock()
         tokens["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                   min_new_tokens=n, do_sample=False, use_cache=True)[0, P:]
+                                   do_sample=False, use_cache=True)[0, P:]
         return clock() - t0, []
 
     hf_s, ours_s, _ = interleaved(hf_generate, ours_generate, config["repeat"])
-    out.append(dict(mode="decode", batch=1, seq_len=P + n, new_tokens=n, ours_s=ours_s, hf_s=hf_s,
+    out.append(dict(mode="decode", batch=1, seq_len=P + n, new_tokens=n, ours=ours, ours_s=ours_s, hf_s=hf_s,
                     speedup=hf_s / ours_s, same_tokens=bool(torch.equal(tokens["ours"], tokens["hf"]))))
     print_row(out[-1])
     return out
@@ -113,8 +122,9 @@ def main(argv):
                          "lower --hf_seq_len, --hf_prompt_len or --hf_new_tokens")
     ids = token_ids(tok, config["text"], max(config["hf_seq_len"], config["hf_prompt_len"])).to(device)
     print(f"{base}: {config['dtype']}, {where(device, config['threads'])}, {config['clock']} clock, "
-          f"median of {config['repeat']}")
-    rows = bench_vs_hf(model, load_weights.resolve(base), config, ids, clock)
+          f"median of {config['repeat']}" + (", ours compiled" if config["compile"] else ""))
+    ours = Compiled(model) if config["compile"] else model
+    rows = bench_vs_hf(ours, load_weights.resolve(base), config, ids, clock)
     if config["json"]:
         print(json.dumps(rows))
 
