@@ -52,9 +52,7 @@ def sublayers(model, batches):
 @torch.no_grad()
 def fit_substitutes(model, batches, ridge: float = 1e-2):
     """Fit every skip substitute s(x) = b + (x A) B (router.Substitute) to its sublayer's output
-    f(x) on the dense model, by least squares: the ridge solution W of the centred f(x) on x,
-    then reduced to rank r along the r directions in which x W varies most (reduced-rank
-    regression); b makes the mean right. Rank 0 is the mean output alone."""
+    f(x) on the dense model, by least squares (reduced_rank); rank 0 is the mean output alone."""
     subs = {(l, k): s for l, k, s in router.substitutes(model)}
     if not subs:                                                        # a skip adds 0: no pass to run
         return
@@ -71,14 +69,23 @@ def fit_substitutes(model, batches, ridge: float = 1e-2):
             continue
         cxx = sxx[key] / n[key] - torch.outer(mx, mx)                      # (d, d) covariances
         cxy = sxy[key] / n[key] - torch.outer(mx, my)
-        w = torch.linalg.solve(cxx + ridge * cxx.diagonal().mean() * torch.eye(len(cxx), dtype=cxx.dtype,
-                                                                                 device=cxx.device), cxy)
-        _, vectors = torch.linalg.eigh(w.T @ cxx @ w)                       # the fit's covariance, ascending
-        v = vectors[:, -s.down.shape[1]:]                                   # (d, r) its top directions
-        a, b = w @ v, v.T                                                   # (d, r), (r, d)
+        a, b, bias = reduced_rank(mx, my, cxx, cxy, s.down.shape[1], ridge)
         s.down.copy_(held_as(s.down, a.float()))
         s.up.copy_(held_as(s.up, b.float()))
-        s.bias.copy_(held_as(s.bias, (my - mx @ a @ b).float()))
+        s.bias.copy_(held_as(s.bias, bias.float()))
+
+
+def reduced_rank(mx, my, cxx, cxy, rank: int, ridge: float = 1e-2):
+    """The least-squares map y ~ bias + (x A) B of rank r, from the means mx (d,), my (m,) and
+    covariances cxx (d, d), cxy (d, m): the ridge solution W of the centred y on x, reduced to
+    the r directions in which x W varies most (reduced-rank regression); bias makes the mean
+    right. -> A (d, r), B (r, m), bias (m,)."""
+    eye = torch.eye(len(cxx), dtype=cxx.dtype, device=cxx.device)
+    w = torch.linalg.solve(cxx + ridge * cxx.diagonal().mean() * eye, cxy)   # (d, m)
+    _, vectors = torch.linalg.eigh(w.T @ cxx @ w)                           # the fit's covariance, ascending
+    v = vectors[:, -rank:] if rank else vectors[:, :0]                      # (m, r) its top directions
+    a, b = w @ v, v.T
+    return a, b, my - mx @ a @ b
 
 
 def skip_output(skip, x: torch.Tensor) -> torch.Tensor:
