@@ -29,6 +29,7 @@ def run_main(main):
     except ValueError as e:
         sys.exit(f"error: {e}")
 
+
 def parse_value(key: str, text: str, default):
     """text -> a value of the default's type."""
     if isinstance(default, bool):

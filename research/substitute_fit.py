@@ -22,6 +22,7 @@ row; it is the first row's previous.
 Every option below is --key=value or --key value (python -m research.substitute_fit --help).
 """
 import json
+import statistics
 
 import torch
 
@@ -120,19 +121,18 @@ def r_squared(model, batches, keys, predictors) -> dict:
 
 
 def table(result: dict, fit_name: str, text_name: str) -> str:
-    """R² per sublayer, fit windows / the other text, and the mean per kind."""
+    """R² per sublayer, fit windows / the other text, and the median over the layers of each kind
+    (a median: one layer's fit can miss another text by far, see RESULTS.md)."""
     names = list(next(iter(result["fit"].values())))
     lines = [f"R² of each substitute of a sublayer's output: fitted and measured on {fit_name} / measured on "
-             f"{text_name}", f"{'layer':>5s} {'kind':4s} " + " ".join(f"{n:>19s}" for n in names)]
+             f"{text_name}", f"{'layer':>6s} {'kind':4s} " + " ".join(f"{n:>19s}" for n in names)]
     for kind in ("attn", "mlp"):
         keys = [k for k in result["fit"] if k[1] == kind]
-        for key in keys + [("mean", kind)]:
-            if key[0] == "mean":
-                cells = [(sum(result["fit"][k][n] for k in keys) / len(keys),
-                          sum(result["text"][k][n] for k in keys) / len(keys)) for n in names]
-            else:
-                cells = [(result["fit"][key][n], result["text"][key][n]) for n in names]
-            lines.append(f"{str(key[0]):>5s} {kind:4s} " + " ".join(f"{a:9.2f} /{b:8.2f}" for a, b in cells))
+        rows_of = [(str(k[0]), [(result["fit"][k][n], result["text"][k][n]) for n in names]) for k in keys]
+        medians = [tuple(statistics.median(result[part][k][n] for k in keys) for part in ("fit", "text"))
+                   for n in names]
+        for label, cells in rows_of + [("median", medians)]:
+            lines.append(f"{label:>6s} {kind:4s} " + " ".join(f"{a:9.2f} /{b:8.2f}" for a, b in cells))
     return "\n".join(lines)
 
 

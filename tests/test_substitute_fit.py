@@ -62,7 +62,7 @@ def test_a_run_reports_every_sublayer_on_both_texts(folder, corpus):
         assert found["previous + rank 2"] >= found["previous"] - 1e-9
     assert all(v <= 1 for found in out["text"].values() for v in found.values())
     assert (out["fit_windows"], out["windows"]) == (4, 2)
-    assert "mean mlp" in " ".join(text.split())                  # the table's per-kind means
+    assert "median mlp" in " ".join(text.split())                # the table's per-kind medians
 
 
 @pytest.mark.parametrize("flags, message", [
