@@ -21,6 +21,7 @@ agreement, density (a sublayer without a router counts as computed) per layer, p
 overall, the compute ratio of the FLOP model (flops.compute_ratio), and the wall-clock seconds
 of the sparse and the dense pass.
 """
+import json
 import math
 import time
 from collections import defaultdict
@@ -34,6 +35,7 @@ import load_weights
 import lora
 import router
 from checkpoint import load_sparse
+from configurator import overrides
 from data.prepare import consecutive_windows
 from flops import compute_ratio
 
@@ -187,6 +189,20 @@ def check_gates(config):
         raise ValueError("--gates=peek_lora runs the peek rule on a checkpoint's trained adapters: pass --ckpt")
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
+
+
+def research_main(defaults: dict, check, work):
+    """The main(argv) of a research command: the flags over defaults, check(config), the model
+    (load_model), then out = work(config, model, tok, name), printed as JSON with --json."""
+    def main(argv):
+        given = overrides(defaults, argv)
+        config = dict(defaults, **given)
+        check(config)
+        model, tok, name, _ = load_model(config, given)
+        out = work(config, model, tok, name)
+        if config["json"]:
+            print(json.dumps(out))
+    return main
 
 
 def load_model(config, given):

@@ -46,18 +46,17 @@ for kv="all"; for kv="kept" it takes the bucket's attention density for the keys
 Every option below is --key=value or --key value (python -m research.studies --help lists them).
 --json prints the results as one JSON object on the last line.
 """
-import json
 import unicodedata
 
 import torch
 from tqdm import tqdm
 
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, run_main
 from flops import compute_ratio, skip_savings
 from gates import gates_as
 from research.plots import heatmap_svg, write_plot
-from scoring import check_gates, load_model, read_text, windows
+from scoring import check_gates, read_text, research_main, windows
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
@@ -314,14 +313,7 @@ def check(config):
     check_gates(config)
 
 
-def main(argv):
-    given = overrides(DEFAULTS, argv)
-    config = dict(DEFAULTS, **given)
-    check(config)
-    model, tok, name, _ = load_model(config, given)
-    out = main_study(config, model, tok, name)
-    if config["json"]:
-        print(json.dumps(out))
+main = research_main(DEFAULTS, check, main_study)
 
 
 if __name__ == "__main__":

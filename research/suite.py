@@ -22,15 +22,14 @@ sparse vs dense, and its JSON:
 Every option below is --key=value or --key value (python -m research.suite --help lists them).
 --json prints the results as one JSON object on the last line.
 """
-import json
 
 from tqdm import tqdm
 
 import lora
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, run_main
 from gates import PEEK, gates_as
 from research.tasks import benchmark, read_task, task_paths
-from scoring import check_gates, compare_dense, load_model, read_text, windows
+from scoring import check_gates, compare_dense, read_text, research_main, windows
 from timing import HEADER, bench_gates, make_clock, token_ids
 
 DEFAULTS = dict(
@@ -151,14 +150,7 @@ def check(config):
     check_gates(config)
 
 
-def main(argv):
-    given = overrides(DEFAULTS, argv)
-    config = dict(DEFAULTS, **given)
-    check(config)
-    model, tok, name, _ = load_model(config, given)
-    out = main_suite(config, model, tok, name)
-    if config["json"]:
-        print(json.dumps(out))
+main = research_main(DEFAULTS, check, main_suite)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,11 @@ from tqdm import tqdm
 import load_weights
 import lora
 import router
-from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
+from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, run_main
 from flops import compute_ratio
 from gates import PEEK, gates_as
 from generate import decode, sample_next
-from scoring import check_gates, dense_hidden, load_model, read_text, sparse_hidden, windows
+from scoring import check_gates, dense_hidden, read_text, research_main, sparse_hidden, windows
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
@@ -377,14 +377,7 @@ def check(config):
     check_gates(config)
 
 
-def main(argv):
-    given = overrides(DEFAULTS, argv)
-    config = dict(DEFAULTS, **given)
-    check(config)
-    model, tok, name, _ = load_model(config, given)
-    out = main_benchmarks(config, model, tok, name)
-    if config["json"]:
-        print(json.dumps(out))
+main = research_main(DEFAULTS, check, main_benchmarks)
 
 
 if __name__ == "__main__":
