@@ -226,6 +226,12 @@ def attention_mask(q_pos, k_pos, window: Optional[int], k_valid=None):
     return mask[:, None]
 
 
+# Masked SDPA on a GPU: not cuDNN (it plans each new shape, and kept counts make one per call), and
+# K/V heads repeated to the query heads: with a mask, only the math kernel takes grouped ones
+MASKED_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MASKED_REPEAT_KV = ("cuda",)   # the device types of that rule
+
+
 class Attention(nn.Module):
     """Attention with grouped K/V heads (MHA, GQA, MQA): forward() is plain causal self-attention
     of every token; compact.py uses its pieces for the kept tokens only."""
@@ -287,22 +293,19 @@ class Attention(nn.Module):
         every key visible (causal=True: the fused causal kernel; soft-capping needs a mask)."""
         assert not (causal and (mask is not None or self.softcap is not None)), "causal=True: no mask, no soft-cap"
         B, _, Tq, _ = q.shape
-        if self.softcap is None:
-            with sdpa_kernel(MASKED_CUDA_BACKENDS) if q.is_cuda and mask is not None else nullcontext():
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                   scale=self.scale, enable_gqa=self.H != self.Hkv)
-        else:  # soft-capping needs the scores themselves: the explicit path
-            rep = self.H // self.Hkv
+        rep, masked_gpu = self.H // self.Hkv, mask is not None and q.device.type in MASKED_REPEAT_KV
+        if rep > 1 and (masked_gpu or self.softcap is not None):     # K/V heads repeated (see above)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.softcap is None:
+            with sdpa_kernel(MASKED_CUDA_BACKENDS) if masked_gpu else nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                   scale=self.scale, enable_gqa=k.shape[1] != self.H)
+        else:  # soft-capping needs the scores themselves: the explicit path
             scores = softcap((q @ k.transpose(-2, -1)) * self.scale, self.softcap)   # (B, H, Tq, Tk)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return y.transpose(1, 2).reshape(B, Tq, self.H * self.D)
-
-
-# SDPA kernels for masked GPU calls, not cuDNN's: they plan each new shape, and kept counts make one per call
-MASKED_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Block(nn.Module):

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import compact
 import gates
+import model as model_module
 import router
 from conftest import TINY as BASE
 from model import Model, ModelConfig, rope_cos_sin
@@ -190,6 +191,30 @@ def test_a_sliding_layer_attends_only_its_band(family, monkeypatch):
         band = a(x, cos, sin, pos)
     assert len(widths) == 3 and max(widths) == 40 + 128 - 1
     torch.testing.assert_close(band, whole)
+
+
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma1_mqa"])
+def test_masked_attention_on_a_gpu_repeats_grouped_kv_heads(family, kv, monkeypatch):
+    """On CUDA a masked SDPA call gets K/V heads repeated to the query heads (model.MASKED_REPEAT_KV:
+    the memory-efficient kernel takes no grouped heads with a mask). The rule applied on the CPU
+    here: every masked call sees H K/V heads, no enable_gqa, and the logits do not change."""
+    model = tiny_model(family)
+    force_gates(model, "sublayer", kv, mixed_table(model.cfg.n_layers))
+    idx = tokens()
+    with torch.no_grad():
+        before = model(idx)[0], model(idx, masked=True)[0]
+        calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+        spy = lambda q, k, v, attn_mask=None, enable_gqa=False, **kw: (   # noqa: E731
+            calls.append((attn_mask is not None, k.shape[1], enable_gqa)) or sdpa(q, k, v, attn_mask=attn_mask,
+                                                                                 enable_gqa=enable_gqa, **kw))
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(model_module, "MASKED_REPEAT_KV", ("cpu",))
+        after = model(idx)[0], model(idx, masked=True)[0]
+    masked_calls = [(heads, gqa) for masked, heads, gqa in calls if masked]
+    assert masked_calls and set(masked_calls) == {(model.cfg.n_heads, False)}
+    for a, b in zip(after, before):
+        assert_logits_close(a, b)
 
 
 # ----------------------------------------------------------------------------------------------
