@@ -1,7 +1,7 @@
 """bench.py — wall-clock of the sparse (compacted) path against the dense path of the same code.
 
-    python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --json
-    python bench.py --init=checkpoints/smollm2-135m-instruct-f32 --repeat=1 --densities=0.5 --kv=all \\
+    python bench.py --json                  # SmolLM2-135M-Instruct (the Hub's weights on first use), float32
+    python bench.py --repeat=1 --densities=0.5 --kv=all \\
         --prefill=1x256 --prompt_len=128 --new_tokens=16                        # a quick look
     python bench.py --ckpt=out/smol         # its base model, plus the learned gates of this train.py checkpoint
     python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
@@ -70,7 +70,7 @@ from model import PRESETS, Model, ModelConfig
 from timing import HEADER, bench_gates, compiled_rows, make_clock, parse_shape, token_ids, where
 
 DEFAULTS = dict(
-    init="checkpoints/smollm2-135m-instruct-f32",  # base model: a preset name or a Hugging Face folder
+    init="smollm2-135m-instruct",     # base model: a preset name or a Hugging Face folder
     ckpt="",                          # a train.py out_dir: also bench its learned gates
     text="data/heldout/python_docs.txt",           # where the token ids come from
     densities=(1.0, 0.75, 0.5, 0.25), # forced random gates: P(keep) of every router

@@ -123,8 +123,10 @@ def test_the_readme_command_lines_work_as_written(tiny):
                            "--max_new_tokens", "3")
     assert rc == 0, err
     assert out.startswith("the cat")
-    rc, out, err = run_cli("train.py", "--help")
-    assert rc == 0 and "--seed=1337" in out, err
+    for script, line in (("train.py", "--seed=1337"), ("sample.py", "--prompt="), ("evaluate.py", "--gates=learned"),
+                         ("bench.py", "--densities="), ("export.py", "--out=sparse-model")):
+        rc, out, err = run_cli(script, "--help")
+        assert rc == 0 and out.startswith("options (default values") and line in out, (script, err)
 
 
 def outside(valid):

@@ -276,11 +276,16 @@ def test_peek_gates_for_tasks_land_on_their_target_compute(ckpt, text_file, task
 
 def test_masked_generation_without_cache_equals_cached_decoding(ckpt):
     """The uncached masked decoding that peek gates need gives the tokens of cached decoding when
-    both run the same gates (here all open)."""
+    both run the same gates: all open, and all closed (only the sinks compute)."""
     ck, _, _ = ckpt
     model, tok, _ = checkpoint.load_sparse(ck)
     prompts = [tok.encode("the cat sat on the"), tok.encode("a dog ran"), tok.encode("it was big")]
-    with gates.forced(model, "open"):
-        cached = tasks.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6)
-        masked = tasks.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6, path="masked")
-    assert masked == cached and all(cached)
+    logits = []
+    for forced in ("open", 0.0):
+        with gates.forced(model, forced):
+            cached = tasks.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6)
+            masked = tasks.generate_until(model, tok, prompts, ("\n",), max_new_tokens=6, path="masked")
+            with torch.no_grad():
+                logits.append(model(torch.tensor([prompts[0]]))[0])
+        assert masked == cached and all(cached)
+    assert (logits[0] - logits[1]).abs().max() > 1e-3                    # closed gates change the model

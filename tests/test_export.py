@@ -223,6 +223,8 @@ def test_bench_clock_cpu_times_with_process_seconds(monkeypatch, capsys):
     rows = last_json(capsys)
     assert len(rows) == 2 and read                                        # prefill and decode, on the CPU clock
     assert all(r["dense_s"] > 0 and r["sparse_s"] > 0 for r in rows)
+    ticks = [r[key] / 1e-3 for r in rows for key in ("dense_s", "sparse_s")]   # the fake clock's, not real time
+    assert all(abs(t - round(t)) < 1e-6 for t in ticks), ticks
 
 
 def test_failed_export_leaves_no_folder_and_full_out_is_refused(exported, text_file, tmp_path, monkeypatch):

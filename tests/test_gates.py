@@ -53,7 +53,7 @@ def test_peek_gates_table_spends_one_threshold_per_flop():
 
 def test_forced_gates_are_restored_even_on_error():
     model = router.add_routers(tiny_model(), "sublayer", "all")
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="inside the block"):
         with gates.forced(model, {(0, "attn"): 0.0, (1, "mlp"): ("peek", 0.0)}):
             swapped = [(type(b.attn_router).__name__, type(b.mlp_router).__name__) for b in model.layers]
             assert swapped == [("RandomGate", "Router"), ("Router", "NoneType")]

@@ -21,6 +21,13 @@ from load_weights import LoadError, load, load_model, resolve
 SMOL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"      # the repository of preset smollm2-135m-instruct
 
 
+@pytest.fixture(autouse=True)
+def no_checkpoints_variable(monkeypatch):
+    """A name resolves through $NANOSKIP_CHECKPOINTS first: the tests of where a name resolves
+    must not see the user's."""
+    monkeypatch.delenv("NANOSKIP_CHECKPOINTS", raising=False)
+
+
 @pytest.fixture
 def model_dir(tiny_hf, tmp_path):
     """A private copy of a tiny untied Llama folder, with a tokenizer.json: free to break."""

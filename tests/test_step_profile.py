@@ -56,7 +56,7 @@ def test_json_phases_ops_and_floor(result):
     assert list(out["phases"]) == list(step_profile.PHASES)
     assert all(r["s"] > 0 for r in out["phases"].values())
     phase_share = sum(r["share"] for r in out["phases"].values())
-    assert 0.8 < phase_share <= 1.05                           # under 1: the lines between phases
+    assert 0 < phase_share <= 1.05                             # spans inside the step (under 1: the lines between)
     assert {"matmul", "attention", "copies/casts", "other ops", "outside ops"} <= set(out["ops"])
     assert all(r["s"] >= 0 and r["share"] >= 0 for r in out["ops"].values())
     assert out["ops"]["matmul"]["s"] > 0 and out["ops"]["attention"]["s"] > 0

@@ -26,6 +26,7 @@ import checkpoint
 import controller
 import distill
 import load_weights
+import lora
 import router
 import sample
 import train
@@ -264,6 +265,12 @@ def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpu
     assert "val_kl" in rows[-1] and "compute_ratio" in rows[-1]
     model, tok, meta = checkpoint.load_sparse(tmp_path / "run")
     assert meta["train_state"]["iter"] == 8
+    # what trains has moved: every router's weights from their fit, every LoRA B from 0
+    fitted = {(r["layer"], r["kind"]): r["weight_norm"] for r in init["routers"]}
+    for layer, kind, r in router.routers(model):
+        assert r.proj.weight.norm().item() != pytest.approx(fitted[(layer, kind)], rel=1e-6)
+    lora_b = [m.B for m in model.modules() if isinstance(m, lora.LoRALinear)]
+    assert lora_b and all(b.abs().max() > 0 for b in lora_b)
     # two targets: the first stage's end is kept as its own checkpoint
     train.train(train.read_config(args(folder, corpus, tmp_path / "two", target_density="0.9,0.8")))
     assert checkpoint.load_sparse(tmp_path / "two" / "stage1")[2]["train_state"]["iter"] == 2
