@@ -148,7 +148,8 @@ def lr_at(it: int, config: dict) -> float:
         return (it + 1) / config["warmup_iters"]
     n = stage_iters(config)
     local = it % n if it < n * len(config["target_density"]) else it - n * (len(config["target_density"]) - 1)
-    progress = max(0, local - (config["warmup_iters"] if it < n else 0)) / max(1, n - config["warmup_iters"])
+    warm = config["warmup_iters"] if it < n else 0                      # only the first stage warms up
+    progress = max(0, local - warm) / max(1, n - warm)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config["min_lr_frac"] + (1 - config["min_lr_frac"]) * cosine
 

@@ -255,6 +255,14 @@ def test_stages_slide_from_target_to_target():
     assert [round(c.target(i), 3) for i in (0, 5, 9, 10, 12, 15, 19, 40)] == [0.9, 0.9, 0.9, 0.9, 0.78, 0.6, 0.6, 0.6]
 
 
+def test_each_stage_decays_its_learning_rate_over_its_own_length():
+    config = dict(max_iters=100, target_density=(0.9, 0.8), warmup_iters=10, min_lr_frac=0.1)
+    lr = [train.lr_at(it, config) for it in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[10] == 1.0    # warmup, then the first cosine
+    assert lr[30] == pytest.approx(0.55) and lr[50] == 1.0                  # its middle; a warm restart
+    assert lr[75] == pytest.approx(0.55) and 0.1 < lr[99] < 0.11            # the second stage: its middle, its end
+
+
 def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpus, tmp_path):
     train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=8)))
     rows = log_rows(tmp_path / "run")
