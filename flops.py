@@ -10,6 +10,7 @@ tests/test_flops.py checks it against torch's FlopCounterMode and against the vi
 
 `cfg` is a model.ModelConfig; this file imports nothing of the project.
 """
+import math
 from typing import Optional
 
 import torch
@@ -80,4 +81,8 @@ def skip_savings(cfg, seq_len: int) -> dict:
     scores = sum(sublayer_flops(cfg, visible_keys(cfg, l, seq_len))["scores"] for l in layers) / cfg.n_layers
     f = sublayer_flops(cfg, 0)
     attn = f["q_o"] + scores + (f["kv"] if cfg.kv == "kept" else 0)
+    if f["substitute"] >= min(attn, f["mlp"]):
+        raise ValueError(f"a rank-{cfg.substitute} skip substitute costs as many FLOPs as the skip of an "
+                         f"{'attention' if attn < f['mlp'] else 'MLP'} saves: use --substitute below "
+                         f"{math.ceil(min(attn, f['mlp']) / (4 * cfg.dim))}")
     return {"attn": attn - f["substitute"], "mlp": f["mlp"] - f["substitute"]}

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: model.py, router.py
 
 import router
-from flops import compute_ratio, sublayer_flops, visible_keys
+from flops import compute_ratio, skip_savings, sublayer_flops, visible_keys
 from conftest import TINY as LLAMA
 from model import Model, ModelConfig, attention_mask
 # soft-capped attention runs as explicit matmuls, which FlopCounterMode does count
@@ -224,3 +224,19 @@ def test_compute_ratio_with_windows_and_random_gates(kv):
     model = model_with_gates("gemma2", kv, tables)
     measured = {k: float(t.float().mean()) for k, t in tables.items()}
     assert compute_ratio(model.cfg, T, measured, kv) == pytest.approx(direct_ratio(model, kv, tables), rel=0.01)
+
+
+def test_a_substitute_that_costs_what_a_skip_saves_is_refused():
+    """A skip's saving is net of its substitute: a rank whose two matmuls cost what the skip saves
+    would make the FLOP-weighted density meaningless (and the routers' fit take the log of a
+    saving <= 0), so it is refused, with the lowest rank that is."""
+    cfg = ModelConfig(**dict(LLAMA, ffn_dim=8))                     # an MLP cheaper than attention
+    cfg.substitute = cfg.dim
+    with pytest.raises(ValueError, match="skip of an MLP saves: use --substitute below") as info:
+        skip_savings(cfg, 16)
+    below = int(str(info.value).rsplit(" ", 1)[1])
+    cfg.substitute = below - 1
+    assert 0 < skip_savings(cfg, 16)["mlp"] <= 4 * cfg.dim
+    cfg.substitute = below
+    with pytest.raises(ValueError, match=f"below {below}"):
+        skip_savings(cfg, 16)
