@@ -28,7 +28,7 @@ from model import ModelConfig
 
 
 CKPT_JSON = "ckpt.json"                 # config, base model reference, training state
-CKPT_TENSORS = "trained.safetensors"    # only what was trained: routers and LoRA A/B
+CKPT_TENSORS = "trained.safetensors"    # only what was trained: routers, substitutes, LoRA A/B
 CKPT_OPTIM = "optim.safetensors"        # AdamW moments and RNG states, to resume training
 CKPT_POINTER = "LATEST"                 # one line: the name of the current checkpoint folder
 CKPT_PREFIX = "ckpt-"                   # checkpoint folders: ckpt-<iteration>-<random>/
@@ -46,7 +46,7 @@ class CheckpointError(ValueError):
 
 
 def trained_parameters(model) -> dict:
-    """{name: parameter} of what training changes (routers and LoRA), in the model's order."""
+    """{name: parameter} of what training changes (routers, substitutes, LoRA), in the model's order."""
     ours = {id(p) for p in router.parameters(model) + lora.parameters(model)}
     return {n: p for n, p in model.named_parameters() if id(p) in ours}
 
@@ -66,7 +66,7 @@ def fsync(path: Path):
 
 
 def trained_state(model, opt) -> tuple:
-    """What a checkpoint keeps of a run: ({name: tensor} of the routers and LoRA, {name.key: tensor}
+    """What a checkpoint keeps of a run: ({name: tensor} of the routers, substitutes and LoRA, {name.key: tensor}
     of their AdamW moments and step counts), whole, as plain tensors.
 
     Under train.py --fsdp these parameters and moments are shards (DTensors), gathered here into
@@ -83,7 +83,7 @@ def trained_state(model, opt) -> tuple:
 
 
 def write_parts(folder: Path, tensors: dict, optim: dict, state: dict, meta: dict):
-    """trained.safetensors (routers + LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
+    """trained.safetensors (routers, substitutes, LoRA), optim.safetensors (AdamW moments, RNG), ckpt.json
     (meta plus the JSON training state; state["data_rng"] goes to optim.safetensors).
     tensors, optim: trained_state(model, opt)."""
     it = str(state["iter"])
@@ -176,7 +176,7 @@ def read_checkpoint_meta(out_dir) -> dict:
 
 
 def load_trained(model, out_dir):
-    """Copy trained.safetensors into a model that has its routers and LoRA already attached."""
+    """Copy trained.safetensors into a model that has its routers, substitutes and LoRA already attached."""
     folder = checkpoint_folder(out_dir)
     it = read_checkpoint_meta(out_dir).get("train_state", {}).get("iter")
     tensors = read_part(folder, CKPT_TENSORS, it, model.tok_emb.weight.device)
@@ -226,7 +226,7 @@ def _jsonable(x):
 
 
 def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
-    """(model, tokenizer, meta) of a train.py checkpoint: base weights + routers + LoRA."""
+    """(model, tokenizer, meta) of a train.py checkpoint: base weights + routers, substitutes, LoRA."""
     meta = read_checkpoint_meta(out_dir)
     try:
         model, tok = load(base or meta["base"], dtype, device)

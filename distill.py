@@ -72,7 +72,7 @@ class DistillLoss(torch.autograd.Function):
 
 
 def distill_losses(model, x, ce_weight: float, student=None):
-    """Mean KL and CE per token, the L1 loss, and the gate records for a (B, T) batch x.
+    """Mean KL and CE per token, and the gate records for a (B, T) batch x.
 
     student: what runs the student pass, model itself or its DDP wrapper (whose forward readies
     the gradient all-reduce of backward). The teacher pass has no backward: it runs on the bare

@@ -42,7 +42,7 @@ def decode(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, 
 
     The first step prefills the whole prompt idx (B, T) (its records cover T positions), the
     others feed the previous token (records (B, 1)). A sequence that has ended keeps getting
-    the first EOS id until all have ended.
+    the smallest EOS id until all have ended.
     """
     B, T = idx.shape
     if T == 0:

@@ -226,8 +226,7 @@ def attention_mask(q_pos, k_pos, window: Optional[int], k_valid=None):
     return mask[:, None]
 
 
-# Masked SDPA on a GPU: not cuDNN (it plans each new shape, and kept counts make one per call), and
-# K/V heads repeated to the query heads: with a mask, only the math kernel takes grouped ones
+# Masked SDPA on a GPU: no cuDNN (a plan per new shape), K/V heads repeated (else only math takes a mask)
 MASKED_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MASKED_REPEAT_KV = ("cuda",)   # the device types of that rule
 
@@ -245,9 +244,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(H * D, cfg.dim, bias=False)
         qk_norm = lambda: RMSNorm(D, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None   # noqa: E731  Gemma 3
         self.q_norm, self.k_norm = qk_norm(), qk_norm()
-        self.H, self.Hkv, self.D = H, Hkv, D
+        self.H, self.Hkv, self.D, self.softcap = H, Hkv, D, cfg.attn_softcap
         self.scale = (cfg.query_scale if cfg.query_scale is not None else D) ** -0.5
-        self.softcap = cfg.attn_softcap
         self.window = cfg.sliding_window if cfg.layer_type(layer) == "sliding" else None
 
     def forward(self, x, cos, sin, pos, cache=None, key_ok=None):
@@ -292,7 +290,6 @@ class Attention(nn.Module):
         """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask (B, 1, Tq, Tk) bool -> (B, Tq, H*D). mask None:
         every key visible (causal=True: the fused causal kernel; soft-capping needs a mask)."""
         assert not (causal and (mask is not None or self.softcap is not None)), "causal=True: no mask, no soft-cap"
-        B, _, Tq, _ = q.shape
         rep, masked_gpu = self.H // self.Hkv, mask is not None and q.device.type in MASKED_REPEAT_KV
         if rep > 1 and (masked_gpu or self.softcap is not None):     # K/V heads repeated (see above)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -305,7 +302,7 @@ class Attention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-        return y.transpose(1, 2).reshape(B, Tq, self.H * self.D)
+        return y.transpose(1, 2).flatten(2)                               # (B, Tq, H*D)
 
 
 class Block(nn.Module):

@@ -142,7 +142,7 @@ def sink_tokens(idx, start: int, cfg):
 
 def log_move(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log(|y| / |h|) per token (B, T), in float32: how far a sublayer's output y (B, T, d) moves
-    the residual stream h (B, T, d). train.fit_routers regresses on it; gates.py's peek rule
+    the residual stream h (B, T, d). controller.fit_routers regresses on it; gates.py's peek rule
     thresholds it."""
     return y.float().norm(dim=-1).log() - h.float().norm(dim=-1).log()
 

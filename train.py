@@ -188,7 +188,7 @@ def lora_targets(config: dict) -> list:
 
 
 def build(config: dict):
-    """The base model with routers and LoRA attached (only those train), its tokenizer and folder."""
+    """The base model with routers, skip substitutes and LoRA attached (only those train), its tokenizer, folder."""
     folder = resolve(config["base"])                       # a name may mean a download: once
     model, tok = load(str(folder), config["dtype"], config["device"])
     if config["seq_len"] + tok.adds_bos > model.cfg.max_seq_len:
@@ -387,7 +387,7 @@ def train(config: dict):
         trim_log(run.out_dir / "log.jsonl", run.start)
         log = open(run.out_dir / "log.jsonl", "a")
         n_trained = sum(p.numel() for p in trained_parameters(run.model).values())
-        print(f"training {n_trained:,} parameters (routers + LoRA) of a "
+        print(f"training {n_trained:,} parameters (routers, substitutes, LoRA) of a "
               f"{sum(p.numel() for p in run.model.parameters()):,}-parameter model; "
               f"{config['batch_size'] * config['seq_len'] * config['grad_accum'] * run.world} tokens/iter")
     bar = tqdm(range(run.start, config["max_iters"]), initial=run.start, total=config["max_iters"],
