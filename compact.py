@@ -286,16 +286,12 @@ class LayerCache:
             p = pack(torch.ones(B, T, dtype=torch.bool, device=k.device))
         if p is None:  # every sequence writes all T tokens at the same level
             start = self.lengths[0]
-            if start + T > self.k.shape[2]:
-                raise ValueError(f"KV cache full: {start} + {T} tokens > its {self.k.shape[2]} slots")
             self.k[:, :, start:start + T] = k
             self.v[:, :, start:start + T] = v
             self.pos[:, start:start + T] = pos
             self.lengths = [n + T for n in self.lengths]
             return
         lengths = [n + c for n, c in zip(self.lengths, p.sizes)]
-        if max(lengths) > self.k.shape[2]:
-            raise ValueError(f"KV cache full: it has {self.k.shape[2]} slots")
         dst = torch.tensor(self.lengths, device=k.device)[p.b_idx] + p.slot    # (N,) where each token goes
         self.k[p.b_idx, :, dst] = k[p.b_idx, :, p.slot]
         self.v[p.b_idx, :, dst] = v[p.b_idx, :, p.slot]
@@ -322,8 +318,16 @@ class KVCache:
                              "use a shorter prompt or fewer new tokens")
         self.layers = [LayerCache(batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
                        for _ in range(cfg.n_layers)]
-        self.batch_size = batch_size
-        self.seen = 0
+        self.batch_size, self.max_len, self.context, self.seen = batch_size, max_len, cfg.max_seq_len, 0
+
+    def reserve(self, T: int) -> int:
+        """The position of the first of T new tokens, checked to fit before any layer writes."""
+        n = self.seen + T                                  # every layer holds at most n tokens then
+        if n > self.max_len:                               # max_len <= the model's context
+            raise ValueError(f"{n} tokens exceed the model's context of {self.context}" if n > self.context else
+                             f"KV cache full: {self.seen} + {T} tokens > its {self.max_len} slots: make it with "
+                             f"model.new_cache(batch_size, max_len) for max_len >= {n}")
+        return self.seen
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class Compiled:
             raise ValueError(f"{cache.seen + 1} tokens exceed the model's context of {cfg.max_seq_len}")
         if any(c.deferred for c in layers):
             raise ValueError("the cache holds deferred K/V (an eager step wrote it): decode it with one path")
-        pos = torch.full((1, 1), cache.seen, dtype=torch.long, device=idx.device)
+        pos = torch.full((1, 1), cache.reserve(1), dtype=torch.long, device=idx.device)
         levels = torch.tensor([c.lengths[0] for c in layers], device=idx.device)     # (L,) filled slots
         logits, z, kinds = self.step(self.model, idx, pos, levels, [c.k for c in layers],
                                      [c.v for c in layers], [c.pos for c in layers], routers_off)

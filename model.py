@@ -423,7 +423,7 @@ class Model(nn.Module):
         last_only:     logits of the last position only (generation).
         """
         B, T = idx.shape
-        start = cache.seen if cache is not None else 0
+        start = cache.reserve(T) if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"{start + T} tokens exceed the model's context of {self.cfg.max_seq_len}")
         if masked and cache is not None:

@@ -246,6 +246,23 @@ def greedy_with_cache(model, table, prompt, n_new):
     return idx, torch.stack(logits, 1), cache
 
 
+@pytest.mark.parametrize("kv", router.KV_MODES)
+def test_a_call_past_the_cache_is_refused_before_any_layer_writes(kv):
+    """kv="kept" layers fill unevenly: the check comes before the first layer, not inside one."""
+    model = tiny_model("llama_gqa")
+    table = force_gates(model, "sublayer", kv, mixed_table(model.cfg.n_layers, B=1))
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(tokens(B=1, T=6), cache=cache)
+        before = [list(c.lengths) for c in cache.layers]
+        table.start = 6
+        with pytest.raises(ValueError, match="KV cache full: 6 \\+ 3 tokens > its 8 slots: make it with model.new_cache"):
+            model(tokens(B=1, T=3), cache=cache)
+        assert [c.lengths for c in cache.layers] == before and cache.seen == 6
+        model(tokens(B=1, T=2), cache=cache)                            # what fits still goes in
+    assert cache.seen == 8
+
+
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
