@@ -12,6 +12,7 @@
 #   3. Llama-3.1-8B shape, eager decoding at batch 8 alone (--compile decodes batch 1 only;
 #      its prefill rows would repeat 1's)
 #   4. SmolLM2-135M shape, eager and compiled, as 1 and 2
+#   5. the attention kernels for the kept queries of a compacted prefill (research/attn_kernels.py)
 #
 # The most important rows come first, and every command has its own time limit, so a slow
 # compile costs its own rows, not the rest. Each writes OUT_DIR/NAME.json (bench.py's JSON
@@ -44,4 +45,14 @@ bench llama8b-compiled 180 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=512
 bench llama8b-eager-b8  60 --init=llama-3.1-8b --prefill= --prompt_len=512 --new_tokens=32 --decode_batch=8
 bench smollm2-eager     40 --init=smollm2-135m --prefill=1x2048 --prompt_len=512 --new_tokens=64
 bench smollm2-compiled 100 --init=smollm2-135m --prefill=1x2048 --prompt_len=512 --new_tokens=64 --compile=True
+
+# 5. which kernel the kept queries of a compacted prefill attend with (research/attn_kernels.py), 8B shapes
+echo "== attn-kernels ($(date +%T), limit 90s)"
+if timeout 90 python -m research.attn_kernels --preset=llama-3.1-8b --seq_len=2048 --device=cuda \
+        --dtype=bfloat16 --json > "$OUT/attn-kernels.log" 2>&1; then
+    tail -n 1 "$OUT/attn-kernels.log" > "$OUT/attn-kernels.json.tmp" && mv "$OUT/attn-kernels.json.tmp" "$OUT/attn-kernels.json"
+    echo "   done"
+else
+    echo "   failed or timed out (exit $?): see $OUT/attn-kernels.log"
+fi
 echo "rows in $OUT/*.json"

@@ -1,0 +1,60 @@
+"""research/attn_kernels.py: every kernel gives the reference's output for the kept queries of a
+compacted prefill, and the rows' arithmetic. Tiny head shapes; FlexAttention runs uncompiled here
+(torch.compile made the identity), which computes the same thing slowly.
+
+    python -m pytest tests/test_attn_kernels.py -q
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from research import attn_kernels  # noqa: E402
+
+TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=512)
+GEMMA2 = dict(TINY, query_scale=8.0, attn_softcap=2.0, sliding_window=4, layer_types=("sliding", "full"))
+
+
+@pytest.fixture
+def presets(monkeypatch):
+    monkeypatch.setitem(attn_kernels.PRESETS, "tiny-gqa", TINY)
+    monkeypatch.setitem(attn_kernels.PRESETS, "tiny-gemma2", GEMMA2)
+    monkeypatch.setattr(torch, "compile", lambda f, **kwargs: f)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("preset", ["tiny-gqa", "tiny-gemma2"])
+def test_every_kernel_gives_the_reference_output(presets, preset, capsys):
+    attn_kernels.main([f"--preset={preset}", "--seq_len=300", "--density=0.4", "--repeat=1", "--json"])
+    text = capsys.readouterr().out
+    out = json.loads(text.strip().splitlines()[-1])
+    rows = {r["kernel"]: r for r in out["rows"]}
+    assert list(rows) == list(attn_kernels.KERNELS) and "efficiency" in text
+    assert 60 < out["kept"] < 180 and (out["heads"], out["kv_heads"], out["head_dim"]) == (4, 2, 8)
+    # the visible pairs of the kept queries: more than their share of queries (later positions see more keys)
+    assert 0 < out["visible_share"] < 1
+    for name, r in rows.items():
+        assert r["ms"] > 0
+        if name == "dense":
+            assert r["x_dense"] == 1.0 and r["efficiency"] is None and r["max_diff"] is None
+        else:
+            assert r["max_diff"] < 1e-5, name
+            assert r["efficiency"] == pytest.approx(out["visible_share"] / r["x_dense"])
+
+
+def test_the_sliding_layers_are_passed_over(presets):
+    cfg = attn_kernels.ModelConfig(**GEMMA2)
+    assert attn_kernels.full_layer(cfg) == 1
+
+
+def test_bad_flags(presets):
+    for argv, message in ((["--kernels=blocks,fast"], "unknown fast; choose from blocks"),
+                          (["--preset=gpt-5"], "not one of model.PRESETS"),
+                          (["--dtype=int8"], "--dtype must be float32"),
+                          (["--density=1.5"], "density")):
+        with pytest.raises(ValueError, match=message):
+            attn_kernels.main(argv)
