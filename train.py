@@ -1,6 +1,6 @@
 """train.py — convert a dense model into a sparse one: train routers, LoRA and skip substitutes, nothing else.
 
-    python train.py --init=smollm2-135m-instruct                     # the default (--substitute=none: the paper's)
+    python train.py --init=smollm2-135m-instruct                     # default; --substitute=none is the paper's recipe
     python train.py --init=resume --out_dir=out                       # continue a run
     torchrun --standalone --nproc_per_node=2 train.py --init=...      # data parallel (distributed.py)
 
