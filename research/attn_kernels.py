@@ -38,11 +38,12 @@ from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides, r
 from generate import now
 from model import PRESETS, Attention, ModelConfig, softcap
 
+KERNELS = ("blocks", "sdpa_gqa", "sdpa_repeat", "flex", "flex_mask", "dense")   # the candidates, above
 DEFAULTS = dict(
     preset="smollm2-135m-instruct",  # the head shapes of this preset (model.PRESETS); no weights are read
     seq_len=1024,                  # tokens of the prefill: keys, and the dense row's queries
     density=0.5,                   # share of the tokens that make a query
-    kernels=("blocks", "sdpa_gqa", "sdpa_repeat", "flex", "flex_mask", "dense"),
+    kernels=KERNELS,               # which of them to time
     repeat=20,                     # timed calls per kernel, in turn with the others; the median is reported
     threads=0,                     # torch.set_num_threads; 0 = torch's default
     seed=1337,
@@ -51,7 +52,6 @@ DEFAULTS = dict(
     json=False,                    # print the result as one JSON object on the last line
 )
 RANGES = dict(seq_len=Range(2), density=FRACTION, repeat=AT_LEAST_1, threads=Range(0), seed=Range(0))
-KERNELS = ("blocks", "sdpa_gqa", "sdpa_repeat", "flex", "flex_mask", "dense")
 
 
 def full_layer(cfg: ModelConfig) -> int:
