@@ -151,12 +151,10 @@ class Compiled:
 
     def decode(self, idx, cache, routers_off: bool):
         """The compiled step for the one token idx (1, 1): (logits (1, 1, V), gate records)."""
-        cfg, layers = self.cfg, cache.layers
-        if cache.seen + 1 > cfg.max_seq_len:
-            raise ValueError(f"{cache.seen + 1} tokens exceed the model's context of {cfg.max_seq_len}")
+        layers, start = cache.layers, cache.reserve(1)              # the context and the cache both fit
         if any(c.deferred for c in layers):
             raise ValueError("the cache holds deferred K/V (an eager step wrote it): decode it with one path")
-        pos = torch.full((1, 1), cache.reserve(1), dtype=torch.long, device=idx.device)
+        pos = torch.full((1, 1), start, dtype=torch.long, device=idx.device)
         levels = torch.tensor([c.lengths[0] for c in layers], device=idx.device)     # (L,) filled slots
         logits, z, kinds = self.step(self.model, idx, pos, levels, [c.k for c in layers],
                                      [c.v for c in layers], [c.pos for c in layers], routers_off)

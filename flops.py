@@ -84,5 +84,5 @@ def skip_savings(cfg, seq_len: int) -> dict:
     if f["substitute"] >= min(attn, f["mlp"]):
         raise ValueError(f"a rank-{cfg.substitute} skip substitute costs as many FLOPs as the skip of an "
                          f"{'attention' if attn < f['mlp'] else 'MLP'} saves: use --substitute below "
-                         f"{math.ceil(min(attn, f['mlp']) / (4 * cfg.dim))}")
+                         f"{math.ceil(min(attn, f['mlp']) / (f['substitute'] / cfg.substitute))}")
     return {"attn": attn - f["substitute"], "mlp": f["mlp"] - f["substitute"]}
