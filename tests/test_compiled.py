@@ -147,6 +147,20 @@ def test_a_cache_with_deferred_kv_is_refused():
             Compiled(model, "aot_eager")(tokens(1, 1), cache=cache)
 
 
+def test_a_step_past_the_cache_or_the_context_is_refused():
+    """compiled.decode checks through KVCache.reserve, as the eager forward does."""
+    model = routed("llama_gqa", "all")
+    T = model.cfg.max_seq_len
+    for size, message in ((8, "KV cache full: 8 \\+ 1 tokens > its 8 slots"),
+                          (T, f"{T + 1} tokens exceed the model's context of {T}")):
+        cache = model.new_cache(1, size)
+        with torch.inference_mode():
+            model(tokens(1, size), cache=cache)
+            with pytest.raises(ValueError, match=message):
+                Compiled(model, "aot_eager")(tokens(1, 1), cache=cache)
+        assert cache.seen == size
+
+
 # ----------------------------------------------------------------------------------------------
 # A prefill or a batch: the row-wise sublayers compiled on bucketed rows
 # ----------------------------------------------------------------------------------------------
