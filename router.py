@@ -48,9 +48,9 @@ SINK_LOGIT = 30.0        # the logit of a token that always computes: sigmoid = 
 
 class Substitute(nn.Module):
     """What a token that skips a sublayer adds instead of 0 (the paper): h = h + g·f(x) + (1 - g)·s(x),
-    s(x) = b + (x A) B, fitted by least squares to f(x) (controller.fit_substitutes), then trained
-    with the routers; rank r = 0 is the mean output b alone. Much of what a sublayer adds is
-    predictable from its input, so a skip loses only the rest, for 4·d·r FLOPs (float32)."""
+    s(x) = b + (x A) B, fitted by least squares to f(x) (controller.fit_substitutes), then b and A
+    trained with the routers (B stays: train.make_optimizer); rank 0 is the mean output b alone. Much of
+    a sublayer's output is predictable from its input: a skip loses the rest, for 4·d·r FLOPs."""
 
     def __init__(self, dim: int, rank: int):
         super().__init__()

@@ -67,7 +67,7 @@ DEFAULTS = dict(
     seq_len=256,
     grad_accum=1,
     # optimizer
-    lr=2e-3,                       # LoRA adapters
+    lr=2e-3,                       # LoRA adapters, skip substitutes
     router_lr=3e-3,                # router biases (weights: router_lr / sqrt(d))
     warmup_iters=10,
     min_lr_frac=0.1,
@@ -79,8 +79,7 @@ DEFAULTS = dict(
     route="sublayer",              # sublayer | attn | mlp | block
     kv="all",                      # all | kept
     fit_windows=8,                 # training windows the routers are fitted on before training
-    substitute=8,                  # what a skipped token adds: r = a fitted rank-r linear map of its input
-                                   # (router.Substitute), 0 = the sublayer's mean output, none = 0 (the paper)
+    substitute=8,                  # what a skip adds: r = a fitted rank-r map of x, 0 = its mean, none = 0 (paper)
     # sparsity
     target_density=(0.87,),        # FLOP-weighted fraction of routed work to keep (one per stage)
     anneal=0.1,                    # fraction of each later stage over which its target slides down
@@ -198,8 +197,8 @@ def build(config: dict):
     router.add_routers(model, config["route"], config["kv"], substitute=config["substitute"])
     if config["lora_rank"] > 0:
         lora.inject(model, lora_targets(config), config["lora_rank"], config["lora_alpha"])
-    for p in trained_parameters(model).values():
-        p.requires_grad_(True)
+    for name, p in trained_parameters(model).items():
+        p.requires_grad_(not name.endswith("_skip.up"))    # a substitute's B stays as fitted: make_optimizer
     for p in router.parameters(model) if static(config) else []:
         p.requires_grad_(False)                            # a static baseline trains LoRA only
     model.grad_checkpoint = config["grad_checkpoint"]
@@ -213,13 +212,17 @@ def make_optimizer(model, config):
     logit z = w.x by up to lr * sum|x_i|, i.e. d times more than a bias step. Dividing the
     weights' rate by sqrt(d) keeps a step's effect on z near the bias's: gates then move
     early (the bias) without flipping wholesale from one step to the next (the weights).
+
+    A substitute s(x) = b + (x A) B trains b and A, not B: B's rows are the fit's unit directions and
+    x A carries the output's scale, so a step on B moves s(x) by a share of the output (on Gemma 3 the KL climbed).
     """
     router_w = [r.proj.weight for _, _, r in router.routers(model)]
     router_b = [r.proj.bias for _, _, r in router.routers(model)]
     w_lr = config["router_lr"] / math.sqrt(model.cfg.dim)
     groups = [dict(params=router_w, lr=w_lr, base_lr=w_lr),
               dict(params=router_b, lr=config["router_lr"], base_lr=config["router_lr"]),
-              dict(params=[p for _, _, s in router.substitutes(model) for p in s.parameters()], lr=config["lr"],
+              dict(params=[p for _, _, s in router.substitutes(model) for p in s.parameters() if p.requires_grad],
+                   lr=config["lr"],
                    base_lr=config["lr"]),
               dict(params=lora.parameters(model), lr=config["lr"], base_lr=config["lr"])]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
@@ -377,10 +380,7 @@ def forget_step(run: Run, rng_before):
 
 def train(config: dict):
     run = setup(config)
-    if config["init"] != "resume":
-        init_routers(run)
-    if config["init"] == "resume":
-        resume(run)
+    resume(run) if config["init"] == "resume" else init_routers(run)
     master, log = run.rank == 0, None
     if master:
         run.out_dir.mkdir(parents=True, exist_ok=True)

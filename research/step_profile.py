@@ -122,11 +122,13 @@ class Step:
 
 
 def make_optimizer(model) -> torch.optim.AdamW:
-    """train.py's AdamW: router weights at router_lr / sqrt(d), router biases, substitutes, LoRA."""
+    """train.py's AdamW: router weights at router_lr / sqrt(d), router biases, substitutes (their A and
+    b), LoRA."""
     rs = [r for _, _, r in router.routers(model)]
     groups = [dict(params=[r.proj.weight for r in rs], lr=RECIPE["router_lr"] / model.cfg.dim ** 0.5),
               dict(params=[r.proj.bias for r in rs], lr=RECIPE["router_lr"]),
-              dict(params=[p for _, _, s in router.substitutes(model) for p in s.parameters()], lr=RECIPE["lr"]),
+              dict(params=[p for _, _, s in router.substitutes(model) for p in s.parameters() if p.requires_grad],
+                   lr=RECIPE["lr"]),
               dict(params=lora.parameters(model), lr=RECIPE["lr"])]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -146,6 +148,9 @@ def build(config: dict) -> Step:
     lora.inject(model, lora.TARGETS, RECIPE["lora_rank"], RECIPE["lora_alpha"])
     for p in trained_parameters(model).values():
         p.requires_grad_(True)
+    for _, _, sub in router.substitutes(model):   # as train.py: a substitute's B stays as fitted
+        if sub.up is not None:
+            sub.up.requires_grad_(False)
     with torch.no_grad():                      # logits that differ by token, so that some tokens skip
         for _, _, r in router.routers(model):
             r.proj.weight.normal_(0, model.cfg.dim ** -0.5)

@@ -10,8 +10,8 @@ h = h + g·f(x) + (1 - g)·s(x) wherever a gate acts. What is checked, on tiny r
 - the least-squares fit: the mean at rank 0, ordinary least squares at full rank without a
   ridge, a reduced-rank fit between them; the routers' fit target becomes what a skip loses;
 - the FLOP model counts a substitute's two matmuls per skipped token (FlopCounterMode);
-- the peek rule with substitutes by hand; a train.py run with --substitute trains and saves
-  them, and its checkpoint loads with them.
+- the peek rule with substitutes by hand; a train.py run with --substitute trains their A and b
+  (not B, the fitted directions), saves them, and its checkpoint loads with them.
 """
 import json
 import math
@@ -207,6 +207,23 @@ def test_training_with_substitutes_saves_and_loads_them(folder, corpus, tmp_path
         torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
     with pytest.raises(ValueError, match="substitute"):
         train.read_config(args(folder, corpus, out, init="resume", substitute=8))
+
+
+def test_training_moves_a_substitutes_a_and_b_and_keeps_its_fitted_directions(folder, corpus, tmp_path, monkeypatch):
+    fitted = {}
+
+    def fit_and_keep(model, batches, *a, **k):
+        controller.fit_substitutes(model, batches, *a, **k)
+        fitted.update({n: p.detach().clone() for n, p in router.named_parameters(model).items() if "_skip." in n})
+    monkeypatch.setattr(train, "fit_substitutes", fit_and_keep)
+    model = train.train(train.read_config(args(folder, corpus, tmp_path / "out", substitute=4, max_iters=4)))
+    trained = router.named_parameters(model)
+    for kind in ("down", "bias", "up"):
+        names = [n for n in fitted if n.endswith(f"_skip.{kind}")]
+        assert len(names) == 2 * model.cfg.n_layers
+        moved = [not torch.equal(trained[n].detach(), fitted[n]) for n in names]
+        # A and b train where tokens skipped; B (up), the fit's r unit directions, stays
+        assert any(moved) if kind != "up" else not any(moved), kind
 
 
 @pytest.mark.parametrize("bad", ["-1", "1.5", "many", "999"])
