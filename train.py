@@ -213,8 +213,8 @@ def make_optimizer(model, config):
     weights' rate by sqrt(d) keeps a step's effect on z near the bias's: gates then move
     early (the bias) without flipping wholesale from one step to the next (the weights).
 
-    A substitute s(x) = b + (x A) B trains b and A, not B: B's rows are the fit's unit directions and
-    x A carries the output's scale, so a step on B moves s(x) by a share of the output (on Gemma 3 the KL climbed).
+    A substitute s(x) = b + (x A) B trains b and A (build): a step on B, the fit's unit directions, moves s(x) by a
+    share of x A, the output itself (on Gemma 3, whose first sublayers add ~4x the stream, the KL climbed).
     """
     router_w = [r.proj.weight for _, _, r in router.routers(model)]
     router_b = [r.proj.bias for _, _, r in router.routers(model)]
@@ -222,8 +222,7 @@ def make_optimizer(model, config):
     groups = [dict(params=router_w, lr=w_lr, base_lr=w_lr),
               dict(params=router_b, lr=config["router_lr"], base_lr=config["router_lr"]),
               dict(params=[p for _, _, s in router.substitutes(model) for p in s.parameters() if p.requires_grad],
-                   lr=config["lr"],
-                   base_lr=config["lr"]),
+                   lr=config["lr"], base_lr=config["lr"]),
               dict(params=lora.parameters(model), lr=config["lr"], base_lr=config["lr"])]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -254,10 +253,8 @@ def setup(config: dict) -> Run:
     model, tok, folder = build(dict(config, device="cpu") if fsdp else config)   # FSDP: shards to the device
     bos, key = (tok.bos_id if tok.adds_bos else None), tokenizer_key(folder)
     data = RandomWindows(load_sources(config["data"], tok, key), config["seq_len"], bos, config["seed"])
-    val = None
-    if config["val_data"]:
-        val = spread_windows(load_sources(config["val_data"], tok, key), config["seq_len"], bos,
-                             config["eval_batches"] * config["batch_size"])
+    val = spread_windows(load_sources(config["val_data"], tok, key), config["seq_len"], bos,
+                         config["eval_batches"] * config["batch_size"]) if config["val_data"] else None
     window = config["seq_len"] + (bos is not None)
     savings = skip_savings(model.cfg, window)
     weights = savings if config["flop_weighted"] else {"attn": 1.0, "mlp": 1.0}
@@ -380,7 +377,10 @@ def forget_step(run: Run, rng_before):
 
 def train(config: dict):
     run = setup(config)
-    resume(run) if config["init"] == "resume" else init_routers(run)
+    if config["init"] == "resume":
+        resume(run)
+    else:
+        init_routers(run)
     master, log = run.rank == 0, None
     if master:
         run.out_dir.mkdir(parents=True, exist_ok=True)

@@ -146,11 +146,8 @@ def build(config: dict) -> Step:
     torch.manual_seed(config["seed"])                                                 # LoRA A, router weights
     router.add_routers(model, "sublayer", "all", substitute=RECIPE["substitute"])
     lora.inject(model, lora.TARGETS, RECIPE["lora_rank"], RECIPE["lora_alpha"])
-    for p in trained_parameters(model).values():
-        p.requires_grad_(True)
-    for _, _, sub in router.substitutes(model):   # as train.py: a substitute's B stays as fitted
-        if sub.up is not None:
-            sub.up.requires_grad_(False)
+    for name, p in trained_parameters(model).items():
+        p.requires_grad_(not name.endswith("_skip.up"))    # as train.build: a substitute's B stays as fitted
     with torch.no_grad():                      # logits that differ by token, so that some tokens skip
         for _, _, r in router.routers(model):
             r.proj.weight.normal_(0, model.cfg.dim ** -0.5)
