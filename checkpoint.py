@@ -46,7 +46,8 @@ class CheckpointError(ValueError):
 
 
 def trained_parameters(model) -> dict:
-    """{name: parameter} of what training changes (routers, substitutes, LoRA), in the model's order."""
+    """{name: parameter} of what a run fits or trains (routers, substitutes, LoRA: what its checkpoint holds;
+    a substitute's B is fitted, not trained), in the model's order."""
     ours = {id(p) for p in router.parameters(model) + lora.parameters(model)}
     return {n: p for n, p in model.named_parameters() if id(p) in ours}
 
