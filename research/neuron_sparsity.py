@@ -19,6 +19,8 @@ gates show with the same thinning (gates.py). It then times the down projections
 layer's in turn (as a forward pass runs them, so the weights come from memory, not cache): dense,
 against a top-k and torch's embedding_bag (the gather-and-weighted-sum of the kept rows of the
 transposed weight), the median of --repeat runs of each (a tenth of them at --seq_len rows).
+On the dense model it also times whole decoding steps (generate.decode after --prompt_len random
+ids) with every down projection gathered, against the dense steps, interleaved.
 
     python -m research.neuron_sparsity --text=vim.txt --json
     python -m research.neuron_sparsity --text=vim.txt --select=gate --keeps=0.8,0.7,0.6 --repeat=0 --json
@@ -32,11 +34,13 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, Range, check_ranges, run_main
 from flops import compute_ratio, sublayer_flops, visible_keys
 from gates import gates_as
+from generate import decode, generate
 from scoring import evaluate, read_text, research_main, windows
 
 DEFAULTS = dict(
@@ -49,7 +53,10 @@ DEFAULTS = dict(
     keeps=(0.6, 0.5, 0.4, 0.3),    # the fractions of each token's MLP neurons kept
     select="down",                 # "down": by |h|, down alone; "gate": by |act(gate(x))|, up and down
     block=1,                       # neurons kept or skipped together, in blocks of this many (in order)
-    repeat=50,                     # timed runs of the down projections (0: no timing)
+    repeat=50,                     # timed runs of the down projections (0: no timing), a tenth of
+                                   # them for prefill rows and decoding
+    prompt_len=256,                # decoding timed after a prompt of this many random ids
+    new_tokens=32,                 # ... for this many tokens (0: not timed; only without --ckpt, by |h|)
     gates="learned",               # --ckpt: learned, or random (coin flips at the learned densities)
     seed=1337,                     # for --gates=random
     dtype="float32",
@@ -58,7 +65,8 @@ DEFAULTS = dict(
 )
 SELECTS = ("down", "gate")
 RANGES = dict(block=AT_LEAST_1, seq_len=Range(2), max_chunks=AT_LEAST_1, batch_size=AT_LEAST_1, keeps=FRACTION,
-              repeat=AT_LEAST_0, seed=AT_LEAST_0)
+              repeat=AT_LEAST_0, seed=AT_LEAST_0,
+              prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_0)
 
 
 def neuron_mask(a: torch.Tensor, keep: float, block: int = 1) -> torch.Tensor:
@@ -166,6 +174,66 @@ def thinned_score(model, chunks, config, keep: float):
                                                        config["select"])
 
 
+class GatheredDown(nn.Module):
+    """A down projection that reads only each token's round(keep·F) largest |h|: a single row (a
+    decoding step) through gathered_down, so the skipped rows are never read; more rows masked."""
+
+    def __init__(self, down: nn.Linear, keep: float):
+        super().__init__()
+        self.down, self.keep = down, keep
+        self.w_t = down.weight.detach().t().contiguous()                  # (F, d)
+
+    def forward(self, h):
+        if h.shape[:-1].numel() > 1:
+            return self.down(keep_largest(h, self.keep))
+        k = max(1, round(self.keep * h.shape[-1]))
+        return gathered_down(h.reshape(1, -1), self.w_t, k).reshape(*h.shape[:-1], -1)
+
+
+@contextmanager
+def gathered(model, keep: float):
+    """Every MLP's down projection a GatheredDown for the length of the block."""
+    downs = [b.mlp.down for b in model.layers]
+    for b, down in zip(model.layers, downs):
+        b.mlp.down = GatheredDown(down, keep)
+    try:
+        yield
+    finally:
+        for b, down in zip(model.layers, downs):
+            b.mlp.down = down
+
+
+def decode_speed(model, keeps, prompt_len: int, new_tokens: int, repeat: int) -> dict:
+    """Seconds per decoding step after a prompt of random ids (the first token, which prefills,
+    not counted): the dense model against its MLPs thinned by GatheredDown, median of repeat
+    interleaved runs each; and whether the gathered steps pick the greedy tokens the masked
+    thinning (sparse_mlp) picks."""
+    idx = torch.randint(model.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+
+    def step_s():
+        steps = decode(model, idx, new_tokens)
+        next(steps)
+        t0 = time.perf_counter()
+        for _ in steps:
+            pass
+        return (time.perf_counter() - t0) / (new_tokens - 1)
+
+    out = {}
+    for q in keeps:
+        dense, thin = [], []
+        for _ in range(repeat):
+            dense.append(step_s())
+            with gathered(model, q):
+                thin.append(step_s())
+        with gathered(model, q):
+            fast = generate(model, idx, new_tokens)
+        with sparse_mlp(model, q):
+            masked = generate(model, idx, new_tokens)
+        out[q] = dict(dense_s=statistics.median(dense), thinned_s=statistics.median(thin),
+                      same_tokens=bool(torch.equal(fast, masked)))
+    return out
+
+
 def neuron_sparsity(config, model, tok, name) -> dict:
     model.requires_grad_(False).eval()
     if model.cfg.ffn_dim % config["block"]:
@@ -192,7 +260,18 @@ def neuron_sparsity(config, model, tok, name) -> dict:
             speed[batch] = {str(k): v for k, v in t.items()}
             print(f"down projection, {batch} row(s): dense {t['dense']:.0f} us; "
                   + ", ".join(f"keep {q}: {t[q]:.0f} us ({t['dense'] / t[q]:.2f}x)" for q in config["keeps"]))
+    steps = {}
+    if config["repeat"] and config["new_tokens"] and config["select"] == "down" and config["block"] == 1 \
+            and not config["ckpt"]:
+        runs = max(1, config["repeat"] // 10)
+        for q, t in decode_speed(model, config["keeps"], config["prompt_len"], config["new_tokens"], runs).items():
+            steps[str(q)] = t
+            print(f"decoding {config['new_tokens']} tokens after {config['prompt_len']}, keep {q}: "
+                  f"{t['dense_s'] / t['thinned_s']:.2f}x the dense steps' speed "
+                  f"({t['thinned_s'] * 1e3:.1f} against {t['dense_s'] * 1e3:.1f} ms); "
+                  f"greedy tokens as the masked thinning's: {t['same_tokens']}")
     return dict(model=name, ckpt=config["ckpt"], text=config["text"], select=config["select"], block=config["block"],
+                decode=steps,
                 gates=config["gates"],
                 seq_len=config["seq_len"], windows=len(chunks), tokens=n, rows=rows, down_us=speed,
                 threads=torch.get_num_threads())
@@ -204,6 +283,8 @@ def check(config):
         raise ValueError("research.neuron_sparsity needs --text=FILE, the text the perplexity is measured on")
     if not config["keeps"] or any(q <= 0 for q in config["keeps"]):
         raise ValueError("--keeps needs fractions in (0, 1], e.g. --keeps=0.5,0.4")
+    if config["new_tokens"] == 1:
+        raise ValueError("--new_tokens=1 leaves no decoding step to time (the first token prefills): use 0 or >= 2")
     if config["select"] not in SELECTS:
         raise ValueError(f"--select={config['select']!r}: choose one of {', '.join(SELECTS)}")
     if config["gates"] not in ("learned", "random"):

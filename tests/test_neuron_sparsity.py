@@ -74,7 +74,7 @@ def test_a_run_reports_each_keep_and_leaves_the_model_as_it_was(folder, corpus):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         ns.main([f"--init={folder}", f"--text={corpus / 'val' / 'c.txt'}", "--seq_len=32", "--max_chunks=3",
-                 "--keeps=0.5,0.05", "--repeat=2", "--json"])
+                 "--keeps=0.5,0.05", "--repeat=10", "--prompt_len=8", "--new_tokens=4", "--json"])
     out = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert [r["keep"] for r in out["rows"]] == [1.0, 0.5, 0.05]
     assert out["rows"][0]["ppl_ratio"] == pytest.approx(1.0)  # the dense model against itself
@@ -82,6 +82,23 @@ def test_a_run_reports_each_keep_and_leaves_the_model_as_it_was(folder, corpus):
     assert out["rows"][2]["ppl_ratio"] != pytest.approx(1.0)  # keeping 1 of the tiny model's neurons shows
     assert out["rows"][1]["compute_ratio"] > out["rows"][2]["compute_ratio"]
     assert set(out["down_us"]) == {"1", "32"} and set(out["down_us"]["1"]) == {"dense", "0.5", "0.05"}
+    assert set(out["decode"]) == {"0.5", "0.05"}
+    assert all(t["same_tokens"] and t["dense_s"] > 0 and t["thinned_s"] > 0 for t in out["decode"].values())
+
+
+def test_a_gathered_down_projection_is_the_masked_one(folder):
+    import load_weights
+    model, _ = load_weights.load(str(folder))
+    down = model.layers[0].mlp.down
+    torch.manual_seed(0)
+    one, many = torch.randn(1, 1, down.in_features), torch.randn(2, 3, down.in_features)
+    gathered = ns.GatheredDown(down, 0.3)
+    with torch.no_grad():
+        for h in (one, many):                                  # a decoding row gathered, more rows masked
+            assert torch.allclose(gathered(h), down(ns.keep_largest(h, 0.3)), atol=1e-6)
+        with ns.gathered(model, 0.3):
+            assert isinstance(model.layers[1].mlp.down, ns.GatheredDown)
+    assert model.layers[1].mlp.down is not None and not isinstance(model.layers[1].mlp.down, ns.GatheredDown)
 
 
 def test_gate_selection_zeroes_the_neurons_of_smallest_gate(folder):
@@ -119,6 +136,8 @@ def test_bad_options_are_refused(folder, corpus):
         ns.main([f"--init={folder}", "--text=x.txt", "--select=up"])
     with pytest.raises(ValueError, match="--block=5 does not divide"):
         ns.main([f"--init={folder}", f"--text={corpus / 'val' / 'c.txt'}", "--block=5", "--repeat=0"])
+    with pytest.raises(ValueError, match="--new_tokens=1 leaves no decoding step"):
+        ns.main([f"--init={folder}", "--text=x.txt", "--new_tokens=1"])
     with pytest.raises(ValueError, match="--gates=random needs"):
         ns.main([f"--init={folder}", "--text=x.txt", "--gates=random"])
     with pytest.raises(ValueError, match="keeps"):
