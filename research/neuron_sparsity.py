@@ -170,7 +170,9 @@ def thinned_score(model, chunks, config, keep: float):
     with thin, gates_as(model, chunks, config["seq_len"], config["gates"], batch_size=config["batch_size"],
                         seed=config["seed"]) as path:
         sums, stats = evaluate(model, chunks, config["batch_size"], path=path)
-    return sums["nll"], sums["tokens"], neuron_compute(model.cfg, config["seq_len"], stats.density(), keep,
+    blocks = model.cfg.ffn_dim // config["block"]
+    kept = min(max(1, round(keep * blocks)), blocks) / blocks          # the share neuron_mask keeps
+    return sums["nll"], sums["tokens"], neuron_compute(model.cfg, config["seq_len"], stats.density(), kept,
                                                        config["select"])
 
 

@@ -175,3 +175,16 @@ def test_a_routed_checkpoint_is_thinned_under_learned_and_random_gates(folder, c
     assert found["random"]["rows"][1]["ppl_ratio"] != found["learned"]["rows"][1]["ppl_ratio"]
     for g in found:   # routed: below 1 even in full; thinned: lower still
         assert found[g]["rows"][1]["compute_ratio"] < found[g]["rows"][0]["compute_ratio"] < 1
+
+
+def test_blocks_count_the_share_they_keep(folder, corpus):
+    import load_weights
+    cfg = load_weights.load(str(folder))[0].cfg
+    blocks = cfg.ffn_dim // 32                                 # keep 0.5 of 3 blocks keeps 2 of them
+    assert blocks == 3
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ns.main([f"--init={folder}", f"--text={corpus / 'val' / 'c.txt'}", "--seq_len=32", "--max_chunks=2",
+                 "--keeps=0.5", "--block=32", "--select=gate", "--repeat=0", "--json"])
+    row = json.loads(buf.getvalue().strip().splitlines()[-1])["rows"][1]
+    assert row["compute_ratio"] == pytest.approx(ns.neuron_compute(cfg, 32, {}, 2 / 3, "gate"))
