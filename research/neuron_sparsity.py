@@ -15,10 +15,12 @@ For each q, this measures perplexity x dense on --text and the compute ratio (fl
 with the skipping projections of each computed MLP token counted at q of their FLOPs). With
 --ckpt it acts on top of a routed checkpoint's own skips (a skipped MLP stays skipped and adds
 its substitute); --gates=random replaces its routers by coin flips at the densities its learned
-gates show with the same thinning (gates.py). It then times the down projections at batch 1 and at --seq_len rows, every
-layer's in turn (as a forward pass runs them, so the weights come from memory, not cache): dense,
-against a top-k and torch's embedding_bag (the gather-and-weighted-sum of the kept rows of the
-transposed weight), the median of --repeat runs of each (a tenth of them at --seq_len rows).
+gates show with the same thinning, and --gates=peek by the peek rule (gates.py) set to
+--target_compute before the thinning (give the learned row's compute at keep 1). It then times
+the down projections at batch 1 and at --seq_len rows, every layer's in turn (as a forward pass
+runs them, so the weights come from memory, not cache): dense, against a top-k and torch's
+embedding_bag (the gather-and-weighted-sum of the kept rows of the transposed weight), the median
+of --repeat runs of each (a tenth of them at --seq_len rows).
 On the dense model it also times whole decoding steps (generate.decode after --prompt_len random
 ids) with every down projection gathered, against the dense steps, interleaved.
 
@@ -57,8 +59,9 @@ DEFAULTS = dict(
                                    # them for prefill rows and decoding
     prompt_len=256,                # decoding timed after a prompt of this many random ids
     new_tokens=32,                 # ... for this many tokens (0: not timed; only without --ckpt, by |h|)
-    gates="learned",               # --ckpt: learned, or random (coin flips at the learned densities)
+    gates="learned",               # --ckpt: learned, random (coin flips at the learned densities) or peek
     seed=1337,                     # for --gates=random
+    target_compute=0.9,            # for --gates=peek: its compute ratio before any thinning
     dtype="float32",
     device="cpu",
     json=False,                    # print the result as JSON on the last line
@@ -66,7 +69,7 @@ DEFAULTS = dict(
 SELECTS = ("down", "gate")
 RANGES = dict(block=AT_LEAST_1, seq_len=Range(2), max_chunks=AT_LEAST_1, batch_size=AT_LEAST_1, keeps=FRACTION,
               repeat=AT_LEAST_0, seed=AT_LEAST_0,
-              prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_0)
+              prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_0, target_compute=Range(0, 1, open_lo=True))
 
 
 def neuron_mask(a: torch.Tensor, keep: float, block: int = 1) -> torch.Tensor:
@@ -168,7 +171,7 @@ def thinned_score(model, chunks, config, keep: float):
     full). The gates' densities, and random gates' rates, are measured with the thinning on."""
     thin = sparse_mlp(model, keep, config["select"], block=config["block"]) if keep < 1 else nullcontext()
     with thin, gates_as(model, chunks, config["seq_len"], config["gates"], batch_size=config["batch_size"],
-                        seed=config["seed"]) as path:
+                        seed=config["seed"], target_compute=config["target_compute"]) as path:
         sums, stats = evaluate(model, chunks, config["batch_size"], path=path)
     blocks = model.cfg.ffn_dim // config["block"]
     kept = min(max(1, round(keep * blocks)), blocks) / blocks          # the share neuron_mask keeps
@@ -289,10 +292,11 @@ def check(config):
         raise ValueError("--new_tokens=1 leaves no decoding step to time (the first token prefills): use 0 or >= 2")
     if config["select"] not in SELECTS:
         raise ValueError(f"--select={config['select']!r}: choose one of {', '.join(SELECTS)}")
-    if config["gates"] not in ("learned", "random"):
-        raise ValueError(f"--gates={config['gates']!r}: choose learned or random")
-    if config["gates"] == "random" and not config["ckpt"]:
-        raise ValueError("--gates=random needs a routed checkpoint (--ckpt) whose densities the coin flips keep")
+    if config["gates"] not in ("learned", "random", "peek"):
+        raise ValueError(f"--gates={config['gates']!r}: choose learned, random or peek")
+    if config["gates"] != "learned" and not config["ckpt"]:
+        raise ValueError(f"--gates={config['gates']} needs a routed checkpoint (--ckpt): its densities, or its "
+                         "substitutes")
 
 
 main = research_main(DEFAULTS, check, neuron_sparsity)

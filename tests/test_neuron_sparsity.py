@@ -138,6 +138,8 @@ def test_bad_options_are_refused(folder, corpus):
         ns.main([f"--init={folder}", f"--text={corpus / 'val' / 'c.txt'}", "--block=5", "--repeat=0"])
     with pytest.raises(ValueError, match="--new_tokens=1 leaves no decoding step"):
         ns.main([f"--init={folder}", "--text=x.txt", "--new_tokens=1"])
+    with pytest.raises(ValueError, match="--gates=peek needs"):
+        ns.main([f"--init={folder}", "--text=x.txt", "--gates=peek"])
     with pytest.raises(ValueError, match="--gates=random needs"):
         ns.main([f"--init={folder}", "--text=x.txt", "--gates=random"])
     with pytest.raises(ValueError, match="keeps"):
@@ -165,7 +167,7 @@ def test_a_routed_checkpoint_is_thinned_under_learned_and_random_gates(folder, c
     import train
     train.train(train.read_config(test_train.args(folder, corpus, tmp_path / "run")))
     found = {}
-    for g in ("learned", "random"):                            # the checkpoint, thinned, under both gates
+    for g in ("learned", "random", "peek"):                    # the checkpoint, thinned, under each gates
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             ns.main([f"--ckpt={tmp_path / 'run'}", f"--text={corpus / 'val' / 'c.txt'}", "--seq_len=16",
@@ -173,6 +175,8 @@ def test_a_routed_checkpoint_is_thinned_under_learned_and_random_gates(folder, c
         found[g] = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert [r["keep"] for r in found["random"]["rows"]] == [1.0, 0.3]
     assert found["random"]["rows"][1]["ppl_ratio"] != found["learned"]["rows"][1]["ppl_ratio"]
+    assert found["peek"]["gates"] == "peek"
+    assert found["peek"]["rows"][0]["compute_ratio"] == pytest.approx(0.9, abs=0.01)   # --target_compute, unthinned
     for g in found:   # routed: below 1 even in full; thinned: lower still
         assert found[g]["rows"][1]["compute_ratio"] < found[g]["rows"][0]["compute_ratio"] < 1
 
