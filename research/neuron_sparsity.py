@@ -21,8 +21,8 @@ the down projections at batch 1 and at --seq_len rows, every layer's in turn (as
 runs them, so the weights come from memory, not cache): dense, against a top-k and torch's
 embedding_bag (the gather-and-weighted-sum of the kept rows of the transposed weight), the median
 of --repeat runs of each (a tenth of them at --seq_len rows).
-On the dense model it also times whole decoding steps (generate.decode after --prompt_len random
-ids) with every down projection gathered, against the dense steps, interleaved.
+On the dense model it also times whole decoding steps after --prompt_len random ids with every
+down projection gathered, against the dense steps, in lockstep (timing.decode_runs).
 
     python -m research.neuron_sparsity --text=vim.txt --json
     python -m research.neuron_sparsity --text=vim.txt --select=gate --keeps=0.8,0.7,0.6 --repeat=0 --json
@@ -30,6 +30,7 @@ ids) with every down projection gathered, against the dense steps, interleaved.
 
 Every option below is --key=value or --key value (python -m research.neuron_sparsity --help).
 """
+import copy
 import math
 import statistics
 import time
@@ -39,11 +40,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
 from configurator import AT_LEAST_0, AT_LEAST_1, FRACTION, Range, check_ranges, run_main
 from flops import compute_ratio, sublayer_flops, visible_keys
-from gates import gates_as
-from generate import decode, generate
+from gates import forced, gates_as
+from generate import generate
 from scoring import evaluate, read_text, research_main, windows
+from timing import decode_runs
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # preset name or Hugging Face folder
@@ -72,11 +75,16 @@ RANGES = dict(block=AT_LEAST_1, seq_len=Range(2), max_chunks=AT_LEAST_1, batch_s
               prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_0, target_compute=Range(0, 1, open_lo=True))
 
 
+def kept(n: int, keep: float) -> int:
+    """How many of n neurons (or blocks) a token keeps at keep: round(keep·n), at least 1."""
+    return min(max(1, round(keep * n)), n)
+
+
 def neuron_mask(a: torch.Tensor, keep: float, block: int = 1) -> torch.Tensor:
     """a (..., F) -> bool (..., F): each row's round(keep·F/block) blocks of `block` neurons (in their
     order) of largest sum of |a|; block 1: its neurons of largest |a|. At least one block."""
     scores = a.abs() if block == 1 else a.abs().unflatten(-1, (-1, block)).sum(-1)     # (..., F / block)
-    k = min(max(1, round(keep * scores.shape[-1])), scores.shape[-1])
+    k = kept(scores.shape[-1], keep)
     mask = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, scores.topk(k, dim=-1).indices, True)
     return mask if block == 1 else mask.repeat_interleave(block, dim=-1)
 
@@ -159,10 +167,10 @@ def down_speed(model, rows: int, keeps, repeat: int) -> dict:
     ws = [block.mlp.down.weight.detach() for block in model.layers]     # (d, F) each
     ws_t = [w.t().contiguous() for w in ws]                              # (F, d): one row per neuron
     h = torch.randn(rows, ws[0].shape[1], dtype=ws[0].dtype, device=ws[0].device)
-    k_of = {q: max(1, round(q * h.shape[1])) for q in keeps}
     out = {"dense": median_us(lambda: [F.linear(h, w) for w in ws], repeat) / len(ws)}
     for q in keeps:
-        out[q] = median_us(lambda: [gathered_down(h, w_t, k_of[q]) for w_t in ws_t], repeat) / len(ws)
+        k = kept(h.shape[1], q)
+        out[q] = median_us(lambda: [gathered_down(h, w_t, k) for w_t in ws_t], repeat) / len(ws)
     return out
 
 
@@ -174,8 +182,8 @@ def thinned_score(model, chunks, config, keep: float):
                         seed=config["seed"], target_compute=config["target_compute"]) as path:
         sums, stats = evaluate(model, chunks, config["batch_size"], path=path)
     blocks = model.cfg.ffn_dim // config["block"]
-    kept = min(max(1, round(keep * blocks)), blocks) / blocks          # the share neuron_mask keeps
-    return sums["nll"], sums["tokens"], neuron_compute(model.cfg, config["seq_len"], stats.density(), kept,
+    share = kept(blocks, keep) / blocks                                 # what neuron_mask keeps
+    return sums["nll"], sums["tokens"], neuron_compute(model.cfg, config["seq_len"], stats.density(), share,
                                                        config["select"])
 
 
@@ -191,8 +199,7 @@ class GatheredDown(nn.Module):
     def forward(self, h):
         if h.shape[:-1].numel() > 1:
             return self.down(keep_largest(h, self.keep))
-        k = max(1, round(self.keep * h.shape[-1]))
-        return gathered_down(h.reshape(1, -1), self.w_t, k).reshape(*h.shape[:-1], -1)
+        return gathered_down(h.reshape(1, -1), self.w_t, kept(h.shape[-1], self.keep)).reshape(*h.shape[:-1], -1)
 
 
 @contextmanager
@@ -209,32 +216,20 @@ def gathered(model, keep: float):
 
 
 def decode_speed(model, keeps, prompt_len: int, new_tokens: int, repeat: int) -> dict:
-    """Seconds per decoding step after a prompt of random ids (the first token, which prefills,
-    not counted): the dense model against its MLPs thinned by GatheredDown, median of repeat
-    interleaved runs each; and whether the gathered steps pick the greedy tokens the masked
-    thinning (sparse_mlp) picks."""
+    """Seconds per decoding step after a prompt of random ids and the first new token (untimed):
+    the dense model against a copy of it whose down projections are GatheredDown, in lockstep
+    (timing.decode_runs), medians of repeat runs; and whether the gathered steps pick the greedy
+    tokens the masked thinning (sparse_mlp) picks."""
     idx = torch.randint(model.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-
-    def step_s():
-        steps = decode(model, idx, new_tokens)
-        next(steps)
-        t0 = time.perf_counter()
-        for _ in steps:
-            pass
-        return (time.perf_counter() - t0) / (new_tokens - 1)
-
+    thin = copy.deepcopy(model)                                      # its own weights, as a second model's
     out = {}
     for q in keeps:
-        dense, thin = [], []
-        for _ in range(repeat):
-            dense.append(step_s())
-            with gathered(model, q):
-                thin.append(step_s())
-        with gathered(model, q):
-            fast = generate(model, idx, new_tokens)
+        with gathered(thin, q):
+            dense_s, thin_s, _ = decode_runs(model, idx, new_tokens - 1, repeat, paths=((model, True), (thin, True)))
+            fast = generate(thin, idx, new_tokens)
         with sparse_mlp(model, q):
             masked = generate(model, idx, new_tokens)
-        out[q] = dict(dense_s=statistics.median(dense), thinned_s=statistics.median(thin),
+        out[q] = dict(dense_s=dense_s / (new_tokens - 1), thinned_s=thin_s / (new_tokens - 1),
                       same_tokens=bool(torch.equal(fast, masked)))
     return out
 
@@ -245,7 +240,8 @@ def neuron_sparsity(config, model, tok, name) -> dict:
         raise ValueError(f"--block={config['block']} does not divide the MLP's {model.cfg.ffn_dim} neurons: "
                          "choose a divisor")
     chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
-    nll_dense = evaluate(model, chunks, config["batch_size"], compare=True)[0]["nll_dense"]
+    with forced(model, "open"), lora.disabled(model):                   # the dense base: every sublayer, no LoRA
+        nll_dense = evaluate(model, chunks, config["batch_size"])[0]["nll"]
     rows = []
     for q in (1.0, *config["keeps"]):
         nll, n, compute = thinned_score(model, chunks, config, q)
