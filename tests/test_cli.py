@@ -136,7 +136,7 @@ def outside(valid):
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "sample", "bench", "research.tasks", "research.suite",
                                     "research.studies", "research.vs_hf", "research.step_profile",
-                                    "research.self_text", "research.neuron_sparsity"])
+                                    "research.self_text", "research.neuron_sparsity", "research.launch_profile"])
 def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_named(script, tmp_path):
     module = importlib.import_module(script)
     numeric = [k for k, v in module.DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -11,6 +11,7 @@ backend="aot_eager" (the graph torch.compile captures, without generating code: 
 four run inductor's generated code (C++, minutes in all): one model sparse and dense, decoding
 and a prefill, sample.py --compile and bench.py --compile on tiny models.
 """
+import importlib
 import json
 import shlex
 import subprocess
@@ -325,18 +326,27 @@ def test_evaluate_compile_gives_the_eager_numbers(tiny_hf, tmp_path_factory, mon
 GPU_BENCH = Path(__file__).resolve().parents[1] / "tools" / "gpu_bench.sh"
 
 
-def test_gpu_bench_script_runs_commands_that_bench_accepts():
+def test_gpu_bench_script_runs_commands_that_bench_accepts(monkeypatch):
     """Every bench line of the script is a valid bench.py command for its preset (flags, shapes,
-    the context), so a GPU session spends its minutes measuring, not on a typo."""
-    text = GPU_BENCH.read_text()
+    the context), and every research module it runs accepts its flags, so a GPU session spends
+    its minutes measuring, not on a typo."""
+    text = GPU_BENCH.read_text().replace("\\\n", " ")                   # continued lines joined
     common = shlex.split(text.split('COMMON="', 1)[1].split('"', 1)[0])
     lines = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith("bench ")]
-    assert len(lines) == 5
+    assert len(lines) == 4
     for args in lines:
         config = dict(bench.DEFAULTS, **bench.overrides(bench.DEFAULTS, common + args))
         bench.check(config)
         assert config["random_weights"] and config["device"] == "cuda" and config["init"] in PRESETS
         bench.check_context(SimpleNamespace(cfg=ModelConfig(**PRESETS[config["init"]])), config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)         # their checks ask for a GPU
+    runs = [shlex.split(line)[4:] for line in text.splitlines() if line.startswith("run ")]  # after "python"
+    assert [r[:2] for r in runs] == [["-m", "research.launch_profile"], ["-m", "research.attn_kernels"]]
+    for args in runs:
+        module = importlib.import_module(args[1])
+        config = dict(module.DEFAULTS, **module.overrides(module.DEFAULTS, args[2:]))
+        module.check(config)
+        assert config["device"] == "cuda" and config["preset"] == "llama-3.1-8b"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the script would measure it")
