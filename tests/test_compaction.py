@@ -148,12 +148,19 @@ def test_compacted_logits_equal_masked_logits(family, kv, route):
         assert torch.equal(r.keep, keep[(r.layer, "attn" if route == "block" else r.kind)])
 
 
+# compact.QUERY_BLOCK: a CPU's blocks of 128 queries, and a GPU's one call (the rule applied on the CPU)
+QUERY_BLOCKS = pytest.mark.parametrize("query_block", [compact.QUERY_BLOCK, {}], ids=["blocks", "one_call"])
+
+
+@QUERY_BLOCKS
 @pytest.mark.parametrize("B", [3, 1])
 @pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
-def test_long_sequences_attend_in_blocks_of_queries(family, kv, B):
+def test_long_sequences_attend_in_blocks_of_queries(family, kv, B, query_block, monkeypatch):
     """More kept queries than one block of compact.attend_blocks, a window far shorter than the sequence.
-    B=1: no padding, so the keys of each block are trimmed to its window (layer 0 slides)."""
+    B=1: no padding, so the keys of each block are trimmed to its window (layer 0 slides). The same
+    logits when every query attends in one masked call over every key (a GPU's rule)."""
+    monkeypatch.setattr(compact, "QUERY_BLOCK", query_block)
     model = tiny_model(family)
     model.cfg.max_seq_len = 320
     for block in model.layers:
@@ -168,8 +175,8 @@ def test_long_sequences_attend_in_blocks_of_queries(family, kv, B):
     idx = tokens(B=B, T=T)
     with torch.no_grad():
         masked, _ = model(idx, masked=True)
-        compact, _ = model(idx)
-    assert_logits_close(compact, masked)
+        compacted, _ = model(idx)
+    assert_logits_close(compacted, masked)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
@@ -347,10 +354,13 @@ def test_a_decoding_step_of_batch_one_is_a_plain_branch(family, kv, route, monke
     assert all(0 < n < slots for n in skipped.values()), skipped
 
 
+@QUERY_BLOCKS
 @pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3"])
-def test_chunked_prefill_with_cache_equals_one_pass(family, kv):
-    """Several tokens per call on top of a cache (uneven kv="kept" fills, windows over the cache)."""
+def test_chunked_prefill_with_cache_equals_one_pass(family, kv, query_block, monkeypatch):
+    """Several tokens per call on top of a cache (uneven kv="kept" fills, windows over the cache), in
+    blocks of queries or in one call over every slot of the cache (unwritten ones hidden by position)."""
+    monkeypatch.setattr(compact, "QUERY_BLOCK", query_block)
     model = tiny_model(family)
     table = force_gates(model, "sublayer", kv, mixed_table(model.cfg.n_layers))
     idx = tokens()
