@@ -81,10 +81,8 @@ def density_table(stats, n_layers) -> str:
 
 
 def sample_sparse(model, tok, idx, config, generator, stats):
-    """Generate with the sparse model, print the tokens coloured by compute, then sparse vs dense speed.
-
-    stats: router.GateStats of the positions processed, updated in place.
-    """
+    """Generate with the sparse model, print the tokens coloured by compute, then sparse vs dense
+    speed; stats (router.GateStats of the positions processed) is updated in place."""
     generate(model, idx, 2)                      # untimed warm-up of both paths: one-time costs
     generate(model, idx, 2, routers_off=True)    # (kernel choice, allocations) are not compute
     t0 = now(config["device"])
@@ -133,8 +131,7 @@ def main(argv):
     torch.manual_seed(config["seed"])
     generator = torch.Generator(config["device"]).manual_seed(config["seed"])
     if config["ckpt"]:   # --init, when given, says where the checkpoint's base model is now
-        model, tok, _ = load_sparse(config["ckpt"], config["dtype"], config["device"],
-                                   given.get("init"))
+        model, tok, _ = load_sparse(config["ckpt"], config["dtype"], config["device"], given.get("init"))
         lora.merge(model)    # W += scale * B A: at inference the adapters cost nothing
     else:
         model, tok = load_weights.load(config["init"], config["dtype"], config["device"])

@@ -27,7 +27,7 @@ infinite loss or gradient, any error) first saves its last good state, so --init
 continues it; an interrupted run then exits with 130 (Ctrl-C) or 143 (SIGTERM), a failed one 1.
 
 The static baselines and the hybrid (--prune=kl|bi|layer --prune_compute=R [--prune_routed=True])
-live in research/prune.py, loaded only when asked for.
+live in research/prune.py, and --mlp_keep in research/neuron_sparsity.py, loaded only when asked for.
 """
 import json
 import math
@@ -89,6 +89,7 @@ DEFAULTS = dict(
     prune_compute=0.9,             # --prune: remove sublayers until the compute ratio is at most this
     prune_scores="",               # --prune: reuse the ranking in an earlier run's prune.json (same base)
     prune_routed=False,            # --prune: route what it keeps per token (a hybrid) instead of keeping it whole
+    mlp_keep=1.0,                  # < 1: each student MLP token keeps that share of its largest neurons (research/)
     l1=0.0,                        # weight of an L1 push on sigmoid(z) (0: the controller alone sets the density)
     ce=0.0,                        # weight of next-token cross-entropy (0 = distillation only)
     # bookkeeping
@@ -106,7 +107,7 @@ RANGES = dict(   # the valid values of every numeric flag (configurator.check_ra
     lr=AT_LEAST_0, router_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, min_lr_frac=FRACTION, grad_clip=POSITIVE,
     lora_rank=AT_LEAST_0, lora_alpha=POSITIVE, fit_windows=AT_LEAST_1, substitute=Range(0, or_none=True),
     target_density=FRACTION, anneal=FRACTION, density_gain=FRACTION, l1=AT_LEAST_0, ce=AT_LEAST_0,
-    prune_compute=Range(0, 1, open_lo=True),
+    prune_compute=Range(0, 1, open_lo=True), mlp_keep=Range(0, 1, open_lo=True),
     eval_interval=AT_LEAST_1, save_interval=AT_LEAST_0, eval_batches=AT_LEAST_1, seed=AT_LEAST_0,
 )
 
@@ -176,8 +177,7 @@ def static(config: dict) -> bool:
 
 
 def baselines():
-    """research/prune.py, the static baselines and the hybrid: imported only for --prune, so
-    that the method's own runs load no baseline code (the core never imports research/)."""
+    """research/prune.py (static baselines, the hybrid), loaded for --prune only: no research/ in the core."""
     from research import prune
     return prune
 
@@ -201,6 +201,9 @@ def build(config: dict):
         p.requires_grad_(not name.endswith("_skip.up"))    # a substitute's B stays as fitted: make_optimizer
     for p in router.parameters(model) if static(config) else []:
         p.requires_grad_(False)                            # a static baseline trains LoRA only
+    if config["mlp_keep"] < 1:                             # research/neuron_sparsity.py, loaded only then
+        from research.neuron_sparsity import thin_student
+        thin_student(model, config["mlp_keep"])
     model.grad_checkpoint = config["grad_checkpoint"]
     return model, tok, folder
 
@@ -208,10 +211,10 @@ def build(config: dict):
 def make_optimizer(model, config):
     """AdamW with three learning rates: LoRA (and skip substitutes), router biases, router weights.
 
-    Adam moves every coordinate by about lr per step, so a router weight step shifts the
-    logit z = w.x by up to lr * sum|x_i|, i.e. d times more than a bias step. Dividing the
-    weights' rate by sqrt(d) keeps a step's effect on z near the bias's: gates then move
-    early (the bias) without flipping wholesale from one step to the next (the weights).
+    Adam moves every coordinate by about lr per step, so a router weight step shifts the logit
+    z = w.x by up to lr * sum|x_i|, d times more than a bias step. Dividing the weights' rate by
+    sqrt(d) keeps a step's effect on z near the bias's: gates move early (the bias) without
+    flipping wholesale from one step to the next (the weights).
 
     A substitute s(x) = b + (x A) B trains b and A (build): a step on B, the fit's unit directions, moves s(x) by a
     share of x A, the output itself (on Gemma 3, whose first sublayers add ~4x the stream, the KL climbed).

@@ -94,14 +94,14 @@ def keep_largest(h: torch.Tensor, keep: float, block: int = 1) -> torch.Tensor:
     return h * neuron_mask(h, keep, block)
 
 
-@contextmanager
-def sparse_mlp(model, keep: float, select: str = "down", when=None, block: int = 1):
+def thinning_hooks(model, keep: float, select: str = "down", when=None, block: int = 1) -> list:
     """Every MLP computes, per token, only round(keep·F) of its F neurons' share of the projections
     that select names: "down", the down projection reads the largest |h|; "gate", the up and down
     projections read the neurons of largest |act(gate(x))| (gate runs in full, then decides).
     block > 1: whole blocks of that many neurons are kept or skipped (neuron_mask).
     when: None, always; else a callable, and a forward in which when() is False runs in full (in a
-    training run, when=lambda: lora.adapters(model)[0].enabled thins the student, not the teacher)."""
+    training run, when=lambda: lora.adapters(model)[0].enabled thins the student, not the teacher).
+    Returns the hooks that do it (hook.remove() undoes it)."""
     def on():
         return when is None or when()
 
@@ -122,11 +122,30 @@ def sparse_mlp(model, keep: float, select: str = "down", when=None, block: int =
                 return (args[0] * chosen.pop("mask"),) if "mask" in chosen else None
 
             hooks += [mlp.gate.register_forward_hook(choose), mlp.down.register_forward_pre_hook(apply)]
+    return hooks
+
+
+@contextmanager
+def sparse_mlp(model, keep: float, select: str = "down", when=None, block: int = 1):
+    """thinning_hooks inside the block, removed after it (even on error)."""
+    hooks = thinning_hooks(model, keep, select, when, block)
     try:
         yield
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def thin_student(model, keep: float) -> list:
+    """train.py --mlp_keep: for the whole run, every MLP of the student (LoRA on) computes each
+    token's down projection from its round(keep·F) neurons of largest |h|, in every forward and
+    backward pass, the fits before training and the periodic evaluation; the dense teacher (LoRA
+    off) runs in full. The routers, substitutes and LoRA train with the thinning."""
+    adapters = lora.adapters(model)
+    if not adapters:
+        raise ValueError("--mlp_keep < 1 thins the student, told from the teacher by its LoRA adapters: "
+                         "give --lora_rank > 0")
+    return thinning_hooks(model, keep, "down", when=lambda: adapters[0].enabled)
 
 
 def neuron_compute(cfg, seq_len: int, density: dict, keep: float, select: str = "down") -> float:

@@ -192,3 +192,30 @@ def test_blocks_count_the_share_they_keep(folder, corpus):
                  "--keeps=0.5", "--block=32", "--select=gate", "--repeat=0", "--json"])
     row = json.loads(buf.getvalue().strip().splitlines()[-1])["rows"][1]
     assert row["compute_ratio"] == pytest.approx(ns.neuron_compute(cfg, 32, {}, 2 / 3, "gate"))
+
+
+def test_train_mlp_keep_thins_the_student_for_the_whole_run_and_not_the_teacher(folder, corpus, tmp_path):
+    import lora
+    import router
+    import train
+
+    def run(name, **over):
+        return train.train(train.read_config(test_train.args(folder, corpus, tmp_path / name, **over)))
+
+    full, thinned = run("full"), run("thin", mlp_keep=0.3)
+    x, h = torch.randint(3, 64, (1, 12)), {}
+    hook = thinned.layers[0].mlp.down.register_forward_pre_hook(lambda _, args: h.update(x=args[0].clone()))
+    with torch.no_grad():
+        thinned(x, routers_off=True)                            # the student: LoRA on, thinned
+        student = h.pop("x")
+        with lora.disabled(thinned):
+            thinned(x, routers_off=True)                        # the teacher: LoRA off, in full
+        teacher = h.pop("x")
+    hook.remove()
+    n = round(0.3 * thinned.cfg.ffn_dim)
+    assert ((student != 0).sum(-1) == n).all() and ((teacher != 0).sum(-1) > n).all()
+    # the routers trained with the thinning: other biases than the same run's without it
+    biases = [[r.proj.bias.item() for _, _, r in router.routers(m)] for m in (full, thinned)]
+    assert biases[0] != biases[1]
+    with pytest.raises(ValueError, match="--lora_rank > 0"):
+        run("no_lora", mlp_keep=0.5, lora_rank=0)
