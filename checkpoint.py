@@ -15,6 +15,7 @@ trimming log.jsonl back to the checkpoint's iteration (trim_log).
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -244,6 +245,11 @@ def load_sparse(out_dir, dtype="float32", device="cpu", base=None):
         lora.inject(model, meta["lora"]["targets"], meta["lora"]["rank"], meta["lora"]["alpha"])
     load_trained(model, out_dir)
     model.requires_grad_(False).eval()
+    keep = meta.get("train_config", {}).get("mlp_keep", 1.0)
+    if keep < 1:   # a research option: the core runs every MLP neuron
+        warnings.warn(f"{out_dir} was trained with --mlp_keep={keep}: sample.py, evaluate.py, bench.py and export.py "
+                      f"run it with every MLP neuron; python -m research.neuron_sparsity --ckpt={out_dir} "
+                      f"--keeps={keep} runs it as trained", stacklevel=2)
     return model, tok, meta
 
 

@@ -219,3 +219,7 @@ def test_train_mlp_keep_thins_the_student_for_the_whole_run_and_not_the_teacher(
     assert biases[0] != biases[1]
     with pytest.raises(ValueError, match="--lora_rank > 0"):
         run("no_lora", mlp_keep=0.5, lora_rank=0)
+    # loaded by the core (sample.py, evaluate.py, ...), it runs in full, and says so
+    import checkpoint
+    with pytest.warns(UserWarning, match="trained with --mlp_keep=0.3: .* with every MLP neuron"):
+        checkpoint.load_sparse(tmp_path / "thin")
