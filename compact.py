@@ -219,8 +219,8 @@ def attend_blocks(a, q, k, v, q_pos, valid=None, block=None):
     so the work follows the visible pairs, not the (Tq x S) rectangle of one masked call (a GPU's
     choice, QUERY_BLOCK). Used by kv="all" for the packed kept queries (valid (B, Tq) bool: which
     slots hold a token; None: all), and by model.Attention for a sliding layer (its band)."""
-    one = (block or QUERY_BLOCK.get(q.device.type)) is None          # one call, and no host sync
-    block, ys = block or QUERY_BLOCK.get(q.device.type) or q.shape[2], []
+    block = block or QUERY_BLOCK.get(q.device.type)                  # None: one call, no host sync
+    one, block, ys = block is None, block or q.shape[2], []
     for i in range(0, q.shape[2], block):
         qp = q_pos[:, i:i + block]                                    # (B, Tb) (padding: 0)
         hi = k.shape[2] if one else int(qp.max()) + 1
