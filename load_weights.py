@@ -38,6 +38,12 @@ from model import PRESETS, Model, ModelConfig, gemma3_layer_types
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def check_device(device: str):
+    """A command's --device, refused with the fix when it names a GPU this machine does not have."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={device} but no CUDA GPU is visible: use --device=cpu")
+
 # Our parameter name -> its Hugging Face name, after the model prefix ("model." for most
 # checkpoints). "{i}" is the layer number. HF's `post_attention_layernorm` is the norm before
 # the MLP in LLaMA and Gemma 1, but the norm after attention in Gemma 2/3 (sandwich norms).

@@ -120,8 +120,7 @@ def print_summary(model, stats, context):
 
 def check(config):
     check_ranges(config, RANGES)
-    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
+    load_weights.check_device(config["device"])
 
 
 def main(argv):

@@ -187,8 +187,7 @@ def check_gates(config):
         raise ValueError(f"--gates must be learned, random, open, peek or peek_lora, got {config['gates']!r}")
     if config["gates"] == "peek_lora" and not config["ckpt"]:
         raise ValueError("--gates=peek_lora runs the peek rule on a checkpoint's trained adapters: pass --ckpt")
-    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
+    load_weights.check_device(config["device"])
 
 
 def research_main(defaults: dict, check, work):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import compact
 from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides, run_main
 from generate import now
+from load_weights import check_device
 from model import PRESETS, Attention, ModelConfig, softcap
 
 KERNELS = ("blocks", "sdpa_gqa", "sdpa_repeat", "flex", "flex_mask", "dense")   # the candidates, above
@@ -154,8 +155,7 @@ def check(config):
         raise ValueError(f"--kernels: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(KERNELS)}")
     if config["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {config['dtype']!r}")
-    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
+    check_device(config["device"])
 
 
 def main(argv):

@@ -26,7 +26,6 @@ Every option below is --key=value or --key value (--help lists them); --json pri
 JSON list on the last line.
 """
 import json
-import time
 from contextlib import nullcontext
 
 import torch
@@ -35,6 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 import router
 from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides, run_main
 from gates import forced
+from generate import now
+from load_weights import DTYPES, check_device
 from model import PRESETS, Model, ModelConfig
 
 DEFAULTS = dict(
@@ -49,11 +50,6 @@ DEFAULTS = dict(
     json=False,                    # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=FRACTION, seq_len=Range(2), steps=AT_LEAST_1, threads=Range(0), seed=Range(0))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def counts(prof) -> dict:
@@ -74,12 +70,11 @@ def profiled(setup, fn, calls: int, device) -> dict:
     for the counts (it slows the host). Its numbers per call (fn makes `calls` calls)."""
     def run(prof=None):
         state = setup()
-        sync(device)
-        t0 = time.perf_counter()
+        t0 = now(device)                                # the device's queued work done first
         with prof or nullcontext():
             fn(state)
-            sync(device)
-        return (time.perf_counter() - t0) * 1e3 / calls
+            seconds = now(device) - t0
+        return seconds * 1e3 / calls
     run()
     wall_ms = run()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -143,10 +138,9 @@ def check(config):
     check_ranges(config, RANGES)
     if config["preset"] not in PRESETS:
         raise ValueError(f"--preset={config['preset']!r} is not one of model.PRESETS: {', '.join(PRESETS)}")
-    if config["dtype"] not in ("float32", "bfloat16", "float16"):
+    if config["dtype"] not in DTYPES:
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {config['dtype']!r}")
-    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={config['device']} but no CUDA GPU is visible: use --device=cpu")
+    check_device(config["device"])
 
 
 def main(argv) -> list:

@@ -16,6 +16,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from torch.testing import assert_close
 
+import load_weights
 from load_weights import LoadError, load, load_model, resolve
 
 SMOL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"      # the repository of preset smollm2-135m-instruct
@@ -259,3 +260,11 @@ def test_cached_decoding_past_the_cache(model_dir):
     model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="KV cache full: 6 \\+ 3 tokens > its 8 slots"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_a_gpu_this_machine_lacks_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    load_weights.check_device("cpu")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"--device={device} but no CUDA GPU is visible: use --device=cpu"):
+            load_weights.check_device(device)
