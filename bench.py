@@ -36,6 +36,12 @@ untimed first run of each path compiles what it meets (minutes on a CPU); random
 kept counts every run, so a timed prefill can still meet a new bucket and compile it (the
 median of --repeat=3 runs leaves out one such run).
 
+--capacity=eager runs both paths' prefills through capacity.py: each routed sublayer at a
+capacity fixed before the call, from the kept counts of the calls before, so that nothing is
+read back from a GPU until the call ends (the same logits). --capacity=graph (CUDA) also
+replays each prefill, dense and sparse, as one CUDA graph. Decoding steps of batch 1 run as
+without it.
+
 --random_weights builds a preset's architecture with random weights on --device instead of
 loading it (nothing is downloaded): the gates are forced, so the speed of either path does not
 depend on the weights' values, and the token ids are random too. On a GPU the clock waits for
@@ -64,6 +70,7 @@ import lora
 import router
 from checkpoint import load_sparse, read_checkpoint_meta
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
+from capacity import Capacity
 from compiled import Compiled
 from gates import forced
 from model import PRESETS, Model, ModelConfig
@@ -90,6 +97,7 @@ DEFAULTS = dict(
     random_weights=False,             # --init is a preset: its shapes, random weights, no download
     load_rss=False,                   # measure the peak memory of loading the model instead
     compile=False,                    # compiled.py: decode batch 1 as its compiled step, prefill with bucketed rows
+    capacity="",                      # capacity.py: prefills at fixed capacities, "eager" or "graph" (CUDA graphs)
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
@@ -180,6 +188,12 @@ def check(config):
         raise ValueError(f"--route: unknown route {config['route']!r}; choose from {', '.join(router.ROUTES)}")
     for spec in config["prefill"]:
         parse_shape(spec)
+    if config["capacity"] not in ("", "eager", "graph"):
+        raise ValueError(f"--capacity={config['capacity']}: choose eager or graph (or leave it empty: off)")
+    if config["capacity"] and config["compile"]:
+        raise ValueError("--capacity and --compile are two ways to run a prefill: choose one")
+    if config["capacity"] == "graph" and not config["device"].startswith("cuda"):
+        raise ValueError("--capacity=graph captures CUDA graphs: use --device=cuda, or --capacity=eager")
     if config["compile"] and config["decode_batch"] != 1:
         raise ValueError("--compile compiles the decoding step of batch 1: use --decode_batch=1")
 
@@ -196,7 +210,10 @@ def bench_all(model, base, config, ids, clock) -> list:
     (--ckpt, or a folder export.py wrote)."""
     device = config["device"]
     exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
-    decoder = lambda m: Compiled(m) if config["compile"] else m   # noqa: E731  the model, or its compiled step
+    def decoder(m):   # the model, its compiled step, or its fixed-capacity prefills
+        if config["capacity"]:
+            return Capacity(m, graph=config["capacity"] == "graph")
+        return Compiled(m) if config["compile"] else m
     run = decoder(model)
     print(HEADER)
     rows = compiled_rows(model, run, config, ids, clock) if config["compile"] else []

@@ -137,7 +137,7 @@ def sink_tokens(idx, start: int, cfg):
     sink = idx == cfg.bos_id if cfg.bos_id is not None else torch.zeros_like(idx, dtype=torch.bool)
     if start == 0:
         sink[:, 0] = True
-    return sink if bool(sink.any()) else None
+    return sink if start == 0 or bool(sink.any()) else None   # at 0 there is one: no read back
 
 
 def log_move(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

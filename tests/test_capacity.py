@@ -1,0 +1,197 @@
+"""--capacity: capacity.py's fixed-capacity prefills give the compacted path's logits and tokens,
+and read nothing back from the device until the call ends.
+
+    python -m pytest tests/test_capacity.py -q
+
+The routers are real ones with random weights (test_compiled.routed), so the gates depend on the
+hidden state. Capacities are made tight (ROWS=1, no margin), so that a tiny model compacts for
+real: a call at exactly the counts it saw, one with padding rows, and one where a sublayer keeps
+more than its capacity and the call runs again in full.
+"""
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench
+import capacity
+import compact
+import router
+from capacity import Capacity, Run, capacity_for, kept_first, settle, swapped
+from test_compaction import FAMILIES, tokens
+from test_compiled import routed
+
+
+@pytest.fixture
+def tight(monkeypatch):
+    """Capacities exactly at the largest count seen (multiples of 1 row, no margin)."""
+    monkeypatch.setattr(capacity, "ROWS", 1)
+    monkeypatch.setattr(capacity, "MARGIN", 0.0)
+
+
+class Spy(Capacity):
+    """Capacity that notes the capacities of every run (None: in full)."""
+
+    def __init__(self, model, **kw):
+        super().__init__(model, **kw)
+        self.runs = []
+
+    def run(self, kind, idx, cache, routers_off, last_only, capacities, graph):
+        out = super().run(kind, idx, cache, routers_off, last_only, capacities, graph)
+        self.runs.append((capacities, out[1], out[2]))          # capacities, counts, rows
+        return out
+
+
+def test_capacities_are_multiples_of_rows_with_a_margin_and_settle():
+    assert capacity_for(0, 2048) == 64 and capacity_for(1024, 2048) == 1152   # 1024 + 4 * 32 = 1152
+    assert capacity_for(1030, 2048) == 1216 and capacity_for(2000, 2048) == 2048 and capacity_for(5, 16) == 16
+    assert settle(1152, 1200, 2048) == 1344                    # overflowed: grows
+    assert settle(1152, 1000, 2048) == settle(1152, 1152, 2048) == 1152   # a little roomy, or full: stays
+    assert settle(1152, 800, 2048) == 960                      # far too roomy: shrinks
+    keep = torch.tensor([[False, True, False, True, True], [True, False, False, False, False]])
+    assert kept_first(keep, 4).tolist() == [[1, 3, 4, 0], [0, 1, 2, 3]]      # kept in order, then the earliest
+
+
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefill_at_fixed_capacities_gives_the_compacted_logits(family, kv, tight):
+    model = routed(family, kv, substitute=8 if family == "llama_gqa" else None)
+    fast = Spy(model)
+    a, b = tokens(3, 16, seed=3), tokens(3, 16, seed=4)
+
+    def check(idx):
+        want, want_records = model(idx)
+        got, records = fast(idx)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert [r.keep.tolist() for r in records] == [r.keep.tolist() for r in want_records]
+
+    with torch.inference_mode():
+        check(a)                                                  # in full: learns a's counts
+        check(a)                                                  # at exactly a's counts
+        (kind, caps), = fast.capacities.items()
+        fast.capacities[kind] = [max(c - 2, 0) for c in caps]     # too small: a sublayer overflows
+        check(a)                                                  # ... and the call runs again in full
+        check(b)                                                  # at a's counts, or in full again
+        fast.capacities[kind] = [min(n + 3, r) for n, r in zip(fast.runs[0][1], fast.runs[0][2])]   # roomy for a
+        check(a)
+    (full, *_), (exact, counts, rows) = fast.runs[0], fast.runs[1]
+    assert full is None and exact == counts and any(c < r for c, r in zip(exact, rows)), "a should compact"
+    (small, over, _), (rerun, *_) = fast.runs[2], fast.runs[3]
+    assert any(n > c for n, c in zip(over, small)) and rerun is None
+    padded, last, _ = fast.runs[-1]
+    assert all(n <= c for n, c in zip(last, padded)) and any(n < c for n, c in zip(last, padded))
+
+
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2"])
+def test_a_prompt_into_a_cache_then_a_batch_decodes_the_same_tokens(family, kv, tight):
+    """Batch 2: the prompt's prefill and every step of the batch run through Capacity (kv="kept"
+    with a cache runs the model itself)."""
+    model = routed(family, kv)
+    prompt = tokens(2, 12, seed=6)
+
+    def decode(m, n=8):
+        cache, x, out = m.new_cache(2, 12 + n), prompt, []
+        with torch.inference_mode():
+            for _ in range(n):
+                logits, _ = m(x, cache=cache, last_only=True)
+                x = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(logits[:, -1])
+        return torch.cat(out)
+
+    want, fast = decode(model), Spy(model)
+    for _ in range(3):                        # the second and third prompts run at their capacities
+        torch.testing.assert_close(decode(fast), want, atol=1e-5, rtol=1e-5)
+    if kv == "all":
+        assert any(c is not None and c != r for c, _, r in fast.runs), "the prompt should compact"
+
+
+@contextmanager
+def no_reads():
+    """Any read of a tensor's value on the host (the device syncs of a GPU) raises inside the block."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a value was read back from the device")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+            mp.setattr(torch.Tensor, name, refuse)
+        mp.setattr(torch, "nonzero", refuse)
+        yield
+
+
+@pytest.mark.parametrize("kv", router.KV_MODES)
+def test_a_fixed_capacity_call_reads_nothing_back(kv, tight):
+    model = routed("gemma3", kv, substitute=4)
+    idx = tokens(2, 16, seed=3)
+    with torch.inference_mode():
+        run = Run()
+        with swapped(run):
+            model(idx)                                                     # in full
+        capacities = [capacity_for(n, r) for n, r in zip(run.read(), run.rows)]
+        assert any(c < r for c, r in zip(capacities, run.rows))
+        run = Run(capacities)
+        with swapped(run), no_reads():
+            model(idx)
+        with pytest.raises(AssertionError, match="read back"), no_reads():
+            model(idx)                                                     # compact.py counts on the host
+
+
+def test_compacts_functions_are_back_after_a_call_even_one_that_raises():
+    model = routed("llama_gqa", "all")
+    own = (compact.kept_rows, compact.skipped_rows, compact.attention)
+    fast = Capacity(model)
+    with torch.inference_mode():
+        fast(tokens(1, 8))
+        with pytest.raises(ValueError, match="exceed"):
+            fast(tokens(1, model.cfg.max_seq_len + 1))
+    assert (compact.kept_rows, compact.skipped_rows, compact.attention) == own
+
+
+def test_graphs_need_a_cuda_device():
+    with pytest.raises(ValueError, match="--capacity=graph captures CUDA graphs.*--capacity=eager"):
+        Capacity(routed("llama_gqa", "all"), graph=True)
+
+
+def test_bench_capacity_times_the_fixed_capacity_prefill(monkeypatch, capsys):
+    monkeypatch.setitem(bench.PRESETS, "tiny-llama", dict(vocab_size=300, dim=32, n_layers=2, n_heads=4,
+                                                         n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=256))
+    bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=1,0.5", "--kv=all", "--prefill=1x128",
+                "--prompt_len=8", "--new_tokens=4", "--repeat=2", "--threads=1", "--capacity=eager", "--json"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["mode"], r["density"]) for r in rows[:2]] == [("prefill", 1.0), ("decode", 1.0)]
+    assert [r["mode"] for r in rows[2:]] == ["prefill", "decode"] and all(0.3 < r["density"] < 0.7 for r in rows[2:])
+    for bad, match in (("--capacity=fast", "choose eager or graph"), ("--capacity=graph", "use --device=cuda"),
+                       ("--compile=True", "choose one")):
+        with pytest.raises(ValueError, match=match):
+            bench.main(["--init=tiny-llama", "--random_weights=True", "--capacity=eager", bad]
+                       if bad == "--compile=True" else ["--init=tiny-llama", "--random_weights=True", bad])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kv", router.KV_MODES)
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2"])
+def test_on_a_gpu_graphs_replay_the_compacted_logits_and_nothing_syncs(family, kv, tight):
+    model = routed(family, kv, substitute=8).cuda()
+    calls = [tokens(3, 16, seed=s).cuda() for s in (3, 3, 4, 3, 5, 4)]
+    for graph in (False, True):
+        fast = Capacity(model, graph=graph)
+        with torch.inference_mode():
+            for idx in calls:
+                want, want_records = model(idx)
+                got, records = fast(idx)
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+                assert [r.keep.tolist() for r in records] == [r.keep.tolist() for r in want_records]
+    if kv == "all":
+        assert len(fast.graphs) == 1
+    run = Run(next(iter(fast.capacities.values())))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")                    # a device sync raises
+    try:
+        with torch.inference_mode(), swapped(run):
+            model(calls[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
