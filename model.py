@@ -84,8 +84,7 @@ class ModelConfig:
         return asdict(self)
 
 
-def gemma3_layer_types(n_layers, pattern):
-    # every `pattern`-th layer is global, the rest slide (HF: (i + 1) % pattern != 0; Gemma 2: 2)
+def gemma3_layer_types(n_layers, pattern):   # every pattern-th layer is global, the rest slide (Gemma 2: 2)
     return ["sliding" if (i + 1) % pattern else "full" for i in range(n_layers)]
 
 
@@ -248,22 +247,23 @@ class Attention(nn.Module):
         self.scale = (cfg.query_scale if cfg.query_scale is not None else D) ** -0.5
         self.window = cfg.sliding_window if cfg.layer_type(layer) == "sliding" else None
 
-    def forward(self, x, cos, sin, pos, cache=None, key_ok=None):
-        """x (B, T, d) -> (B, T, d): every token attends to the keys before it (and itself).
-        cos, sin (1, T, D); pos (B, T) positions; cache: this layer's compact.LayerCache, which
-        the new K/V join first; key_ok (B, T, T) bool: extra keys hidden (masked kv="kept").
-        A sliding layer longer than its window attends in blocks, each over its band of keys."""
+    def forward(self, x, cos, sin, pos, cache=None, key_ok=None):      # (B, T, d) -> (B, T, d)
+        return self.wo(self.heads(x, cos, sin, pos, cache, key_ok))
+
+    def heads(self, x, cos, sin, pos, cache=None, key_ok=None):
+        """x (B, T, d) -> (B, T, H*D) before wo: each token attends to itself and the keys before it. cos, sin
+        (1, T, D); pos (B, T); cache: the layer's LayerCache (new K/V join first); key_ok (B, T, T): keys hidden."""
         q = self.project_q(x, cos, sin)                                   # (B, H, T, D)
         if cache is not None:
             compact.write_kv(self, cache, x, cos, sin, pos)
-            return self.wo(compact.attend_cache(self, q, pos, cache))
+            return compact.attend_cache(self, q, pos, cache)
         k, v = self.project_kv(x, cos, sin)                               # (B, Hkv, T, D)
         if key_ok is None and self.window is None and self.softcap is None:
-            return self.wo(self.attend(q, k, v, None, causal=True))      # the fused causal kernel
+            return self.attend(q, k, v, None, causal=True)               # the fused causal kernel
         if key_ok is None and self.window is not None and x.shape[1] > self.window:
-            return self.wo(compact.attend_blocks(self, q, k, v, pos))    # a sliding layer: only its band
+            return compact.attend_blocks(self, q, k, v, pos)             # a sliding layer: only its band, in blocks
         mask = self.mask(pos, pos)                                        # (B, 1, T, T)
-        return self.wo(self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None]))
+        return self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None])
 
     def project_q(self, x, cos, sin):
         """x (B, T, d) -> q (B, H, T, D), normed and rotated."""
