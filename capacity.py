@@ -63,9 +63,10 @@ def capacity_for(count: int, rows: int) -> int:
 
 def settle(capacity: int, count: int, rows: int) -> int:
     """A sublayer's capacity after a call that kept `count`: it grows past an overflow, shrinks when
-    two ROWS too roomy, and otherwise stays: a new capacity is a new CUDA graph to capture."""
+    4 ROWS too roomy (far more than random gates' counts move), and otherwise stays: a new capacity
+    is a new CUDA graph to capture (~3 calls' time)."""
     want = capacity_for(count, rows)
-    return want if count > capacity or want <= capacity - 2 * ROWS else capacity
+    return want if count > capacity or want <= capacity - 4 * ROWS else capacity
 
 
 def kept_first(keep: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -171,7 +172,8 @@ class Capacity:
         if kw or torch.is_grad_enabled() or step or kept_cache or (routers_off and not self.graph):
             return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
         # a kind of call: its shape, its flags, and which routers and substitutes decide (bench.py swaps them)
-        gates = tuple(id(m) for b in self.model.layers for m in (b.attn_router, b.mlp_router, b.attn_skip, b.mlp_skip))
+        gates = () if routers_off else tuple(id(m) for b in self.model.layers
+                                             for m in (b.attn_router, b.mlp_router, b.attn_skip, b.mlp_skip))
         kind, graph = (B, T, routers_off, last_only, cache is None, gates), self.graph and cache is None
         if kind not in self.capacities:         # the first call of its kind runs in full: it learns the counts
             out, counts, rows = self.run(kind, idx, cache, routers_off, last_only, None, graph=False)

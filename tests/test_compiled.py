@@ -333,7 +333,7 @@ def test_gpu_bench_script_runs_commands_that_bench_accepts(monkeypatch):
     text = GPU_BENCH.read_text().replace("\\\n", " ")                   # continued lines joined
     common = shlex.split(text.split('COMMON="', 1)[1].split('"', 1)[0])
     lines = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith("bench ")]
-    assert len(lines) == 5
+    assert len(lines) == 6
     for args in lines:
         config = dict(bench.DEFAULTS, **bench.overrides(bench.DEFAULTS, common + args))
         bench.check(config)
