@@ -2,6 +2,7 @@
 
     python -m research.launch_profile --preset=llama-3.1-8b --device=cuda --dtype=bfloat16 --json
     python -m research.launch_profile        # SmolLM2-135M's shapes on the CPU: the op counts only
+    python -m research.launch_profile --preset=llama-3.1-8b --device=cuda --dtype=bfloat16 --capacity=True --top=12
 
 bench.py says how fast a compacted prefill or decoding step is; on a GPU this says why. A preset's
 architecture is built with random weights on --device (nothing is read; the gates are forced, so
@@ -20,7 +21,12 @@ For each call:
 - kernels:   the device kernels it launched (none on a CPU);
 - kernel_ms: their summed device time: how long the device was busy (one stream: they do not overlap);
 - busy:      kernel_ms / wall_ms. Near 1, the kernels are the bound and a skip saves their time;
-             near 0, the host is (Python and launches), and a skip saves only the launches it avoids.
+             near 0, the host is (Python and launches), and a skip saves only the launches it avoids;
+- top:       with --top=N, the N kernels (on a CPU: outermost ops) that took the most time, each
+             [name, calls, ms] per call: what the time went to.
+
+--capacity=True runs the prefills through capacity.py (fixed capacities, no reads back to the host;
+the untimed warm-up learns the capacities), as bench.py --capacity=eager does.
 
 Every option below is --key=value or --key value (--help lists them); --json prints the rows as one
 JSON list on the last line.
@@ -32,6 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import router
+from capacity import Capacity
 from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides, run_main
 from gates import forced
 from generate import now
@@ -47,25 +54,35 @@ DEFAULTS = dict(
     seed=1337,
     dtype="float32",
     device="cpu",
+    capacity=False,                # prefill through capacity.Capacity (fixed capacities, no reads back)
+    top=0,                         # list the N kernels (on a CPU: ops) that took the most time, per call
     json=False,                    # print the rows as one JSON list on the last line
 )
-RANGES = dict(densities=FRACTION, seq_len=Range(2), steps=AT_LEAST_1, threads=Range(0), seed=Range(0))
+RANGES = dict(densities=FRACTION, seq_len=Range(2), steps=AT_LEAST_1, threads=Range(0), seed=Range(0), top=Range(0))
 
 
-def counts(prof) -> dict:
-    """{ops, kernels, kernel_ms} of one profiled region."""
+def counts(prof, device) -> dict:
+    """{ops, kernels, kernel_ms, by_name} of one profiled region; by_name: name -> [calls, ms] of each
+    kernel on a GPU, of each outermost aten op on a CPU (the names the time went to)."""
     ops = kernels = 0
     kernel_us = 0.0
+    by_name = {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CPU:           # a kernel on the device
             kernels += 1
             kernel_us += e.time_range.elapsed_us()
         elif e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")):
             ops += 1
-    return dict(ops=ops, kernels=kernels, kernel_ms=kernel_us / 1e3)
+        else:
+            continue
+        if (e.device_type != torch.autograd.DeviceType.CPU) == (device.type != "cpu"):
+            calls_ms = by_name.setdefault(e.name, [0, 0.0])
+            calls_ms[0] += 1
+            calls_ms[1] += e.time_range.elapsed_us() / 1e3
+    return dict(ops=ops, kernels=kernels, kernel_ms=kernel_us / 1e3, by_name=by_name)
 
 
-def profiled(setup, fn, calls: int, device) -> dict:
+def profiled(setup, fn, calls: int, device, top: int = 0) -> dict:
     """fn(setup()) three times (setup untimed): a warm-up, a timed run, and a run under the profiler
     for the counts (it slows the host). Its numbers per call (fn makes `calls` calls)."""
     def run(prof=None):
@@ -80,9 +97,11 @@ def profiled(setup, fn, calls: int, device) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
     profiled_ms = run(prof)
-    c = counts(prof)
+    c = counts(prof, device)
     out = dict(wall_ms=wall_ms, profiled_ms=profiled_ms, ops=c["ops"] / calls, kernels=c["kernels"] / calls,
                kernel_ms=c["kernel_ms"] / calls)
+    ranked = sorted(c["by_name"].items(), key=lambda item: -item[1][1])[:top]
+    out["top"] = [[name, n / calls, ms / calls] for name, (n, ms) in ranked]
     out["busy"] = out["kernel_ms"] / wall_ms if device.type == "cuda" else None
     return out
 
@@ -102,8 +121,10 @@ def launch_profile(config) -> list:
     idx = torch.randint(0, cfg.vocab_size, (1, config["seq_len"]), device=device)
     T, steps = config["seq_len"], config["steps"]
 
+    forward = Capacity(model) if config["capacity"] else model   # the prefill's path
+
     def prefill(dense, _):
-        model(idx, routers_off=dense)
+        forward(idx, routers_off=dense)
 
     def prompt(dense):              # a cache filled by the prefill of idx, and its last logits
         cache = model.new_cache(1, T + steps)
@@ -119,11 +140,11 @@ def launch_profile(config) -> list:
     for density in config["densities"]:
         dense = density >= 1
         with forced(model, density):
-            pre = profiled(lambda: None, lambda s: prefill(dense, s), 1, device)
-            dec = profiled(lambda: prompt(dense), lambda s: decode(dense, s), steps, device)
+            pre = profiled(lambda: None, lambda s: prefill(dense, s), 1, device, config["top"])
+            dec = profiled(lambda: prompt(dense), lambda s: decode(dense, s), steps, device, config["top"])
         for mode, r in (("prefill", pre), ("decode", dec)):
             rows.append(dict(preset=config["preset"], device=str(device), dtype=config["dtype"], mode=mode,
-                             density=density, **r))
+                             density=density, capacity=config["capacity"] and mode == "prefill", **r))
             report(rows[-1])
     return rows
 
@@ -132,6 +153,8 @@ def report(r: dict):
     busy = "" if r["busy"] is None else f"  busy {r['busy']:.2f}"
     print(f"{r['mode']:8s} density {r['density']:.2f}: {r['wall_ms']:9.2f} ms wall  {r['ops']:7.0f} ops  "
           f"{r['kernels']:7.0f} kernels  {r['kernel_ms']:8.2f} ms in kernels{busy}", flush=True)
+    for name, n, ms in r["top"]:
+        print(f"    {ms:8.2f} ms {n:6.0f}x  {name[:100]}")
 
 
 def check(config):

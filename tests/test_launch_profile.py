@@ -37,6 +37,18 @@ def test_rows_and_what_the_counts_show(tiny, capsys):
     assert got["decode", 0.5]["ops"] < got["decode", 1.0]["ops"]
 
 
+def test_top_ops_and_the_fixed_capacity_prefill(tiny):
+    rows = launch_profile.main(["--preset=tiny-gqa", "--seq_len=200", "--steps=2", "--densities=1,0.5",
+                                "--top=5", "--capacity=True"])
+    for r in rows:
+        assert 0 < len(r["top"]) <= 5 and r["capacity"] == (r["mode"] == "prefill")
+        ms = [t[2] for t in r["top"]]
+        assert ms == sorted(ms, reverse=True) and all(t[0].startswith("aten::") and t[1] > 0 for t in r["top"])
+    names = [t[0] for t in launch_profile.main(["--preset=tiny-gqa", "--seq_len=200", "--steps=2",
+                                                "--densities=0.5", "--top=100", "--capacity=True"])[0]["top"]]
+    assert "aten::sort" in names and "aten::nonzero" not in names      # fixed capacities: no count read back
+
+
 def test_bad_flags(tiny):
     for argv, message in ((["--preset=gpt-5"], "not one of model.PRESETS"),
                           (["--dtype=int8"], "--dtype must be float32"),
