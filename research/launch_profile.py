@@ -82,8 +82,8 @@ def counts(prof, device) -> dict:
     return dict(ops=ops, kernels=kernels, kernel_ms=kernel_us / 1e3, by_name=by_name)
 
 
-def profiled(setup, fn, calls: int, device, top: int = 0) -> dict:
-    """fn(setup()) three times (setup untimed): a warm-up, a timed run, and a run under the profiler
+def profiled(setup, fn, calls: int, device, top: int = 0, warmups: int = 1) -> dict:
+    """fn(setup()) after `warmups` untimed runs (setup untimed): a timed run, then one under the profiler
     for the counts (it slows the host). Its numbers per call (fn makes `calls` calls)."""
     def run(prof=None):
         state = setup()
@@ -92,7 +92,8 @@ def profiled(setup, fn, calls: int, device, top: int = 0) -> dict:
             fn(state)
             seconds = now(device) - t0
         return seconds * 1e3 / calls
-    run()
+    for _ in range(warmups):
+        run()
     wall_ms = run()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
@@ -140,7 +141,8 @@ def launch_profile(config) -> list:
     for density in config["densities"]:
         dense = density >= 1
         with forced(model, density):
-            pre = profiled(lambda: None, lambda s: prefill(dense, s), 1, device, config["top"])
+            # with --capacity the first call learns the capacities, the second meets their shapes' kernels
+            pre = profiled(lambda: None, lambda s: prefill(dense, s), 1, device, config["top"], 1 + config["capacity"])
             dec = profiled(lambda: prompt(dense), lambda s: decode(dense, s), steps, device, config["top"])
         for mode, r in (("prefill", pre), ("decode", dec)):
             rows.append(dict(preset=config["preset"], device=str(device), dtype=config["dtype"], mode=mode,
