@@ -1,10 +1,10 @@
-"""capacity.py — fixed-capacity compaction (bench.py --capacity): a compacted forward that reads
+"""capacity.py — fixed-capacity compaction (bench.py, evaluate.py --capacity): a forward that reads
 nothing back from the device until it ends, so a GPU's queue never drains, or the whole call
 replays as one CUDA graph.
 
     fast = Capacity(model)                   # --capacity=eager
     fast = Capacity(model, graph=True)       # --capacity=graph: a CUDA device only
-    logits, records = fast(idx)              # a prefill (or a forward of evaluate.py's windows)
+    logits, records = fast(idx)              # a prefill: the compacted path's logits and gates
 
 compact.py compacts exactly: each routed sublayer counts its kept tokens, reads the count back
 and runs on just those rows. On a CPU the read costs nothing. On a GPU it drains the queue: the
@@ -17,32 +17,38 @@ are gathered, computed, and added back where the gate is on (a row past the kept
 skipped token: computed, then dropped). Nothing is counted on the host, so nothing waits.
 
 The capacities come from the calls before. Each call records every routed sublayer's kept
-count on the device and reads them all back once, at its end (`Capacity.__call__`). A
-sublayer's capacity is then its largest count so far plus a margin of MARGIN * sqrt(count)
-(random gates spread by sqrt(count) at most), rounded up to a multiple of ROWS, so a call sees
-a few shapes, not one per count. The first call of a shape runs every sublayer at full capacity
-(every row computed, then gated) to learn the counts. A call in which some sublayer kept more
-than its capacity is wrong from there on: it runs again at full capacity (its cache rewound),
-and that sublayer's capacity grows. So the answer is always the compacted path's, whatever the
-gates: tests/test_capacity.py checks the logits and the tokens for every family.
+count on the device and reads them all back once, at its end (`Capacity.__call__`). The first
+call of a kind (shape, flags, routers) runs every sublayer in full (every row computed, then
+gated) to learn the counts; a sublayer's capacity is then its count plus a margin of
+MARGIN * sqrt(count) (random gates' counts spread by sqrt(count) at most), rounded up to a
+multiple of ROWS (`capacity_for`). A call in which some sublayer kept more than its capacity is
+wrong from there on: it runs again in full (its cache rewound), and that capacity grows; a
+capacity far above its counts shrinks (`settle`). So the answer is always the compacted path's,
+whatever the gates: tests/test_capacity.py checks the logits and the tokens for every family, and
+on a GPU that a call at fixed capacities never syncs.
 
-graph=True (CUDA): a call without a cache is captured once per shape and set of capacities as a
-CUDA graph (after two warm-up runs), then replayed: one launch for the whole forward, where the
+graph=True (CUDA): a call without a cache is captured as a CUDA graph once per kind and set of
+capacities (after two warm-up runs), then replayed: one launch for the whole forward, where the
 eager one launches a few thousand kernels. Its outputs are copied out of the graph's memory
 before they are returned. A call with a cache (a prompt before decoding) runs eagerly.
 
 What differs from compact.py, and why:
+- kv="all": every token makes its query and attends with the model's own kernel
+  (model.Attention.heads; on a GPU the fused causal one), and only the kept rows go through the
+  output projection. The FLOP model counts the queries and scores of kept tokens only, but on an
+  H200 the masked kernel over the gathered queries took 4.5x the fused one over all of them.
 - A skip substitute (router.Substitute) runs on every row and is added where the gate is off:
   gathering the skipped rows would need a second capacity for 4*d*r FLOPs a row.
+- Random gates (bench.py's, evaluate.py --gates=random) draw anew when a call runs again in
+  full: its numbers are those of another draw at the same densities.
 - A call that cannot compact, or that counts on the host by design, runs the model itself:
   a decoding step of batch 1 (compact.step: a branch per gate), kv="kept" with a cache (each
   layer's cache fills to its own per-sequence level, a host-side count), the training path.
-- Full capacity at a kv="all" attention runs the model's own attention (the fused causal
-  kernel), its output gated.
 
-The model code does not know about this file: for the length of a call, compact.kept_rows,
-skipped_rows and attention are swapped for the fixed-capacity versions here (and back after,
-even on error), as compiled.py swaps in its bucketed rows.
+On a CPU compact.py's exact compaction is faster (no padding rows, blocks of queries): this file
+is for a GPU (RESULTS.md, "On a GPU"). The model code does not know about it: for the length of a
+call, compact.kept_rows, skipped_rows and attention are swapped for the fixed-capacity versions
+here (and back after, even on error), as compiled.py swaps in its bucketed rows.
 """
 import math
 from contextlib import contextmanager
@@ -50,6 +56,7 @@ from contextlib import contextmanager
 import torch
 
 import compact
+import lora
 import router
 
 ROWS = 64        # capacities are multiples of ROWS rows (or all of them)
@@ -164,61 +171,64 @@ class Capacity:
             raise AttributeError(name)
         return getattr(self.model, name)
 
-    def __call__(self, idx, cache=None, routers_off=False, last_only=False, **kw):
-        """model(idx, ...): (logits, gate records), the compacted path's."""
+    def __call__(self, idx, cache=None, routers_off=False, last_only=False, return_hidden=False, masked=False, **kw):
+        """model(idx, ...): (logits or hidden states, gate records), the compacted path's."""
         B, T = idx.shape
         step = cache is not None and T == 1 and cache.batch_size == 1
         kept_cache = cache is not None and self.cfg.kv == "kept"
-        if kw or torch.is_grad_enabled() or step or kept_cache or (routers_off and not self.graph):
-            return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
-        # a kind of call: its shape, its flags, and which routers and substitutes decide (bench.py swaps them)
+        flags = dict(routers_off=routers_off, last_only=last_only, return_hidden=return_hidden)
+        if masked or kw or torch.is_grad_enabled() or step or kept_cache or (routers_off and not self.graph):
+            return self.model(idx, cache=cache, masked=masked, **flags, **kw)
+        # a kind of call: its shape, its flags, which routers and substitutes decide (bench.py swaps them)
         gates = () if routers_off else tuple(id(m) for b in self.model.layers
                                              for m in (b.attn_router, b.mlp_router, b.attn_skip, b.mlp_skip))
-        kind, graph = (B, T, routers_off, last_only, cache is None, gates), self.graph and cache is None
+        adapters = tuple((m.enabled, m.merged) for m in lora.adapters(self.model))     # a graph holds their branch
+        kind = (B, T, cache is None, gates, adapters) + tuple(flags.values())
+        graph = self.graph and cache is None
         if kind not in self.capacities:         # the first call of its kind runs in full: it learns the counts
-            out, counts, rows = self.run(kind, idx, cache, routers_off, last_only, None, graph=False)
+            out, counts, rows = self.run(kind, idx, cache, flags, None, graph=False)
             self.capacities[kind] = [capacity_for(n, r) for n, r in zip(counts, rows)]
             if not graph:
                 return out
         capacities = self.capacities[kind]
         rewind = None if cache is None else ([(list(c.lengths), list(c.deferred)) for c in cache.layers], cache.seen)
-        out, counts, rows = self.run(kind, idx, cache, routers_off, last_only, capacities, graph)
+        out, counts, rows = self.run(kind, idx, cache, flags, capacities, graph)
         if any(n > c for n, c in zip(counts, capacities)):
             if cache is not None:               # a sublayer kept more than it could: once more, in full
                 for c, (lengths, deferred) in zip(cache.layers, rewind[0]):
                     c.lengths, c.deferred = lengths, deferred
                 cache.seen = rewind[1]
-            out, counts, rows = self.run(kind, idx, cache, routers_off, last_only, None, graph=False)
+            out, counts, rows = self.run(kind, idx, cache, flags, None, graph=False)
         self.capacities[kind] = [settle(c, n, r) for c, n, r in zip(capacities, counts, rows)]
         return out
 
-    def run(self, kind, idx, cache, routers_off, last_only, capacities, graph):
-        """One call at these capacities (None: in full): (logits, records), the kept counts as
+    def run(self, kind, idx, cache, flags, capacities, graph):
+        """One call at these capacities (None: in full): the model's output, the kept counts as
         Python ints (the call's one read back), and each routed sublayer's rows."""
         if graph:
-            return self.replay(kind, idx, routers_off, last_only, capacities)
+            return self.replay(kind, idx, flags, capacities)
         run = Run(capacities)
         with swapped(run):
-            out = self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only)
+            out = self.model(idx, cache=cache, **flags)
         return out, run.read(), run.rows
 
-    def replay(self, kind, idx, routers_off, last_only, capacities):
+    def replay(self, kind, idx, flags, capacities):
         """run() as a CUDA graph, captured on the first call of its kind and capacities."""
         if kind not in self.graphs or self.graphs[kind][0] != capacities:
             self.graphs.pop(kind, None)                        # its memory goes before a new one is taken
-            self.graphs[kind] = (capacities,) + self.capture(idx.clone(), routers_off, last_only, capacities)
-        _, graph, static, (logits, records), counts, rows = self.graphs[kind]
+            self.graphs[kind] = (capacities,) + self.capture(idx.clone(), flags, capacities)
+        _, graph, static, (out, records), counts, rows = self.graphs[kind]
         static.copy_(idx)
         graph.replay()
         records = [router.GateRecord(r.layer, r.kind, r.z.clone(), r.keep.clone()) for r in records]
-        return (logits.clone(), records), (counts.tolist() if counts is not None else []), rows
+        return (out.clone(), records), (counts.tolist() if counts is not None else []), rows
 
-    def capture(self, static, routers_off, last_only, capacities):
+    def capture(self, static, flags, capacities):
         """(graph, static input, static (logits, records), static counts or None, rows) of one call."""
         def call():
             run = Run(capacities)
             with swapped(run):
-                out = self.model(static, routers_off=routers_off, last_only=last_only)
+                out = self.model(static, **flags)
             return out, (torch.stack(run.counts) if run.counts else None), run.rows
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -41,8 +41,8 @@ class Spy(Capacity):
         super().__init__(model, **kw)
         self.runs = []
 
-    def run(self, kind, idx, cache, routers_off, last_only, capacities, graph):
-        out = super().run(kind, idx, cache, routers_off, last_only, capacities, graph)
+    def run(self, kind, idx, cache, flags, capacities, graph):
+        out = super().run(kind, idx, cache, flags, capacities, graph)
         self.runs.append((capacities, out[1], out[2]))          # capacities, counts, rows
         return out
 
@@ -150,6 +150,43 @@ def test_compacts_functions_are_back_after_a_call_even_one_that_raises():
         with pytest.raises(ValueError, match="exceed"):
             fast(tokens(1, model.cfg.max_seq_len + 1))
     assert (compact.kept_rows, compact.skipped_rows, compact.attention) == own
+
+
+def test_evaluate_capacity_gives_the_eager_numbers(tiny_hf, tmp_path_factory, capsys, tight, monkeypatch):
+    """evaluate.py --capacity=eager on a sparse checkpoint gives the numbers of the exact compacted
+    path (its dense pass, LoRA off and routers off, is another kind of call)."""
+    import evaluate
+    from conftest import tiny_model_folder, word_text_file
+    from test_cli import SEQ_LEN, make_checkpoint
+    folder = tiny_model_folder(tiny_hf, tmp_path_factory, "llama", False)
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("capacity") / "ckpt", folder, lora_std=0.3)
+    text = word_text_file(tmp_path_factory, "val", 400, seed=0)
+
+    compacted, own_run = [], Capacity.run
+
+    def spy(self, kind, idx, cache, flags, capacities, graph):
+        out = own_run(self, kind, idx, cache, flags, capacities, graph)
+        compacted.append(capacities is not None and any(c < r for c, r in zip(capacities, out[2])))
+        return out
+
+    def run(*argv):
+        evaluate.main([f"--ckpt={ckpt}", f"--text={text}", f"--seq_len={SEQ_LEN}", "--json", *argv])
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    monkeypatch.setattr(Capacity, "run", spy)
+    eager, fixed = run(), run("--capacity=eager")
+    assert any(compacted), "some pass should run below full capacity"
+    for key in ("perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "density", "compute_ratio"):
+        assert fixed[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-7), key
+    assert 0.2 < fixed["density"] < 0.8 and fixed["kl_to_dense"] > 1e-3
+    # random gates draw anew in a call run again in full, so only the dense side is the same
+    eager, fixed = run("--gates=random"), run("--gates=random", "--capacity=eager")
+    assert fixed["dense_perplexity"] == pytest.approx(eager["dense_perplexity"], rel=1e-5)
+    assert fixed["density"] == pytest.approx(eager["density"], abs=0.1)
+    for bad, match in ((["--capacity=graph"], "use --device=cuda"), (["--capacity=eager", "--path=masked"], "drop"),
+                       (["--capacity=fast"], "choose eager or graph")):
+        with pytest.raises(ValueError, match=match):
+            evaluate.main([f"--ckpt={ckpt}", f"--text={text}", *bad])
 
 
 def test_graphs_need_a_cuda_device():
