@@ -60,11 +60,12 @@ import lora
 import router
 
 ROWS = 64        # capacities are multiples of ROWS rows (or all of them)
-MARGIN = 4.0     # a capacity's margin over the largest kept count seen, in sqrt(count)
+MARGIN = 4.0     # a capacity's margin over a kept count, in sqrt(count)
 
 
 def capacity_for(count: int, rows: int) -> int:
-    """The capacity of a sublayer of `rows` rows whose largest kept count so far is `count`."""
+    """The capacity of a sublayer of `rows` rows that kept `count` of them: count + MARGIN sqrt(count),
+    rounded up to a multiple of ROWS, at most rows."""
     return min(rows, max(ROWS, math.ceil((count + MARGIN * math.sqrt(count)) / ROWS) * ROWS))
 
 

@@ -223,8 +223,9 @@ def test_on_a_gpu_graphs_replay_the_compacted_logits_and_nothing_syncs(family, k
                 got, records = fast(idx)
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
                 assert [r.keep.tolist() for r in records] == [r.keep.tolist() for r in want_records]
-    if kv == "all":
-        assert len(fast.graphs) == 1
+                torch.testing.assert_close(fast(idx, return_hidden=True)[0], model(idx, return_hidden=True)[0],
+                                           atol=1e-4, rtol=1e-4)                # scoring's passes
+    assert len(fast.graphs) == 2                               # logits and hidden states: two kinds
     run = Run(next(iter(fast.capacities.values())))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")                    # a device sync raises
