@@ -24,7 +24,7 @@ import compact
 import router
 from capacity import Capacity, Run, capacity_for, kept_first, settle, swapped
 from test_compaction import FAMILIES, tokens
-from test_compiled import routed
+from test_compiled import routed, tiny_bench
 
 
 @pytest.fixture
@@ -195,11 +195,8 @@ def test_graphs_need_a_cuda_device():
 
 
 def test_bench_capacity_times_the_fixed_capacity_prefill(monkeypatch, capsys):
-    monkeypatch.setitem(bench.PRESETS, "tiny-llama", dict(vocab_size=300, dim=32, n_layers=2, n_heads=4,
-                                                         n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=256))
-    bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=1,0.5", "--kv=all", "--prefill=1x128",
-                "--prompt_len=8", "--new_tokens=4", "--repeat=2", "--threads=1", "--capacity=eager", "--json"])
-    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = tiny_bench(monkeypatch, capsys, 256, "--densities=1,0.5", "--prefill=1x128", "--prompt_len=8",
+                      "--new_tokens=4", "--repeat=2", "--capacity=eager")
     assert [(r["mode"], r["density"]) for r in rows[:2]] == [("prefill", 1.0), ("decode", 1.0)]
     assert [r["mode"] for r in rows[2:]] == ["prefill", "decode"] and all(0.3 < r["density"] < 0.7 for r in rows[2:])
     for bad, match in (("--capacity=fast", "choose eager or graph"), ("--capacity=graph", "use --device=cuda"),

@@ -258,12 +258,17 @@ def test_the_models_own_modules_are_back_after_a_call_even_one_that_raises():
         assert torch.equal(model(idx)[0], want)                     # eager: the model's own forward
 
 
-def test_bench_compile_adds_the_eager_against_compiled_rows(monkeypatch, capsys):
+def tiny_bench(monkeypatch, capsys, max_seq_len, *argv):
+    """bench.py's JSON rows on a tiny random Llama ("tiny-llama"; kv="all", one thread)."""
     monkeypatch.setitem(bench.PRESETS, "tiny-llama", dict(vocab_size=300, dim=32, n_layers=2, n_heads=4,
-                                                         n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=64))
-    bench.main(["--init=tiny-llama", "--random_weights=True", "--densities=0.5", "--kv=all", "--prefill=1x16",
-                "--prompt_len=8", "--new_tokens=12", "--repeat=1", "--threads=1", "--compile=True", "--json"])
-    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                                                         n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=max_seq_len))
+    bench.main(["--init=tiny-llama", "--random_weights=True", "--kv=all", "--threads=1", "--json", *argv])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_compile_adds_the_eager_against_compiled_rows(monkeypatch, capsys):
+    rows = tiny_bench(monkeypatch, capsys, 64, "--densities=0.5", "--prefill=1x16", "--prompt_len=8",
+                      "--new_tokens=12", "--repeat=1", "--compile=True")
     assert [(r["mode"], r["gates"]) for r in rows] == [("prefill", "compiled"), ("decode", "compiled"),
                                                        ("prefill", "random"), ("decode", "random")]
     for r in rows[:2]:
