@@ -16,7 +16,7 @@ under torch.profiler:
 
 For each call:
 - wall_ms:   its wall-clock time, the device synchronized at its end, in a run of its own (the
-             profiler slows the host: profiled_ms is the profiled run's);
+             median of --repeat such runs; the profiler slows the host: profiled_ms is the profiled run's);
 - ops:       the aten ops it dispatched (outermost only: an op that another op called is not counted);
 - kernels:   the device kernels it launched (none on a CPU);
 - kernel_ms: their summed device time: how long the device was busy (one stream: they do not overlap);
@@ -32,6 +32,7 @@ Every option below is --key=value or --key value (--help lists them); --json pri
 JSON list on the last line.
 """
 import json
+import statistics
 from contextlib import nullcontext
 
 import torch
@@ -56,9 +57,11 @@ DEFAULTS = dict(
     device="cpu",
     capacity=False,                # prefill through capacity.Capacity (fixed capacities, no reads back)
     top=0,                         # list the N kernels (on a CPU: ops) that took the most time, per call
+    repeat=1,                      # timed runs of each call; wall_ms is their median
     json=False,                    # print the rows as one JSON list on the last line
 )
-RANGES = dict(densities=FRACTION, seq_len=Range(2), steps=AT_LEAST_1, threads=Range(0), seed=Range(0), top=Range(0))
+RANGES = dict(densities=FRACTION, seq_len=Range(2), steps=AT_LEAST_1, threads=Range(0), seed=Range(0), top=Range(0),
+              repeat=AT_LEAST_1)
 
 
 def counts(prof, device) -> dict:
@@ -82,9 +85,10 @@ def counts(prof, device) -> dict:
     return dict(ops=ops, kernels=kernels, kernel_ms=kernel_us / 1e3, by_name=by_name)
 
 
-def profiled(setup, fn, calls: int, device, top: int = 0, warmups: int = 1) -> dict:
-    """fn(setup()) after `warmups` untimed runs (setup untimed): a timed run, then one under the profiler
-    for the counts (it slows the host). Its numbers per call (fn makes `calls` calls)."""
+def profiled(setup, fn, calls: int, device, top: int = 0, warmups: int = 1, repeat: int = 1) -> dict:
+    """fn(setup()) after `warmups` untimed runs (setup untimed): `repeat` timed runs (their median),
+    then one under the profiler for the counts (it slows the host). Its numbers per call (fn makes
+    `calls` calls)."""
     def run(prof=None):
         state = setup()
         t0 = now(device)                                # the device's queued work done first
@@ -94,7 +98,7 @@ def profiled(setup, fn, calls: int, device, top: int = 0, warmups: int = 1) -> d
         return seconds * 1e3 / calls
     for _ in range(warmups):
         run()
-    wall_ms = run()
+    wall_ms = statistics.median(run() for _ in range(repeat))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
     profiled_ms = run(prof)
@@ -142,8 +146,10 @@ def launch_profile(config) -> list:
         dense = density >= 1
         with forced(model, density):
             # with --capacity the first call learns the capacities, the second meets their shapes' kernels
-            pre = profiled(lambda: None, lambda s: prefill(dense, s), 1, device, config["top"], 1 + config["capacity"])
-            dec = profiled(lambda: prompt(dense), lambda s: decode(dense, s), steps, device, config["top"])
+            pre = profiled(lambda: None, lambda s: prefill(dense, s), 1, device, config["top"], 1 + config["capacity"],
+                           config["repeat"])
+            dec = profiled(lambda: prompt(dense), lambda s: decode(dense, s), steps, device, config["top"],
+                           repeat=config["repeat"])
         for mode, r in (("prefill", pre), ("decode", dec)):
             rows.append(dict(preset=config["preset"], device=str(device), dtype=config["dtype"], mode=mode,
                              density=density, capacity=config["capacity"] and mode == "prefill", **r))

@@ -346,7 +346,7 @@ def test_gpu_bench_script_runs_commands_that_bench_accepts(monkeypatch):
         bench.check_context(SimpleNamespace(cfg=ModelConfig(**PRESETS[config["init"]])), config)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)         # their checks ask for a GPU
     runs = [shlex.split(line)[4:] for line in text.splitlines() if line.startswith("run ")]  # after "python"
-    assert [r[:2] for r in runs] == [["-m", "research.launch_profile"], ["-m", "research.attn_kernels"]]
+    assert [r[:2] for r in runs] == [["-m", "research.launch_profile"]] * 2 + [["-m", "research.attn_kernels"]]
     for args in runs:
         module = importlib.import_module(args[1])
         config = dict(module.DEFAULTS, **module.overrides(module.DEFAULTS, args[2:]))

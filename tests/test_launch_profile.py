@@ -39,7 +39,7 @@ def test_rows_and_what_the_counts_show(tiny, capsys):
 
 def test_top_ops_and_the_fixed_capacity_prefill(tiny):
     rows = launch_profile.main(["--preset=tiny-gqa", "--seq_len=200", "--steps=2", "--densities=1,0.5",
-                                "--top=5", "--capacity=True"])
+                                "--top=5", "--capacity=True", "--repeat=2"])
     for r in rows:
         assert 0 < len(r["top"]) <= 5 and r["capacity"] == (r["mode"] == "prefill")
         ms = [t[2] for t in r["top"]]

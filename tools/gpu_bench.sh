@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of RESULTS.md ("On a GPU"), as one run that fits in about 8 minutes on one GPU.
+# The GPU rows of RESULTS.md ("On a GPU"), as one run of 10 minutes at most on one GPU.
 #
 #     bash tools/gpu_bench.sh [OUT_DIR [NAME...]]   # OUT_DIR defaults to results/gpu; needs CUDA
 #
@@ -13,7 +13,8 @@
 #   1a. its prefill at fixed capacities (capacity.py, --capacity=eager): no reads back to the host
 #   1b. the same, each prefill (dense and sparse) replayed as one CUDA graph (--capacity=graph)
 #   2. where the time of 1 goes: kernels launched and the GPU's busy time per prefill and per
-#      decoding step, dense and at density 0.5 (research/launch_profile.py)
+#      decoding step, dense and at density 0.5 (research/launch_profile.py); and of 1a, with the
+#      kernels that took the most time
 #   3. Llama-3.1-8B shape, eager decoding at batch 8 alone
 #   4. the attention kernels for the kept queries of a compacted prefill (research/attn_kernels.py)
 #   5. SmolLM2-135M shape, eager, as 1, and its prefill as 1b
@@ -21,7 +22,7 @@
 # 1 with --compile=True (compiled.py) is not here: compiling the 8B step takes minutes; its command
 # is in RESULTS.md.
 #
-# The most important rows come first, and every command has its own time limit (535 s in all),
+# The most important rows come first, and every command has its own time limit (595 s in all),
 # so a slow command costs its own rows, not the rest. Each writes OUT_DIR/NAME.json (bench.py's JSON
 # rows, written to a temporary name and renamed only when the command succeeds) and
 # OUT_DIR/NAME.log (its whole output). The targets on the 8B shape: density 0.5
@@ -60,6 +61,8 @@ bench llama8b-capacity  80 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=64 
 bench llama8b-graph    110 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=64 --new_tokens=8 --capacity=graph
 run launch-profile      70 python -m research.launch_profile --preset=llama-3.1-8b --seq_len=2048 --steps=8 \
         --device=cuda --dtype=bfloat16 --json
+run launch-profile-capacity 60 python -m research.launch_profile --preset=llama-3.1-8b --seq_len=2048 --steps=2 \
+        --device=cuda --dtype=bfloat16 --top=12 --repeat=3 --capacity=True --json
 bench llama8b-eager-b8  50 --init=llama-3.1-8b --prefill= --prompt_len=512 --new_tokens=32 --decode_batch=8
 run attn-kernels        40 python -m research.attn_kernels --preset=llama-3.1-8b --seq_len=2048 --device=cuda \
         --dtype=bfloat16 --json
