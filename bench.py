@@ -39,8 +39,9 @@ median of --repeat=3 runs leaves out one such run).
 --capacity=eager runs both paths' prefills through capacity.py: each routed sublayer at a
 capacity fixed before the call, from the kept counts of the calls before, so that nothing is
 read back from a GPU until the call ends (the same logits). --capacity=graph (CUDA) also
-replays each prefill, dense and sparse, as one CUDA graph. Decoding steps of batch 1 run as
-without it.
+replays each prefill, dense and sparse, as one CUDA graph; --capacity=compiled runs each
+through torch.compile (a compile per density: minutes), and compiled-graph does both. Decoding
+steps of batch 1 run as without it.
 
 --random_weights builds a preset's architecture with random weights on --device instead of
 loading it (nothing is downloaded): the gates are forced, so the speed of either path does not
@@ -70,7 +71,7 @@ import lora
 import router
 from checkpoint import load_sparse, read_checkpoint_meta
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
-from capacity import Capacity
+from capacity import Capacity, check_mode
 from compiled import Compiled
 from gates import forced
 from model import PRESETS, Model, ModelConfig
@@ -97,7 +98,7 @@ DEFAULTS = dict(
     random_weights=False,             # --init is a preset: its shapes, random weights, no download
     load_rss=False,                   # measure the peak memory of loading the model instead
     compile=False,                    # compiled.py: decode batch 1 as its compiled step, prefill with bucketed rows
-    capacity="",                      # capacity.py: prefills at fixed capacities, "eager" or "graph" (CUDA graphs)
+    capacity="",                      # capacity.py: prefills at fixed capacities, one of capacity.MODES
     json=False,                       # print the rows as one JSON list on the last line
 )
 RANGES = dict(densities=Range(0, 1, open_lo=True), prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1,
@@ -188,12 +189,9 @@ def check(config):
         raise ValueError(f"--route: unknown route {config['route']!r}; choose from {', '.join(router.ROUTES)}")
     for spec in config["prefill"]:
         parse_shape(spec)
-    if config["capacity"] not in ("", "eager", "graph"):
-        raise ValueError(f"--capacity={config['capacity']}: choose eager or graph (or leave it empty: off)")
+    check_mode(config["capacity"], config["device"])
     if config["capacity"] and config["compile"]:
         raise ValueError("--capacity and --compile are two ways to run a prefill: choose one")
-    if config["capacity"] == "graph" and not config["device"].startswith("cuda"):
-        raise ValueError("--capacity=graph captures CUDA graphs: use --device=cuda, or --capacity=eager")
     if config["compile"] and config["decode_batch"] != 1:
         raise ValueError("--compile compiles the decoding step of batch 1: use --decode_batch=1")
 
@@ -212,7 +210,7 @@ def bench_all(model, base, config, ids, clock) -> list:
     exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
     def decoder(m):   # the model, its compiled step, or its fixed-capacity prefills
         if config["capacity"]:
-            return Capacity(m, graph=config["capacity"] == "graph")
+            return Capacity.for_mode(m, config["capacity"])
         return Compiled(m) if config["compile"] else m
     run = decoder(model)
     print(HEADER)

@@ -4,6 +4,7 @@ replays as one CUDA graph.
 
     fast = Capacity(model)                   # --capacity=eager
     fast = Capacity(model, graph=True)       # --capacity=graph: a CUDA device only
+    fast = Capacity(model, compiled=True)    # --capacity=compiled (and compiled-graph: both)
     logits, records = fast(idx)              # a prefill: the compacted path's logits and gates
 
 compact.py compacts exactly: each routed sublayer counts its kept tokens, reads the count back
@@ -30,7 +31,11 @@ on a GPU that a call at fixed capacities never syncs.
 graph=True (CUDA): a call without a cache is captured as a CUDA graph once per kind and set of
 capacities (after two warm-up runs), then replayed: one launch for the whole forward, where the
 eager one launches a few thousand kernels. Its outputs are copied out of the graph's memory
-before they are returned. A call with a cache (a prompt before decoding) runs eagerly.
+before they are returned. compiled=True: such a call runs the whole forward through
+torch.compile (fixed shapes: each sublayer's norms, rotary embeddings, gathers, gating and
+residual adds fuse into fewer kernels), compiled once per kind and set of capacities; with both,
+the compiled forward is what the graph captures. A call with a cache (a prompt before decoding)
+runs eagerly, and so does the first call of a kind, which learns the counts.
 
 What differs from compact.py, and why:
 - kv="all": every token makes its query and attends with the model's own kernel
@@ -154,18 +159,41 @@ def swapped(run: Run):
             setattr(compact, name, fn)
 
 
+MODES = ("eager", "graph", "compiled", "compiled-graph")   # --capacity: how a call at fixed capacities runs
+
+
+def check_mode(mode: str, device: str):
+    """--capacity=mode on --device=device, or a clear error ("" is off)."""
+    if mode and mode not in MODES:
+        raise ValueError(f"--capacity={mode}: choose one of {', '.join(MODES)} (or leave it empty: off)")
+    if mode.endswith("graph") and not device.startswith("cuda"):
+        raise ValueError(f"--capacity={mode} captures CUDA graphs: use --device=cuda, or --capacity=eager or compiled")
+
+
 class Capacity:
     """A model whose compacted calls run at fixed capacities (see the top of this file). Callable
     like the model, and any other attribute is the model's."""
 
-    def __init__(self, model, graph: bool = False):
+    def __init__(self, model, graph: bool = False, compiled: bool = False, backend: str = "inductor"):
         device = model.tok_emb.weight.device
         if graph and device.type != "cuda":
             raise ValueError(f"--capacity=graph captures CUDA graphs, and the model is on {device}: "
-                             "use --capacity=eager, or --device=cuda")
+                             "use --capacity=eager or compiled, or --device=cuda")
         self.model, self.cfg, self.graph = model, model.cfg, graph
         self.capacities = {}   # call kind -> the capacity of every routed sublayer, in call order
-        self.graphs = {}     # call kind -> (capacities, CUDA graph, static input, static outputs)
+        self.graphs = {}       # call kind -> (capacities, CUDA graph, static input, static outputs)
+        # compiled: a call without a cache runs the whole forward through torch.compile, at its
+        # capacities (fixed shapes): the row-wise ops of every sublayer fuse. It compiles once per
+        # kind of call and set of capacities (backend="aot_eager": the tests' quick trace)
+        self.compiled = torch.compile(self.forward, dynamic=False, backend=backend) if compiled else None
+        if compiled:
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+
+    @classmethod
+    def for_mode(cls, model, mode: str):
+        """The Capacity of a --capacity mode (MODES)."""
+        return cls(model, graph=mode.endswith("graph"), compiled=mode.startswith("compiled"))
 
     def __getattr__(self, name):   # only for names this object does not have: the model's
         if name == "model":
@@ -178,40 +206,46 @@ class Capacity:
         step = cache is not None and T == 1 and cache.batch_size == 1
         kept_cache = cache is not None and self.cfg.kv == "kept"
         flags = dict(routers_off=routers_off, last_only=last_only, return_hidden=return_hidden)
-        if masked or kw or torch.is_grad_enabled() or step or kept_cache or (routers_off and not self.graph):
+        plain = not (self.graph or self.compiled)         # a dense call with nothing to fuse or capture
+        if masked or kw or torch.is_grad_enabled() or step or kept_cache or (routers_off and plain):
             return self.model(idx, cache=cache, masked=masked, **flags, **kw)
         # a kind of call: its shape, its flags, which routers and substitutes decide (bench.py swaps them)
         gates = () if routers_off else tuple(id(m) for b in self.model.layers
                                              for m in (b.attn_router, b.mlp_router, b.attn_skip, b.mlp_skip))
         adapters = tuple((m.enabled, m.merged) for m in lora.adapters(self.model))     # a graph holds their branch
         kind = (B, T, cache is None, gates, adapters) + tuple(flags.values())
-        graph = self.graph and cache is None
+        fast = cache is None and not plain       # graphed or compiled
         if kind not in self.capacities:         # the first call of its kind runs in full: it learns the counts
-            out, counts, rows = self.run(kind, idx, cache, flags, None, graph=False)
+            out, counts, rows = self.run(kind, idx, cache, flags, None, fast=False)
             self.capacities[kind] = [capacity_for(n, r) for n, r in zip(counts, rows)]
-            if not graph:
+            if not fast:
                 return out
         capacities = self.capacities[kind]
         rewind = None if cache is None else ([(list(c.lengths), list(c.deferred)) for c in cache.layers], cache.seen)
-        out, counts, rows = self.run(kind, idx, cache, flags, capacities, graph)
+        out, counts, rows = self.run(kind, idx, cache, flags, capacities, fast)
         if any(n > c for n, c in zip(counts, capacities)):
             if cache is not None:               # a sublayer kept more than it could: once more, in full
                 for c, (lengths, deferred) in zip(cache.layers, rewind[0]):
                     c.lengths, c.deferred = lengths, deferred
                 cache.seen = rewind[1]
-            out, counts, rows = self.run(kind, idx, cache, flags, None, graph=False)
+            out, counts, rows = self.run(kind, idx, cache, flags, None, fast=False)
         self.capacities[kind] = [settle(c, n, r) for c, n, r in zip(capacities, counts, rows)]
         return out
 
-    def run(self, kind, idx, cache, flags, capacities, graph):
+    def run(self, kind, idx, cache, flags, capacities, fast):
         """One call at these capacities (None: in full): the model's output, the kept counts as
-        Python ints (the call's one read back), and each routed sublayer's rows."""
-        if graph:
+        Python ints (the call's one read back), and each routed sublayer's rows. fast: graphed or
+        compiled, as this object says (a call without a cache); else eager."""
+        if fast and self.graph:
             return self.replay(kind, idx, flags, capacities)
         run = Run(capacities)
-        with swapped(run):
-            out = self.model(idx, cache=cache, **flags)
+        out = (self.compiled if fast else self.forward)(idx, cache, flags, run)
         return out, run.read(), run.rows
+
+    def forward(self, idx, cache, flags, run):
+        """The model's forward with run's fixed-capacity sublayers (what `compiled` compiles)."""
+        with swapped(run):
+            return self.model(idx, cache=cache, **flags)
 
     def replay(self, kind, idx, flags, capacities):
         """run() as a CUDA graph, captured on the first call of its kind and capacities."""
@@ -228,8 +262,7 @@ class Capacity:
         """(graph, static input, static (logits, records), static counts or None, rows) of one call."""
         def call():
             run = Run(capacities)
-            with swapped(run):
-                out = self.model(static, **flags)
+            out = (self.compiled or self.forward)(static, None, flags, run)
             return out, (torch.stack(run.counts) if run.counts else None), run.rows
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

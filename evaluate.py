@@ -41,8 +41,8 @@ compiling of every bucket met after the warm-up on the first window (minutes on 
 the compacted path only: not with --path=masked or --gates=peek(_lora).
 --capacity=eager runs them through capacity.py instead: every routed sublayer at a capacity fixed
 from the windows before, nothing read back from a GPU until a pass ends (the same numbers);
---capacity=graph (CUDA) also replays each pass as one CUDA graph. For a GPU: on a CPU the exact
-compacted path is faster.
+--capacity=graph (CUDA) also replays each pass as one CUDA graph, compiled runs it through
+torch.compile, compiled-graph both. For a GPU: on a CPU the exact compacted path is faster.
 
 Beyond perplexity, in research/ (python -m research.NAME, the same flags where they apply):
 research.plots draws a --json result's density per layer (--density=r.json) and the frontier
@@ -56,7 +56,7 @@ import json
 import math
 
 import router
-from capacity import Capacity
+from capacity import Capacity, check_mode
 from compiled import Compiled
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from flops import compute_ratio
@@ -77,7 +77,7 @@ DEFAULTS = dict(
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random
     compile=False,                  # run the passes through compiled.py (see above; compiling takes minutes on a CPU)
-    capacity="",                    # run the passes through capacity.py: "eager" or "graph" (CUDA graphs); see above
+    capacity="",                    # run the passes through capacity.py: one of capacity.MODES; see above
     json=False,                     # print the results as one JSON object on the last line
 )
 RANGES = dict(seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, max_chunks=AT_LEAST_0, seed=AT_LEAST_0,
@@ -91,13 +91,10 @@ def check(config):
     check_gates(config)
     if config["compile"] and config["path"] == "masked":
         raise ValueError("--compile compiles the compacted path, not the masked (training) one: drop --path=masked")
-    if config["capacity"] not in ("", "eager", "graph"):
-        raise ValueError(f"--capacity={config['capacity']}: choose eager or graph (or leave it empty: off)")
+    check_mode(config["capacity"], config["device"])
     if config["capacity"] and (config["compile"] or config["path"] == "masked" or config["gates"] in PEEK):
         raise ValueError("--capacity runs the compacted path at fixed capacities: drop --compile, --path=masked "
                          "and --gates=peek(_lora)")
-    if config["capacity"] == "graph" and not config["device"].startswith("cuda"):
-        raise ValueError("--capacity=graph captures CUDA graphs: use --device=cuda, or --capacity=eager")
     if config["compile"] and config["gates"] in PEEK:
         raise ValueError(f"--gates={config['gates']} decides from f(x) on the masked (training) path, which "
                          "--compile does not compile: drop --compile")
@@ -141,7 +138,7 @@ def main(argv):
     if config["compile"]:   # reads as the model (scoring.py and gates.py take it), its rows compiled
         model = Compiled(model)
     if config["capacity"]:  # reads as the model too, its passes at fixed capacities
-        model = Capacity(model, graph=config["capacity"] == "graph")
+        model = Capacity.for_mode(model, config["capacity"])
     chunks = windows(tok, read_text(config["text"]), config["seq_len"], config["max_chunks"])
     out = dict(model=name, ckpt=config["ckpt"] or None, text=config["text"], seq_len=config["seq_len"],
                windows=len(chunks), bos=tok.adds_bos)

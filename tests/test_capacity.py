@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,8 +42,8 @@ class Spy(Capacity):
         super().__init__(model, **kw)
         self.runs = []
 
-    def run(self, kind, idx, cache, flags, capacities, graph):
-        out = super().run(kind, idx, cache, flags, capacities, graph)
+    def run(self, kind, idx, cache, flags, capacities, fast):
+        out = super().run(kind, idx, cache, flags, capacities, fast)
         self.runs.append((capacities, out[1], out[2]))          # capacities, counts, rows
         return out
 
@@ -111,6 +112,46 @@ def test_a_prompt_into_a_cache_then_a_batch_decodes_the_same_tokens(family, kv, 
         assert any(c is not None and c != r for c, _, r in fast.runs), "the prompt should compact"
 
 
+@pytest.mark.parametrize("kv", router.KV_MODES)
+def test_a_compiled_call_at_fixed_capacities_gives_the_compacted_logits(kv, tight, monkeypatch):
+    """compiled=True traces the whole forward at its capacities (a counting backend that runs the
+    traced graph: what inductor would get) once per kind and set of capacities; the logits are
+    still the compacted path's, an overflow included, and the dense path is compiled too."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(compact, "QUERY_BLOCK", {})   # a sliding layer attends in one call, as on a GPU
+    model = routed("gemma3", kv, substitute=4)
+    counter = torch._dynamo.testing.CompileCounter()
+    fast = Spy(model, compiled=True, backend=counter)
+    a, b = tokens(2, 16, seed=3), tokens(2, 16, seed=4)
+    with torch.inference_mode():
+        for idx in (a, a, a, b, a):
+            want, want_records = model(idx)
+            got, records = fast(idx)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert [r.keep.tolist() for r in records] == [r.keep.tolist() for r in want_records]
+        assert counter.frame_count >= 1
+        fast(a)                                                        # capacities settle to a's counts
+        frames = counter.frame_count
+        fast(a)
+        assert counter.frame_count == frames                           # the same capacities: no new trace
+        want = model(a, routers_off=True)[0]
+        torch.testing.assert_close(fast(a, routers_off=True)[0], want, atol=1e-5, rtol=1e-5)   # dense, compiled too
+    torch._dynamo.reset()
+
+
+def test_inductors_code_at_fixed_capacities_gives_the_compacted_logits(tight):
+    """The same with inductor's generated code (C++ on a CPU): one model, sparse and dense."""
+    torch._dynamo.reset()
+    model = routed("llama_gqa", "all", substitute=8)
+    fast = Capacity(model, compiled=True)
+    idx = tokens(2, 16, seed=3)
+    with torch.inference_mode():
+        for routers_off in (False, False, True, True):
+            torch.testing.assert_close(fast(idx, routers_off=routers_off)[0], model(idx, routers_off=routers_off)[0],
+                                       atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 @contextmanager
 def no_reads():
     """Any read of a tensor's value on the host (the device syncs of a GPU) raises inside the block."""
@@ -164,8 +205,8 @@ def test_evaluate_capacity_gives_the_eager_numbers(tiny_hf, tmp_path_factory, ca
 
     compacted, own_run = [], Capacity.run
 
-    def spy(self, kind, idx, cache, flags, capacities, graph):
-        out = own_run(self, kind, idx, cache, flags, capacities, graph)
+    def spy(self, kind, idx, cache, flags, capacities, fast):
+        out = own_run(self, kind, idx, cache, flags, capacities, fast)
         compacted.append(capacities is not None and any(c < r for c, r in zip(capacities, out[2])))
         return out
 
@@ -183,8 +224,8 @@ def test_evaluate_capacity_gives_the_eager_numbers(tiny_hf, tmp_path_factory, ca
     eager, fixed = run("--gates=random"), run("--gates=random", "--capacity=eager")
     assert fixed["dense_perplexity"] == pytest.approx(eager["dense_perplexity"], rel=1e-5)
     assert fixed["density"] == pytest.approx(eager["density"], abs=0.1)
-    for bad, match in ((["--capacity=graph"], "use --device=cuda"), (["--capacity=eager", "--path=masked"], "drop"),
-                       (["--capacity=fast"], "choose eager or graph")):
+    for bad, match in ((["--capacity=compiled-graph"], "use --device=cuda"), (["--capacity=eager", "--path=masked"], "drop"),
+                       (["--capacity=fast"], "choose one of eager, graph, compiled")):
         with pytest.raises(ValueError, match=match):
             evaluate.main([f"--ckpt={ckpt}", f"--text={text}", *bad])
 
@@ -199,7 +240,7 @@ def test_bench_capacity_times_the_fixed_capacity_prefill(monkeypatch, capsys):
                       "--new_tokens=4", "--repeat=2", "--capacity=eager")
     assert [(r["mode"], r["density"]) for r in rows[:2]] == [("prefill", 1.0), ("decode", 1.0)]
     assert [r["mode"] for r in rows[2:]] == ["prefill", "decode"] and all(0.3 < r["density"] < 0.7 for r in rows[2:])
-    for bad, match in (("--capacity=fast", "choose eager or graph"), ("--capacity=graph", "use --device=cuda"),
+    for bad, match in (("--capacity=fast", "choose one of eager, graph, compiled"), ("--capacity=graph", "use --device=cuda"),
                        ("--compile=True", "choose one")):
         with pytest.raises(ValueError, match=match):
             bench.main(["--init=tiny-llama", "--random_weights=True", "--capacity=eager", bad]
