@@ -253,8 +253,9 @@ def test_bench_capacity_times_the_fixed_capacity_prefill(monkeypatch, capsys):
 def test_on_a_gpu_graphs_replay_the_compacted_logits_and_nothing_syncs(family, kv, tight):
     model = routed(family, kv, substitute=8).cuda()
     calls = [tokens(3, 16, seed=s).cuda() for s in (3, 3, 4, 3, 5, 4)]
-    for graph in (False, True):
-        fast = Capacity(model, graph=graph)
+    torch._dynamo.reset()
+    for graph, compiled in ((False, False), (True, False), (True, True)):   # compiled: traced, not inductor
+        fast = Capacity(model, graph=graph, compiled=compiled, backend="aot_eager")
         with torch.inference_mode():
             for idx in calls:
                 want, want_records = model(idx)

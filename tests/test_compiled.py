@@ -337,8 +337,8 @@ def test_gpu_bench_script_runs_commands_that_bench_accepts(monkeypatch):
     its minutes measuring, not on a typo."""
     text = GPU_BENCH.read_text().replace("\\\n", " ")                   # continued lines joined
     common = shlex.split(text.split('COMMON="', 1)[1].split('"', 1)[0])
-    lines = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith("bench ")]
-    assert len(lines) == 6
+    lines = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith(("bench ", "named "))]
+    assert len(lines) == 7
     for args in lines:
         config = dict(bench.DEFAULTS, **bench.overrides(bench.DEFAULTS, common + args))
         bench.check(config)

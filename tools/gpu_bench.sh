@@ -18,6 +18,7 @@
 #   3. Llama-3.1-8B shape, eager decoding at batch 8 alone
 #   4. the attention kernels for the kept queries of a compacted prefill (research/attn_kernels.py)
 #   5. SmolLM2-135M shape, eager, as 1, and its prefill as 1b
+#   6. only when named: 1b with the forward compiled at its capacities (--capacity=compiled-graph)
 #
 # 1 with --compile=True (compiled.py) is not here: compiling the 8B step takes minutes; its command
 # is in RESULTS.md.
@@ -56,6 +57,11 @@ bench() {   # bench NAME SECONDS ARGS...: one bench.py run under a time limit
     run "$name" "$limit" python bench.py $COMMON "$@"
 }
 
+named() {   # named NAME SECONDS ARGS...: bench, but only when NAME is asked for by name
+    [[ "$ONLY" == *" $1 "* ]] && bench "$@"
+    return 0
+}
+
 bench llama8b-eager    110 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=512 --new_tokens=64
 bench llama8b-capacity  80 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=64 --new_tokens=8 --capacity=eager
 bench llama8b-graph    110 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=64 --new_tokens=8 --capacity=graph
@@ -68,4 +74,7 @@ run attn-kernels        40 python -m research.attn_kernels --preset=llama-3.1-8b
         --dtype=bfloat16 --json
 bench smollm2-eager     35 --init=smollm2-135m --prefill=1x2048 --prompt_len=512 --new_tokens=64
 bench smollm2-graph     40 --init=smollm2-135m --prefill=1x2048 --prompt_len=64 --new_tokens=8 --capacity=graph
+# only by name (it compiles the 8B forward twice, dense and at density 0.5: minutes):
+named llama8b-compiled-graph 300 --init=llama-3.1-8b --prefill=1x2048 --prompt_len=64 --new_tokens=8 \
+        --densities=0.5 --capacity=compiled-graph
 echo "rows in $OUT/*.json"
