@@ -185,7 +185,7 @@ class Capacity:
         # compiled: a call without a cache runs the whole forward through torch.compile, at its
         # capacities (fixed shapes): the row-wise ops of every sublayer fuse. It compiles once per
         # kind of call and set of capacities (backend="aot_eager": the tests' quick trace)
-        self.compiled = torch.compile(self.forward, dynamic=False, backend=backend) if compiled else None
+        self.compiled = torch.compile(self.at_capacities, dynamic=False, backend=backend) if compiled else None
         if compiled:
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
@@ -239,10 +239,10 @@ class Capacity:
         if fast and self.graph:
             return self.replay(kind, idx, flags, capacities)
         run = Run(capacities)
-        out = (self.compiled if fast else self.forward)(idx, cache, flags, run)
+        out = (self.compiled if fast else self.at_capacities)(idx, cache, flags, run)
         return out, run.read(), run.rows
 
-    def forward(self, idx, cache, flags, run):
+    def at_capacities(self, idx, cache, flags, run):
         """The model's forward with run's fixed-capacity sublayers (what `compiled` compiles)."""
         with swapped(run):
             return self.model(idx, cache=cache, **flags)
@@ -262,7 +262,7 @@ class Capacity:
         """(graph, static input, static (logits, records), static counts or None, rows) of one call."""
         def call():
             run = Run(capacities)
-            out = (self.compiled or self.forward)(static, None, flags, run)
+            out = (self.compiled or self.at_capacities)(static, None, flags, run)
             return out, (torch.stack(run.counts) if run.counts else None), run.rows
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -224,7 +224,8 @@ def test_evaluate_capacity_gives_the_eager_numbers(tiny_hf, tmp_path_factory, ca
     eager, fixed = run("--gates=random"), run("--gates=random", "--capacity=eager")
     assert fixed["dense_perplexity"] == pytest.approx(eager["dense_perplexity"], rel=1e-5)
     assert fixed["density"] == pytest.approx(eager["density"], abs=0.1)
-    for bad, match in ((["--capacity=compiled-graph"], "use --device=cuda"), (["--capacity=eager", "--path=masked"], "drop"),
+    for bad, match in ((["--capacity=compiled-graph"], "use --device=cuda"),
+                       (["--capacity=eager", "--path=masked"], "drop"),
                        (["--capacity=fast"], "choose one of eager, graph, compiled")):
         with pytest.raises(ValueError, match=match):
             evaluate.main([f"--ckpt={ckpt}", f"--text={text}", *bad])
@@ -240,7 +241,8 @@ def test_bench_capacity_times_the_fixed_capacity_prefill(monkeypatch, capsys):
                       "--new_tokens=4", "--repeat=2", "--capacity=eager")
     assert [(r["mode"], r["density"]) for r in rows[:2]] == [("prefill", 1.0), ("decode", 1.0)]
     assert [r["mode"] for r in rows[2:]] == ["prefill", "decode"] and all(0.3 < r["density"] < 0.7 for r in rows[2:])
-    for bad, match in (("--capacity=fast", "choose one of eager, graph, compiled"), ("--capacity=graph", "use --device=cuda"),
+    for bad, match in (("--capacity=fast", "choose one of eager, graph, compiled"),
+                       ("--capacity=graph", "use --device=cuda"),
                        ("--compile=True", "choose one")):
         with pytest.raises(ValueError, match=match):
             bench.main(["--init=tiny-llama", "--random_weights=True", "--capacity=eager", bad]
