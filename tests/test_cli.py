@@ -136,7 +136,8 @@ def outside(valid):
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "sample", "bench", "research.tasks", "research.suite",
                                     "research.studies", "research.vs_hf", "research.step_profile",
-                                    "research.self_text", "research.neuron_sparsity", "research.launch_profile"])
+                                    "research.self_text", "research.neuron_sparsity", "research.launch_profile",
+                                    "research.router_fit"])
 def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_named(script, tmp_path):
     module = importlib.import_module(script)
     numeric = [k for k, v in module.DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -144,7 +145,8 @@ def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_named(script, 
     assert sorted(numeric) == sorted(module.RANGES)
     parse = module.read_config if script == "train" else module.main    # both check before loading anything
     extra = {"train": [f"--out_dir={tmp_path}"], "evaluate": ["--text=x"], "research.suite": ["--text=x"],
-             "research.studies": ["--text=x", "--by_class"], "research.neuron_sparsity": ["--text=x"]}.get(script, [])
+             "research.studies": ["--text=x", "--by_class"], "research.neuron_sparsity": ["--text=x"],
+             "research.router_fit": ["--text=x"]}.get(script, [])
     for key, valid in module.RANGES.items():
         bads = [outside(valid)]
         if not isinstance(module.DEFAULTS[key], int):     # floats: also beyond the top, and infinity
