@@ -36,7 +36,7 @@ import lora
 import router
 from checkpoint import load_sparse
 from configurator import overrides
-from data.prepare import consecutive_windows
+from data.prepare import consecutive_windows, load_sources, spread_windows, tokenizer_key
 from flops import compute_ratio
 
 HEAD_ROWS = 256   # logits made this many tokens at a time: (rows, V) float32, not (B*T, V)
@@ -46,6 +46,16 @@ def windows(tok, text: str, seq_len: int, max_chunks: int = 0) -> torch.Tensor:
     """The text as (N, seq_len [+ 1 with BOS]) token ids, following the convention on top."""
     bos = tok.bos_id if tok.adds_bos else None
     return consecutive_windows(tok.encode(text, special=False), seq_len, bos, max_chunks)
+
+
+def fit_and_text_windows(tok, config) -> tuple:
+    """The two texts of the research probes that fit on one and measure on the other:
+    (config["fit_windows"] windows of the corpus config["data"], spread over its files as
+    train.py's held-out windows are; config["windows"] windows of config["text"])."""
+    bos = tok.bos_id if tok.adds_bos else None
+    sources = load_sources(config["data"], tok, tokenizer_key(load_weights.resolve(config["init"])))
+    return (spread_windows(sources, config["seq_len"], bos, config["fit_windows"]),
+            windows(tok, read_text(config["text"]), config["seq_len"], config["windows"]))
 
 
 class Stopwatch:

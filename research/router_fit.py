@@ -36,8 +36,7 @@ import load_weights
 import router
 from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides, run_main
 from controller import reduced_rank, sublayer_io
-from data.prepare import load_sources, spread_windows, tokenizer_key
-from scoring import read_text, windows
+from scoring import fit_and_text_windows
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # preset name or Hugging Face folder
@@ -119,13 +118,8 @@ def scores(t, pred, loss, skip: float) -> dict:
 
 @torch.no_grad()
 def router_fit(model, tok, config) -> dict:
-    cfg = model.cfg
-    keys = [(layer, kind) for layer in range(cfg.n_layers) for kind in ("attn", "mlp")]
-    bos = tok.bos_id if tok.adds_bos else None
-    folder = load_weights.resolve(config["init"])
-    fit_windows = spread_windows(load_sources(config["data"], tok, tokenizer_key(folder)), config["seq_len"], bos,
-                                 config["fit_windows"])
-    text_windows = windows(tok, read_text(config["text"]), config["seq_len"], config["windows"])
+    keys = [(layer, kind) for layer in range(model.cfg.n_layers) for kind in ("attn", "mlp")]
+    fit_windows, text_windows = fit_and_text_windows(tok, config)
     fit_rows, text_rows = rows(model, fit_windows, keys), rows(model, text_windows, keys)
     out = {"fit": {}, "text": {}}
     for key in keys:

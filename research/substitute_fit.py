@@ -29,8 +29,7 @@ import torch
 import load_weights
 from configurator import AT_LEAST_1, Range, check_ranges, overrides, run_main
 from controller import reduced_rank, sublayer_io
-from data.prepare import load_sources, spread_windows, tokenizer_key
-from scoring import read_text, windows
+from scoring import fit_and_text_windows
 
 DEFAULTS = dict(
     init="checkpoints/smollm2-135m-instruct-f32",  # preset name or Hugging Face folder
@@ -138,13 +137,8 @@ def table(result: dict, fit_name: str, text_name: str) -> str:
 
 @torch.no_grad()
 def substitute_fit(model, tok, config) -> dict:
-    cfg = model.cfg
-    keys = [(layer, kind) for layer in range(cfg.n_layers) for kind in ("attn", "mlp")]
-    bos = tok.bos_id if tok.adds_bos else None
-    folder = load_weights.resolve(config["init"])
-    fit_windows = spread_windows(load_sources(config["data"], tok, tokenizer_key(folder)), config["seq_len"], bos,
-                                 config["fit_windows"]).to(config["device"])
-    text_windows = windows(tok, read_text(config["text"]), config["seq_len"], config["windows"]).to(config["device"])
+    keys = [(layer, kind) for layer in range(model.cfg.n_layers) for kind in ("attn", "mlp")]
+    fit_windows, text_windows = (w.to(config["device"]) for w in fit_and_text_windows(tok, config))
     sums = moments(model, fit_windows, keys)
     predictors = {key: fit(sums[key], config["ranks"], config["ridge"]) for key in keys}
     return dict(fit=r_squared(model, fit_windows, keys, predictors),
