@@ -119,12 +119,18 @@ def fit_routers(model, batches, savings: dict, ridge: float = 1e-2):
             moment[key] = moment.get(key, 0) + xa.T @ target.double()
     with torch.no_grad():
         for layer, kind, r in router.routers(model):
-            A = gram[(layer, kind)]
-            penalty = ridge * A.diagonal()[:-1].mean() * torch.eye(len(A), dtype=A.dtype, device=A.device)
-            penalty[-1, -1] = 0                                           # the intercept is not shrunk
-            w = torch.linalg.solve(A + penalty, moment[(layer, kind)])    # (d + 1,)
+            w = ridge_solve(gram[(layer, kind)], moment[(layer, kind)], ridge)   # (d + 1,)
             r.proj.weight.copy_(held_as(r.proj.weight, w[:-1][None]))
             r.proj.bias.fill_(float(w[-1]) - math.log(savings[kind]))
+
+
+def ridge_solve(gram: torch.Tensor, moment: torch.Tensor, ridge: float) -> torch.Tensor:
+    """w of the ridge regression whose normal equations are gram w = moment, gram (d + 1, d + 1) of
+    inputs whose last column is 1: the intercept, which is not shrunk. The penalty scales with the
+    inputs' mean square, so `ridge` means the same at any width."""
+    penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    penalty[-1, -1] = 0
+    return torch.linalg.solve(gram + penalty, moment)
 
 
 def shift_routers(model, step: float, fixed=()):

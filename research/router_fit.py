@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import load_weights
 import router
 from configurator import AT_LEAST_1, FRACTION, Range, check_ranges, overrides, run_main
-from controller import reduced_rank, sublayer_io
+from controller import reduced_rank, ridge_solve, sublayer_io
 from scoring import fit_and_text_windows
 
 DEFAULTS = dict(
@@ -78,12 +78,9 @@ def substitute(x, y, rank: int, ridge: float):
 
 
 def fit_linear(x, t, ridge: float):
-    """t ~ w.x + b, ridge as controller.fit_routers (the intercept not shrunk)."""
+    """t ~ w.x + b, fitted as controller.fit_routers fits a router (controller.ridge_solve)."""
     xa = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-    A = xa.T @ xa
-    penalty = ridge * A.diagonal()[:-1].mean() * torch.eye(len(A), dtype=A.dtype)
-    penalty[-1, -1] = 0
-    w = torch.linalg.solve(A + penalty, xa.T @ t.double())
+    w = ridge_solve(xa.T @ xa, xa.T @ t.double(), ridge)
     return lambda v: (torch.cat([v, torch.ones(len(v), 1)], 1).double() @ w).float()
 
 
