@@ -121,23 +121,22 @@ class Run:
         """compact.attention at a fixed capacity per sequence (kv="kept": no cache)."""
         B, T, d = x.shape
         C = self.capacity(keep.sum(1).amax(), T)                          # the fullest sequence's count
-        if kv == "all":
-            # Every token asks, with the model's own kernel (on a GPU the fused causal one, several
-            # times faster than a masked one over the kept queries); only kept rows go through wo.
-            y = a.heads(x, cos, sin, pos, cache)                          # (B, T, H*D)
-            if C == T:
-                return h + torch.where(keep[..., None], out(a.wo(y)), 0)
-            t_idx = kept_first(keep, C)                                   # (B, C) positions
-            y = y.gather(1, t_idx[..., None].expand(-1, -1, y.shape[2]))  # (B, C, H*D)
-        else:                                                             # the kept rows are queries and keys
-            t_idx = kept_first(keep, C)
+        # kv="all": every token asks, with the model's own kernel (on a GPU the fused causal one,
+        # several times faster than a masked one over the kept queries); only kept rows go through wo
+        heads = a.heads(x, cos, sin, pos, cache) if kv == "all" else None    # (B, T, H*D)
+        if heads is not None and C == T:
+            return h + torch.where(keep[..., None], out(a.wo(heads)), 0)
+        t_idx = kept_first(keep, C)                                       # (B, C) positions
+        valid = keep.gather(1, t_idx)                                     # (B, C) kept, not padding
+        if heads is not None:
+            y = heads.gather(1, t_idx[..., None].expand(-1, -1, heads.shape[2]))   # (B, C, H*D)
+        else:                                            # kv="kept": the kept rows are queries and keys
             xp = x.gather(1, t_idx[..., None].expand(-1, -1, d))          # (B, C, d)
             cos_p, sin_p, q_pos = cos[0][t_idx], sin[0][t_idx], pos.gather(1, t_idx)   # (B, C, D), (B, C)
-            valid = keep.gather(1, t_idx)
             q, (k, v) = a.project_q(xp, cos_p, sin_p), a.project_kv(xp, cos_p, sin_p)
             mask = a.mask(q_pos, q_pos, valid) | ~valid[:, None, :, None]    # padded query: no all-masked row
             y = a.attend(q, k, v, mask)                                   # (B, C, H*D)
-        y = torch.where(keep.gather(1, t_idx)[..., None], out(a.wo(y)), 0)    # (B, C, d): padding adds 0
+        y = torch.where(valid[..., None], out(a.wo(y)), 0)                # (B, C, d): padding adds 0
         return h.scatter_add(1, t_idx[..., None].expand(-1, -1, d), y.to(h.dtype))
 
     def read(self) -> list:
