@@ -7,7 +7,7 @@
     python bench.py --init=sparse-model/    # a folder export.py wrote: random gates, then its learned ones
     python bench.py --init=checkpoints/smollm2-135m-instruct --dtype=bfloat16 --load_rss   # loading's memory
     python bench.py --init=llama-3.1-8b --random_weights=True --device=cuda --dtype=bfloat16  # a GPU, no download
-    python bench.py --compile=True --densities=1,0.5,0.25 --kv=all    # compiled.py: decoding steps, bucketed rows
+    python bench.py --compile=True --densities=1,0.5,0.25 --kv=all    # compiled.py: decoding steps, compiled rows
 
 Both paths run in the same process on the same weights: the dense path is
 model(idx, routers_off=True), the sparse path is the compacted default, where a skipped
@@ -30,11 +30,9 @@ Our dense model against transformers' on the same folder: `python -m research.vs
 
 --compile=True runs both paths through compiled.py: every decoding step of batch 1 as its
 compiled step, and every prefill with each block's MLP and attention output projection compiled
-on their rows, padded up to a bucket (one graph per bucket, not per kept count). The first rows
+on their rows (the row count a dynamic size: one graph for every kept count). The first rows
 compare the dense model eager (dense_s) against compiled (sparse_s), prefill and decoding. The
-untimed first run of each path compiles what it meets (minutes on a CPU); random gates draw new
-kept counts every run, so a timed prefill can still meet a new bucket and compile it (the
-median of --repeat=3 runs leaves out one such run).
+untimed first run of each path compiles what it meets (minutes on a CPU).
 
 --capacity=eager runs both paths' prefills through capacity.py: each routed sublayer at a
 capacity fixed before the call, from the kept counts of the calls before, so that nothing is
@@ -97,7 +95,7 @@ DEFAULTS = dict(
     device="cpu",                     # cpu | cuda | cuda:1 ...
     random_weights=False,             # --init is a preset: its shapes, random weights, no download
     load_rss=False,                   # measure the peak memory of loading the model instead
-    compile=False,                    # compiled.py: decode batch 1 as its compiled step, prefill with bucketed rows
+    compile=False,                    # compiled.py: decode batch 1 as its compiled step, prefill with compiled rows
     capacity="",                      # capacity.py: prefills at fixed capacities, one of capacity.MODES
     json=False,                       # print the rows as one JSON list on the last line
 )

@@ -53,7 +53,7 @@ What differs from compact.py, and why:
 On a CPU compact.py's exact compaction is faster (no padding rows, blocks of queries): this file
 is for a GPU (RESULTS.md, "On a GPU"). The model code does not know about it: for the length of a
 call, compact.kept_rows, skipped_rows and attention are swapped for the fixed-capacity versions
-here (and back after, even on error), as compiled.py swaps in its bucketed rows.
+here (and back after, even on error), as compiled.py swaps in its compiled rows.
 """
 import math
 from contextlib import contextmanager

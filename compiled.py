@@ -10,31 +10,28 @@ one the router picks runs inside the compiled step, with no return to Python per
     fast = Compiled(model)                               # compiles on first use (minutes on a CPU)
     logits, records = fast(x, cache=cache, last_only=True)   # x (1, 1): the compiled step
     generate(fast, idx, 40)                                  # generate.py and timing.py take it
-    logits, records = fast(idx)                              # a prefill: bucketed rows
+    logits, records = fast(idx)                              # a prefill: compiled rows
 
 A forward of many tokens (a prefill into a cache, or evaluate.py's windows with none) runs
 the model's own forward, the compacted path, with its row-wise sublayers compiled: each block's
 MLP and its attention's output projection `wo` take (..., d) and act on every row alone, so for
-the length of the call they run a compiled function on their rows, padded with zero rows up to
-a bucket (`bucket`: a multiple of ROW_BUCKET). Kept counts change with every call and every
-layer; the compiled code sees one shape per bucket, not one per count, and one function serves
-every layer (the module is an argument: its weights are inputs of the graph, not constants), so
-it compiles once per kind of module (MLP, wo; LoRA adapters on or off) and bucket. A padded row
-changes no real row's result: the sublayers are row-wise. The rest of the call (norms, routers,
-gathers, attention) stays eager. A decoding step of a batch (its B rows would be padded to 64)
-and the training path (masked, or gradients on) run the model itself. The compiled step starts
-from a cache that a prefill filled. Same weights, same gates, the same logits as the eager
-model: tests/test_compiled.py checks it for every family and both kv modes. model.py, router.py
-and compact.py do not know about this file.
+the length of the call they run a compiled function on exactly their rows. Kept counts change
+with every call and every layer, so the row count is a symbolic size of the compiled code (a
+dynamic shape), not a constant: one graph serves every count, and one function serves every
+layer (the module is an argument: its weights are inputs of the graph, not constants), so it
+compiles once per kind of module (MLP, wo; LoRA adapters on or off). The rest of the call
+(norms, routers, gathers, attention) stays eager. A decoding step of a batch and the training
+path (masked, or gradients on) run the model itself. The compiled step starts from a cache that
+a prefill filled. Same weights, same gates, the same logits as the eager model:
+tests/test_compiled.py checks it for every family and both kv modes. model.py, router.py and
+compact.py do not know about this file.
 
-On this CPU compiled dense decoding is 9-14 % faster than eager, but a skip saves less time here
-than in the eager step (efficiency 0.90 against 0.97 at density 0.5), and a compiled prefill
-does not pay: its matmuls are the same BLAS calls, and padding to a bucket adds work (dense 0.97x
-eager; efficiency 0.90 at density 0.5, 0.73 at 0.25). Fixed shapes are for a GPU, where a graph
-needs them; on a CPU the eager path stays the default (RESULTS.md, "A compiled decoding step").
-Where a step's time goes (python -m research.decode_profile): its matmuls shrink as the FLOP
-model says, but each call's guards (~1.5-2 ms) and each gate's cond and kernels run whether the
-gate skips or not.
+On this CPU compiled dense decoding is 9-26 % faster than eager (four runs), but a skip saves
+less time here than in the eager step (efficiency 0.90-0.92 against 0.94-0.96 at density 0.5),
+and a compiled prefill does not pay: its matmuls are the same BLAS calls (RESULTS.md, "A
+compiled decoding step"); on a CPU the eager path stays the default. Where a step's time goes
+(python -m research.decode_profile): its matmuls shrink as the FLOP model says, but each call's
+guards (~1.5-2 ms) and each gate's cond and kernels run whether the gate skips or not.
 
 How the compiled step differs from compact.step, and why:
 - A cond's branches may not write to the cache. So every token projects its K/V and writes them
@@ -51,59 +48,46 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 import router
 from model import attention_mask, rope_cos_sin
 
 
 CACHE_BUCKET = 256
-
-# Rows of a row-wise sublayer are padded up to a multiple of ROW_BUCKET, so that kept counts
-# from 1 to 64 share one compiled graph, 65 to 128 the next, and so on. Past 16 buckets (1024
-# rows) the step doubles with every power of two: padding stays under 1/8 of the rows, and a
-# 4 x 512 batch needs 24 shapes, not 32 (a 32k-row one 56, not 512).
-ROW_BUCKET = 64
-# Graphs the bucketed rows may compile (torch._dynamo's recompile limit): (MLP, wo) x LoRA on or
-# off x the buckets met. Past it, a new shape runs eagerly (the same numbers), with a warning.
-ROW_GRAPHS = 128
-
-
-def bucket(n: int) -> int:
-    """The padded row count of n rows: a multiple of ROW_BUCKET (of a larger step past 1024)."""
-    step = ROW_BUCKET
-    while n > 16 * step:
-        step *= 2
-    return max(1, -(-n // step)) * step
+# Entries torch._dynamo may keep per compiled function (its recompile limit, 8 by default): the
+# step compiles once per cache size and per set of gates (bench.py's forced densities and its
+# dense path each make one), the rows once per kind of module. Past it, a call runs eagerly (the
+# same numbers), with a warning.
+GRAPHS = 64
 
 
 def rowwise(module, rows):
-    """The module's own forward (its class's, not the bucketed one swapped in) on rows (P, k)."""
+    """The module's own forward (its class's, not the compiled one swapped in) on rows (n, k)."""
     return type(module).forward(module, rows)
 
 
 class Compiled:
     """A model whose one-token decoding steps of batch 1 run compiled, and whose prefills run the
-    model with its row-wise sublayers compiled on bucketed rows. Callable like the model, and
-    any attribute (cfg, layers, tok_emb, logits, ...) is the model's: it passes for the model
-    where scoring.py and gates.py read one."""
+    model with its row-wise sublayers compiled. Callable like the model, and any attribute (cfg,
+    layers, tok_emb, logits, ...) is the model's: it passes for the model where scoring.py and
+    gates.py read one."""
 
     def __init__(self, model, backend: str = "inductor"):
         # backend="aot_eager" traces the same graph without generating code: the tests' quick check
         self.model, self.cfg = model, model.cfg
-        # Shapes are fixed (dynamic=False): a new cache size, or a model with other gates (bench.py's
-        # forced densities, its dense path), compiles the step again, a new bucket the rows, and
-        # each is one more entry to keep (ROW_GRAPHS of them: the rows need more than the step)
+        # The step's shapes are fixed (dynamic=False): a new cache size, or a model with other gates,
+        # compiles it again
         dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, ROW_GRAPHS)
+        dynamo.recompile_limit = max(dynamo.recompile_limit, GRAPHS)
         # cpp_wrapper: inductor writes the code around its kernels (the calls, each cond's branch) in
         # C++ too, not Python; a branch then costs ~nothing, and sparse steps run faster than eager
         options = dict(cpp_wrapper=True) if backend == "inductor" else None
         self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
         # One function for every layer's MLP and wo: the module is an argument, so torch._dynamo
-        # guards on its type and flags (a LoRA adapter on or off), not on which layer it is. Not
-        # fullgraph: past the recompile limit, fullgraph would make a new shape an error
-        self.rows = torch.compile(rowwise, dynamic=False, backend=backend)
+        # guards on its type and flags (a LoRA adapter on or off), not on which layer it is; the
+        # row count is marked dynamic at each call (on_rows). Not fullgraph: past the
+        # recompile limit, fullgraph would make a new entry an error
+        self.rows = torch.compile(rowwise, backend=backend)
 
     def __getattr__(self, name):   # only for names this object does not have: the model's
         if name == "model":
@@ -119,35 +103,38 @@ class Compiled:
     def __call__(self, idx, cache=None, routers_off=False, last_only=False, **kw):
         """model(idx, ...): the compiled step for one token of batch 1 with a cache; a step of a
         batch, or the training path (masked, or gradients on), the model itself; anything else
-        (a prefill, a forward with no cache) the model with bucketed rows."""
+        (a prefill, a forward with no cache) the model with compiled rows."""
         if cache is not None and idx.shape == (1, 1) and cache.batch_size == 1 and not kw:
             return self.decode(idx, cache, routers_off)
-        step = cache is not None and idx.shape[1] == 1      # B rows: a bucket would pad them to 64
+        step = cache is not None and idx.shape[1] == 1      # B rows: eager (compiled, not measured)
         eager = step or kw.get("masked") or torch.is_grad_enabled()
-        with nullcontext() if eager else self.bucketed_rows():
+        with nullcontext() if eager else self.compiled_rows():
             return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
 
     @contextmanager
-    def bucketed_rows(self):
-        """Inside the block every block's MLP and attention output projection run on bucketed rows
-        (padded_rows); after it, even on error, their own forward again. The swap is an instance
+    def compiled_rows(self):
+        """Inside the block every block's MLP and attention output projection run compiled
+        (on_rows); after it, even on error, their own forward again. The swap is an instance
         attribute `forward`, which nn.Module.__call__ runs instead of the class's (hooks still fire)."""
         modules = [m for block in self.model.layers for m in (block.mlp, block.attn.wo)]
         try:
             for m in modules:
-                m.forward = partial(self.padded_rows, m)
+                m.forward = partial(self.on_rows, m)
             yield
         finally:
             for m in modules:
                 vars(m).pop("forward", None)
 
-    def padded_rows(self, module, x):
-        """module(x) for a row-wise module, x (..., k) -> (..., m): the compiled function on the
-        rows padded with zero rows up to their bucket, the padding dropped after."""
+    def on_rows(self, module, x):
+        """module(x) for a row-wise module, x (..., k) -> (..., m): the compiled function on x's rows,
+        their count a dynamic size. Fewer than 2 rows run eagerly: torch._dynamo specializes sizes 0
+        and 1 (each would be a graph of its own)."""
         rows = x.reshape(-1, x.shape[-1])                                 # (n, k)
-        n = rows.shape[0]
-        y = self.rows(module, F.pad(rows, (0, 0, 0, bucket(n) - n)))     # (P, m), P = bucket(n)
-        return y[:n].reshape(*x.shape[:-1], y.shape[-1])
+        if rows.shape[0] < 2:
+            return rowwise(module, x)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        y = self.rows(module, rows)                                       # (n, m)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def decode(self, idx, cache, routers_off: bool):
         """The compiled step for the one token idx (1, 1): (logits (1, 1, V), gate records)."""

@@ -35,9 +35,10 @@ perplexity, density and compute ratio, nothing compared with a dense model.
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
 the compacted one; both must give the same numbers.
 --compile=True runs the passes (sparse and dense, or the model alone) through compiled.py: the
-compacted path with each block's MLP and attention output projection compiled on rows padded
-to a bucket. The numbers are the eager ones (within float rounding); the seconds count the
-compiling of every bucket met after the warm-up on the first window (minutes on a CPU). It runs
+compacted path with each block's MLP and attention output projection compiled on their rows
+(one graph for every kept count). The numbers are the eager ones (within float rounding). The
+compiling (minutes on a CPU) happens in the untimed warm-up on the first window when sparse and
+dense passes are compared, and inside the timed first window for a model alone. It runs
 the compacted path only: not with --path=masked or --gates=peek(_lora).
 --capacity=eager runs them through capacity.py instead: every routed sublayer at a capacity fixed
 from the windows before, nothing read back from a GPU until a pass ends (the same numbers);

@@ -10,7 +10,7 @@ this process; transformers runs its default (sdpa) attention. Timed, with timing
 - decode:  greedy generation of hf_new_tokens after hf_prompt_len prompt tokens with a KV cache
            (ours: generate.generate; theirs: model.generate), and whether both chose the same tokens.
 With --compile=True ours is compiled.Compiled (its one-token step one torch.compile graph, its
-prefill's MLPs compiled on bucketed rows); transformers stays eager.
+prefill's MLPs compiled on their rows); transformers stays eager.
 speedup = transformers' seconds / ours. The clock is bench.py's: --clock=wall (time.perf_counter)
 or cpu (process CPU seconds); on a GPU it waits for the device before every reading.
 

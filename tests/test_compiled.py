@@ -4,9 +4,9 @@
 
 The routers are real ones with random weights, so the gates depend on the hidden state and
 both branches of every torch.cond run. Checked: the compiled decoding step against the eager
-step, and a prefill or a batch with bucketed rows (each block's MLP and wo compiled on rows
-padded to a bucket) against the eager compacted path, with one graph per bucket, the model's
-own modules back after every call, and evaluate.py --compile. Most checks trace with
+step, and a prefill or a batch with compiled rows (each block's MLP and wo compiled, the row
+count a dynamic size) against the eager compacted path, with one graph per kind of module for
+every kept count, the model's own modules back after every call, and evaluate.py --compile. Most checks trace with
 backend="aot_eager" (the graph torch.compile captures, without generating code: seconds);
 four run inductor's generated code (C++, minutes in all): one model sparse and dense, decoding
 and a prefill, sample.py --compile and bench.py --compile on tiny models.
@@ -28,7 +28,7 @@ import bench
 import compiled
 import evaluate
 import router
-from compiled import Compiled, bucket
+from compiled import Compiled
 from model import MLP, PRESETS, ModelConfig
 from test_compaction import FAMILIES, tiny_model, tokens
 
@@ -163,7 +163,7 @@ def test_a_step_past_the_cache_or_the_context_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------
-# A prefill or a batch: the row-wise sublayers compiled on bucketed rows
+# A prefill or a batch: the row-wise sublayers compiled on their rows
 # ----------------------------------------------------------------------------------------------
 
 class Graphs:
@@ -185,14 +185,14 @@ class Graphs:
 
 def assert_same_prefill(model, backend):
     """Batch 2 through the model and through its Compiled, with no cache, dense, and with a cache
-    (two prefills): the same logits and gates, and one graph per (kind of module, bucket) of the
-    row counts the calls met."""
+    (two prefills): the same logits and gates, and one graph per kind of module (MLP, wo) for all
+    the row counts the calls met."""
     graphs = Graphs(backend)
     fast, idx = Compiled(model, graphs), tokens(2, 64, seed=3)     # 128 rows
     caches = model.new_cache(2, 64), model.new_cache(2, 64)         # the eager model's, the Compiled's
     calls = [(idx, False, None, None), (idx, True, None, None),     # sparse, dense
              (idx[:, :40], False, *caches), (idx[:, 40:], False, *caches)]      # a prefill, then more
-    buckets = set()
+    counts = set()
     with torch.inference_mode():
         for x, routers_off, want_cache, got_cache in calls:
             want, want_records = model(x, cache=want_cache, routers_off=routers_off)
@@ -201,39 +201,35 @@ def assert_same_prefill(model, backend):
             assert [(r.layer, r.kind) for r in got_records] == [(r.layer, r.kind) for r in want_records]
             assert all(torch.equal(g.keep, w.keep) for g, w in zip(got_records, want_records))
             assert router.GateStats(got_records).mean() == router.GateStats(want_records).mean()
-            rows = ({(r.kind, int(r.keep.sum())) for r in want_records} if not routers_off
-                    else {("attn", x.numel()), ("mlp", x.numel())})           # dense: every row
-            buckets |= {(kind, bucket(n)) for kind, n in rows if n}
+            counts |= ({int(r.keep.sum()) for r in want_records} if not routers_off else {x.numel()})
         records = model(idx)[1]
     assert any(len(set(r.keep.sum(1).tolist())) > 1 for r in records), "the sequences should keep unlike counts"
     assert any(not r.keep.all() for r in records)
-    assert graphs.count == len(buckets) >= 3                        # not one per layer or per kept count
+    assert len(counts) >= 10 and graphs.count == 2                  # not one per layer or per kept count
     for block in model.layers:                                      # the model's own modules again
         assert "forward" not in vars(block.mlp) and "forward" not in vars(block.attn.wo)
 
 
 @pytest.mark.parametrize("kv", router.KV_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_prefill_with_bucketed_rows_gives_the_eager_logits(family, kv):
+def test_a_prefill_with_compiled_rows_gives_the_eager_logits(family, kv):
     assert_same_prefill(routed(family, kv, substitute=4), "aot_eager")
 
 
-def test_buckets_share_one_graph_across_kept_counts_and_layers():
-    """Kept counts 70 and 100 in both layers: one MLP graph of 128 rows; 130 rows: a second one."""
-    assert [bucket(n) for n in (0, 1, 64, 65, 70, 100, 128, 1024, 1025, 2048, 2049)] == \
-        [64, 64, 64, 128, 128, 128, 128, 1024, 1152, 2048, 2304]
-    assert all((bucket(n) - n) / n < 1 / 8 for n in range(1025, 9000, 7))     # padding past 1024 rows
+def test_one_graph_serves_every_row_count_and_layer():
+    """Row counts 70, 100 and 130 in both layers: one MLP graph; wo a second; 0 or 1 rows eagerly."""
     model = tiny_model("llama_gqa")
     graphs = Graphs()
     fast = Compiled(model, graphs)
-    with torch.inference_mode(), fast.bucketed_rows():
-        for n in (70, 100, 130):
+    with torch.inference_mode(), fast.compiled_rows():
+        for n in (70, 100, 130, 1, 0):
             for block in model.layers:
                 x = torch.randn(n, model.cfg.dim)
                 torch.testing.assert_close(block.mlp(x), MLP.forward(block.mlp, x), atol=1e-6, rtol=1e-6)
-            assert graphs.count == (1 if n < 128 else 2)
+            assert graphs.count == 1
+        assert graphs.calls == 3 * len(model.layers)                # 1 and 0 rows: not through the graph
         y = model.layers[0].attn.wo(torch.randn(2, 3, model.cfg.n_heads * model.cfg.head_dim))
-        assert y.shape == (2, 3, model.cfg.dim) and graphs.count == 3       # wo, a Linear: a graph of its own
+        assert y.shape == (2, 3, model.cfg.dim) and graphs.count == 2       # wo, a Linear: a graph of its own
 
 
 def test_the_models_own_modules_are_back_after_a_call_even_one_that_raises():
@@ -246,7 +242,7 @@ def test_the_models_own_modules_are_back_after_a_call_even_one_that_raises():
             assert "forward" not in vars(block.mlp) and "forward" not in vars(block.attn.wo)
 
         def boom(module, args, out):
-            assert "forward" in vars(module)                        # the bucketed rows ran
+            assert "forward" in vars(module)                        # the compiled rows ran
             raise RuntimeError("boom")
 
         hook = model.layers[1].mlp.register_forward_hook(boom)
