@@ -211,7 +211,7 @@ def defer_kv(a, cache, x, cos, sin, pos):
 QUERY_BLOCK = {"cpu": 128}
 
 
-def attend_blocks(a, q, k, v, q_pos, valid=None, block=None):
+def attend_blocks(a, q, k, v, q_pos, valid=None):
     """Queries q (B, H, Tq, D) at positions q_pos (B, Tq) over keys k, v (B, Hkv, S, D) that sit
     at their positions (key s is the token at position s, cached or not) -> (B, Tq, H*D).
 
@@ -219,7 +219,7 @@ def attend_blocks(a, q, k, v, q_pos, valid=None, block=None):
     so the work follows the visible pairs, not the (Tq x S) rectangle of one masked call (a GPU's
     choice, QUERY_BLOCK). Used by kv="all" for the packed kept queries (valid (B, Tq) bool: which
     slots hold a token; None: all), and by model.Attention for a sliding layer (its band)."""
-    block = block or QUERY_BLOCK.get(q.device.type)                  # None: one call, no host sync
+    block = QUERY_BLOCK.get(q.device.type)                           # None: one call, no host sync
     one, block, ys = block is None, block or q.shape[2], []
     for i in range(0, q.shape[2], block):
         qp = q_pos[:, i:i + block]                                    # (B, Tb) (padding: 0)

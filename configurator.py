@@ -61,7 +61,7 @@ def overrides(defaults: dict, argv) -> dict:
     A bool flag takes the next argument only when it reads as a bool (--json false); alone it
     means true. Any other flag takes the next argument unless that is another flag, so a
     forgotten value is an error, not a silent swallow (a value that starts with -- needs the
-    = form: --prompt=--x; a negative number does not: --router_bias -1).
+    = form: --prompt=--x; a negative number does not: --seed -1 reads as -1).
     """
     given, args = {}, list(argv)
     while args:

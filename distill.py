@@ -74,8 +74,8 @@ class DistillLoss(torch.autograd.Function):
 def distill_losses(model, x, ce_weight: float, student=None):
     """Mean KL and CE per token, and the gate records for a (B, T) batch x.
 
-    student: what runs the student pass, model itself or its DDP wrapper (whose forward readies
-    the gradient all-reduce of backward). The teacher pass has no backward: it runs on the bare
+    student: what runs the student pass, model itself or its DDP / FSDP wrapper (whose forward
+    readies the gradient all-reduce of backward). The teacher pass has no backward: it runs on the bare
     model, around the wrapper.
     """
     with torch.no_grad(), lora.disabled(model):
@@ -85,8 +85,8 @@ def distill_losses(model, x, ce_weight: float, student=None):
     targets = x[:, 1:].reshape(-1) if ce_weight > 0 else None
     # CE needs a next token: with ce > 0 both losses cover the positions that have one (all but
     # the last); with ce = 0 the KL covers every position
-    h_s_ce, h_t_ce = (h_s[:, :-1], h_t[:, :-1]) if targets is not None else (h_s, h_t)
-    kl, ce = DistillLoss.apply(h_s_ce.reshape(-1, d), h_t_ce.reshape(-1, d), model.head_weight(),
+    h_s_used, h_t_used = (h_s[:, :-1], h_t[:, :-1]) if targets is not None else (h_s, h_t)
+    kl, ce = DistillLoss.apply(h_s_used.reshape(-1, d), h_t_used.reshape(-1, d), model.head_weight(),
                                targets, model.cfg.final_softcap)
-    n = h_s_ce.shape[0] * h_s_ce.shape[1]
+    n = h_s_used.shape[0] * h_s_used.shape[1]
     return kl / n, ce / n, records

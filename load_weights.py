@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 import router
-from model import PRESETS, Model, ModelConfig, gemma3_layer_types
+from model import PRESETS, Model, ModelConfig, sliding_layer_types
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -233,7 +233,7 @@ def _windows(hf: dict, family: HFFamily, n_layers: int):
         layer_types = tuple("sliding" if i % 2 == 0 else "full" for i in range(n_layers))
     elif sliding == "pattern":
         pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
-        layer_types = tuple(gemma3_layer_types(n_layers, pattern))
+        layer_types = tuple(sliding_layer_types(n_layers, pattern))
     elif sliding == "all" and window is not None:
         layer_types = ("sliding",) * n_layers
     else:

@@ -84,7 +84,7 @@ class ModelConfig:
         return asdict(self)
 
 
-def gemma3_layer_types(n_layers, pattern):   # every pattern-th layer is global, the rest slide (Gemma 2: 2)
+def sliding_layer_types(n_layers, pattern):   # every pattern-th layer is global, the rest slide (Gemma 2: 2)
     return ["sliding" if (i + 1) % pattern else "full" for i in range(n_layers)]
 
 
@@ -106,13 +106,13 @@ PRESETS = {
     "gemma-7b": dict(_GEMMA, hf_repo="google/gemma-7b", vocab_size=256000, dim=3072, n_layers=28, n_heads=16,
                      n_kv_heads=16, head_dim=256, ffn_dim=24576, max_seq_len=8192),
     "gemma-2-2b": dict(_GEMMA2, hf_repo="google/gemma-2-2b", dim=2304, n_layers=26, n_heads=8, n_kv_heads=4,
-                       head_dim=256, ffn_dim=9216, layer_types=tuple(gemma3_layer_types(26, 2))),
+                       head_dim=256, ffn_dim=9216, layer_types=tuple(sliding_layer_types(26, 2))),
     "gemma-2-9b": dict(_GEMMA2, hf_repo="google/gemma-2-9b", dim=3584, n_layers=42, n_heads=16, n_kv_heads=8,
-                       head_dim=256, ffn_dim=14336, layer_types=tuple(gemma3_layer_types(42, 2))),
+                       head_dim=256, ffn_dim=14336, layer_types=tuple(sliding_layer_types(42, 2))),
     "gemma-3-270m": dict(_GEMMA3, hf_repo="google/gemma-3-270m", dim=640, n_layers=18, n_heads=4,
-                         n_kv_heads=1, head_dim=256, ffn_dim=2048, layer_types=tuple(gemma3_layer_types(18, 6))),
+                         n_kv_heads=1, head_dim=256, ffn_dim=2048, layer_types=tuple(sliding_layer_types(18, 6))),
     "gemma-3-1b": dict(_GEMMA3, hf_repo="google/gemma-3-1b-pt", dim=1152, n_layers=26, n_heads=4,
-                       n_kv_heads=1, head_dim=256, ffn_dim=6912, layer_types=tuple(gemma3_layer_types(26, 6))),
+                       n_kv_heads=1, head_dim=256, ffn_dim=6912, layer_types=tuple(sliding_layer_types(26, 6))),
     "llama-2-7b": dict(hf_repo="meta-llama/Llama-2-7b-hf", vocab_size=32000, dim=4096, n_layers=32, n_heads=32,
                        n_kv_heads=32, head_dim=128, ffn_dim=11008, max_seq_len=4096, tie_embeddings=False,
                        bos_id=1, eos_ids=(2,)),
@@ -252,7 +252,7 @@ class Attention(nn.Module):
 
     def heads(self, x, cos, sin, pos, cache=None, key_ok=None):
         """x (B, T, d) -> (B, T, H*D) before wo: each token attends to itself and the keys before it. cos, sin
-        (1, T, D); pos (B, T); cache: the layer's LayerCache (new K/V join first); key_ok (B, T, T): keys hidden."""
+        (1, T, D); pos (B, T); cache: the layer's LayerCache (new K/V join first); key_ok (B, T, T): visible keys."""
         q = self.project_q(x, cos, sin)                                   # (B, H, T, D)
         if cache is not None:
             compact.write_kv(self, cache, x, cos, sin, pos)
@@ -261,7 +261,7 @@ class Attention(nn.Module):
         if key_ok is None and self.window is None and self.softcap is None:
             return self.attend(q, k, v, None, causal=True)               # the fused causal kernel
         if key_ok is None and self.window is not None and x.shape[1] > self.window:
-            return compact.attend_blocks(self, q, k, v, pos)             # a sliding layer: only its band, in blocks
+            return compact.attend_blocks(self, q, k, v, pos)             # a sliding layer: its band (CPU: in blocks)
         mask = self.mask(pos, pos)                                        # (B, 1, T, T)
         return self.attend(q, k, v, mask if key_ok is None else mask & key_ok[:, None])
 

@@ -21,7 +21,7 @@ statistics and the FLOP model; sigmoid'(SINK_LOGIT) ~ 0 gives their router no gr
     add_routers(model, route, kv)       # attach open routers to a loaded model (in place)
     add_routers(model, substitute=32)   # ... and what a skip adds instead of 0: a rank-32 map of x
     decide(r, x, layer, kind)           # where a sublayer's input becomes its gates
-    parameters(model)                   # what train.py trains of the routers
+    parameters(model)                   # every router and substitute parameter
     l1_loss(records), GateStats(records).density()   # the sparsity loss and the statistics
 
 This file knows only the learned router. The training-free baselines (random gates, the peek

@@ -40,7 +40,7 @@ DEFAULTS = dict(
     seed=1337,
     dtype="float32",                # float32 | bfloat16 | float16
     device="cpu",                   # cpu | cuda | cuda:1 | mps
-    no_color=False,                 # --ckpt: plain text, each token followed by its share of compute
+    no_color=False,                 # a sparse model: plain text, each token followed by its share of compute
     compile=False,                  # decode through compiled.py's compiled step (compiling takes minutes on a CPU)
 )
 RANGES = dict(num_samples=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=AT_LEAST_0, top_k=AT_LEAST_0,
@@ -48,7 +48,7 @@ RANGES = dict(num_samples=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=AT_
 
 
 # ----------------------------------------------------------------------------------------------
-# Where the compute went (--ckpt)
+# Where the compute went (a sparse model)
 # ----------------------------------------------------------------------------------------------
 
 def step_share(records) -> float:

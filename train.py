@@ -13,8 +13,8 @@ What one step does (the loss is distill.py's):
             so each router gets its straight-through gradient);
   loss    = KL(teacher || student) (+ ce * next-token cross-entropy, + l1 * FLOP-weighted L1).
 How much is skipped is not left to a loss weight (controller.py): the routers start fitted to
-the training-free "peek" rule (keep a token where the sublayer moves its residual stream most
-per FLOP), and after every step a controller shifts all router biases by one common amount, so
+the training-free "peek" rule (keep a token where a skip would lose most per FLOP,
+|f(x) - s(x)| / |h|), and after every step a controller shifts all router biases by one common amount, so
 the FLOP-weighted density stays at --target_density while the KL decides which tokens and
 which sublayers keep their compute. Several targets (--target_density=0.95,0.9,0.85) split the
 run into stages, each sliding from the previous one over its first --anneal fraction; every
@@ -81,7 +81,7 @@ DEFAULTS = dict(
     fit_windows=8,                 # training windows the routers are fitted on before training
     substitute=8,                  # what a skip adds: r = a fitted rank-r map of x, 0 = its mean, none = 0 (paper)
     # sparsity
-    target_density=(0.87,),        # FLOP-weighted fraction of routed work to keep (one per stage)
+    target_density=(0.87,),        # fraction of routed work to keep, FLOP-weighted (one per stage)
     anneal=0.1,                    # fraction of each later stage over which its target slides down
     density_gain=0.5,              # controller: share of the batch's balancing bias shift applied per step
     flop_weighted=True,            # density weighted by the FLOPs each skip saves
@@ -212,9 +212,9 @@ def make_optimizer(model, config):
     """AdamW with three learning rates: LoRA (and skip substitutes), router biases, router weights.
 
     Adam moves every coordinate by about lr per step, so a router weight step shifts the logit
-    z = w.x by up to lr * sum|x_i|, d times more than a bias step. Dividing the weights' rate by
-    sqrt(d) keeps a step's effect on z near the bias's: gates move early (the bias) without
-    flipping wholesale from one step to the next (the weights).
+    z = w.x by up to lr * sum|x_i| (d times a bias step), typically ~sqrt(d) times, as the signs of x
+    vary. Dividing the weights' rate by sqrt(d) keeps a step's effect on z near the bias's: gates
+    move early (the bias) without flipping wholesale from one step to the next (the weights).
 
     A substitute s(x) = b + (x A) B trains b and A (build): a step on B, the fit's unit directions, moves s(x) by a
     share of x A, the output itself (on Gemma 3, whose first sublayers add ~4x the stream, the KL climbed).
