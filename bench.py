@@ -206,11 +206,11 @@ def bench_all(model, base, config, ids, clock) -> list:
     (--ckpt, or a folder export.py wrote)."""
     device = config["device"]
     exported = bool(router.routers(model))          # a folder export.py wrote: it has learned gates
-    def decoder(m):   # the model, its compiled step, or its fixed-capacity prefills
+    def runner(m):    # the model, its compiled step, or its fixed-capacity prefills
         if config["capacity"]:
             return Capacity.for_mode(m, config["capacity"])
         return Compiled(m) if config["compile"] else m
-    run = decoder(model)
+    run = runner(model)
     print(HEADER)
     rows = compiled_rows(model, run, config, ids, clock) if config["compile"] else []
     for kv in config["kv"]:
@@ -222,11 +222,11 @@ def bench_all(model, base, config, ids, clock) -> list:
         model, tok, meta = load_sparse(config["ckpt"], config["dtype"], device, base=base)
         lora.merge(model)                        # W += scale * B A: adapters cost nothing
         print(f"learned gates of {config['ckpt']} (LoRA merged into the weights)")
-        rows += bench_gates(decoder(model), config, "learned", ids, clock)
+        rows += bench_gates(runner(model), config, "learned", ids, clock)
     elif exported:                               # the random gates replaced its routers: reload
         model, tok = load_weights.load(base, config["dtype"], device)
         print(f"learned gates of {base} (exported, LoRA merged)")
-        rows += bench_gates(decoder(model), config, "learned", ids, clock)
+        rows += bench_gates(runner(model), config, "learned", ids, clock)
     return rows
 
 

@@ -41,7 +41,7 @@ What differs from compact.py, and why:
 - kv="all": every token makes its query and attends with the model's own kernel
   (model.Attention.heads; on a GPU the fused causal one), and only the kept rows go through the
   output projection. The FLOP model counts the queries and scores of kept tokens only, but on an
-  H200 the masked kernel over the gathered queries took 4.5x the fused one over all of them.
+  H200 the masked kernel over the gathered queries took 4x the fused one over all of them.
 - A skip substitute (router.Substitute) runs on every row and is added where the gate is off:
   gathering the skipped rows would need a second capacity for 4*d*r FLOPs a row.
 - Random gates (bench.py's, evaluate.py --gates=random) draw anew when a call runs again in
@@ -65,6 +65,7 @@ import lora
 import router
 
 ROWS = 64        # capacities are multiples of ROWS rows (or all of them)
+RECOMPILE_LIMIT = 64   # compiled: kinds of call x sets of capacities torch._dynamo may keep
 MARGIN = 4.0     # a capacity's margin over a kept count, in sqrt(count)
 
 
@@ -187,7 +188,7 @@ class Capacity:
         self.compiled = torch.compile(self.at_capacities, dynamic=False, backend=backend) if compiled else None
         if compiled:
             dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
 
     @classmethod
     def for_mode(cls, model, mode: str):
@@ -205,7 +206,8 @@ class Capacity:
         step = cache is not None and T == 1 and cache.batch_size == 1
         kept_cache = cache is not None and self.cfg.kv == "kept"
         flags = dict(routers_off=routers_off, last_only=last_only, return_hidden=return_hidden)
-        plain = not (self.graph or self.compiled)         # a dense call with nothing to fuse or capture
+        plain = not (self.graph or self.compiled)         # eager: nothing to fuse or capture
+        # the model itself: training, a batch-1 step, a kv="kept" cache, or a dense call in eager mode
         if masked or kw or torch.is_grad_enabled() or step or kept_cache or (routers_off and plain):
             return self.model(idx, cache=cache, masked=masked, **flags, **kw)
         # a kind of call: its shape, its flags, which routers and substitutes decide (bench.py swaps them)

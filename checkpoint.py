@@ -35,7 +35,7 @@ CKPT_POINTER = "LATEST"                 # one line: the name of the current chec
 CKPT_PREFIX = "ckpt-"                   # checkpoint folders: ckpt-<iteration>-<random>/
 
 # An out_dir (and each out_dir/stage<k>/) holds its checkpoint as a set: the three files above in
-# a folder ckpt-000050-k3j9a1/, and LATEST naming that folder. A save writes a new folder, flushes
+# a folder ckpt-000050-3f9a1c/, and LATEST naming that folder. A save writes a new folder, flushes
 # it to disk, and only then replaces LATEST, in one atomic rename; older folders are removed after.
 # So a kill -9 at any instant, or a full disk, leaves LATEST naming either the old complete set or
 # the new complete one. Every part records its iteration, and a load refuses parts that disagree.

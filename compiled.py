@@ -56,14 +56,14 @@ from model import attention_mask, rope_cos_sin
 CACHE_BUCKET = 256
 # Entries torch._dynamo may keep per compiled function (its recompile limit, 8 by default): the
 # step compiles once per cache size and per set of gates (bench.py's forced densities and its
-# dense path each make one), the rows once per kind of module. Past it, a call runs eagerly (the
-# same numbers), with a warning.
-GRAPHS = 64
+# dense path each make one), the rows once per kind of module. Past it, the rows run eagerly (the
+# same numbers, with a warning) and the step (fullgraph) raises.
+RECOMPILE_LIMIT = 64
 
 
-def rowwise(module, rows):
-    """The module's own forward (its class's, not the compiled one swapped in) on rows (n, k)."""
-    return type(module).forward(module, rows)
+def rowwise(module, x):
+    """The module's own forward (its class's, not the compiled one swapped in) on x (..., k)."""
+    return type(module).forward(module, x)
 
 
 class Compiled:
@@ -78,7 +78,7 @@ class Compiled:
         # The step's shapes are fixed (dynamic=False): a new cache size, or a model with other gates,
         # compiles it again
         dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, GRAPHS)
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         # cpp_wrapper: inductor writes the code around its kernels (the calls, each cond's branch) in
         # C++ too, not Python; a branch then costs ~nothing, and sparse steps run faster than eager
         options = dict(cpp_wrapper=True) if backend == "inductor" else None
@@ -108,11 +108,11 @@ class Compiled:
             return self.decode(idx, cache, routers_off)
         step = cache is not None and idx.shape[1] == 1      # B rows: eager (compiled, not measured)
         eager = step or kw.get("masked") or torch.is_grad_enabled()
-        with nullcontext() if eager else self.compiled_rows():
+        with nullcontext() if eager else self.compiled_sublayers():
             return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
 
     @contextmanager
-    def compiled_rows(self):
+    def compiled_sublayers(self):
         """Inside the block every block's MLP and attention output projection run compiled
         (on_rows); after it, even on error, their own forward again. The swap is an instance
         attribute `forward`, which nn.Module.__call__ runs instead of the class's (hooks still fire)."""

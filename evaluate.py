@@ -25,7 +25,7 @@ pass. --gates picks what decides the skips (gates.py forces the baselines onto t
   peek     the training-free reference: the base weights (LoRA off, routers ignored), and a
            token computes a sublayer iff |f(x) - s(x)| / |h| (s: the checkpoint's skip
            substitute, or 0) per FLOP a skip there saves is above one global threshold, chosen so that the compute ratio on this text is
-           --target_compute (+-0.005). It computes f(x) to decide, so it saves nothing: it
+           --target_compute (+-0.004). It computes f(x) to decide, so it saves nothing: it
            shows how good per-token decisions can be before any training. Without --ckpt it
            attaches routers to every sublayer of the --init model.
   peek_lora  the peek rule on the trained model (LoRA on, --ckpt): how far the learned routers'
@@ -90,6 +90,10 @@ def check(config):
         raise ValueError("nothing to score: pass --text=FILE (benchmarks: python -m research.tasks --tasks=DIR)")
     check_ranges(config, RANGES)
     check_gates(config)
+    if not config["ckpt"] and (config["gates"] in ("random", "open") or config["path"] == "masked"):
+        what = "--path=masked" if config["path"] == "masked" else f"--gates={config['gates']}"
+        raise ValueError(f"{what} compares a checkpoint with its dense base: pass --ckpt=DIR (without it, "
+                         "the --init model is scored as it is)")
     if config["compile"] and config["path"] == "masked":
         raise ValueError("--compile compiles the compacted path, not the masked (training) one: drop --path=masked")
     check_mode(config["capacity"], config["device"])

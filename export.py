@@ -4,15 +4,15 @@
     python sample.py --init=sparse-model/ --prompt="The for statement"     # the sparse model
     python evaluate.py --init=sparse-model/ --text=data/heldout/python_docs.txt
 
-A checkpoint of train.py holds only routers and LoRA, and works next to the exact base folder
+A checkpoint of train.py holds only routers, skip substitutes and LoRA, and works next to the exact base folder
 it was trained from. The exported folder stands alone, in the layout of a Hugging Face model:
 
     model.safetensors          every tensor of the base, in its HF name and dtype, the LoRA
                                update merged in (W + scale * B A); past --shard_size split into
                                model-00001-of-0000N.safetensors + model.safetensors.index.json
-    routers.safetensors        the routers (float32), under their names in model.py
+    routers.safetensors        the routers and substitutes (float32), under their names in model.py
     config.json                the base's, untouched, plus a "nanoskip" section: route, kv,
-                               sinks, router file, and the compute ratio and quality measured here
+                               sinks, substitute, router file, and the compute ratio and quality measured here
     tokenizer.json, ...        the base's tokenizer files, copied
     README.md                  a model card with those numbers
 
@@ -94,6 +94,9 @@ def weight_entries(model, base: Path, dtype: str) -> list:
     entries = []
     for key, (_, handle) in where.items():
         stored = handle.get_slice(key)
+        if stored.get_dtype() not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{key} in {base} is stored as {stored.get_dtype()}, which export does not copy: "
+                             f"it copies {', '.join(SAFETENSORS_DTYPES)}")
         disk = SAFETENSORS_DTYPES[stored.get_dtype()]
         out = disk if dtype == "auto" or not disk.is_floating_point else load_weights.DTYPES[dtype]
 
@@ -224,7 +227,8 @@ def export(config) -> dict:
     base = load_weights.resolve(meta["base"])
     if json.loads((base / "config.json").read_text()).get("model_type") == "gemma3":
         raise ValueError(f"{base} is a multimodal Gemma 3, and export writes text-only models: its "
-                         "config.json and vision weights would not fit the exported folder")
+                         "config.json and vision weights would not fit the exported folder; use the checkpoint itself "
+                         "(sample.py / evaluate.py --ckpt=DIR)")
     model, tok, meta = load_sparse(config["ckpt"], "float32")   # merge in float32
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)

@@ -8,7 +8,7 @@ Decoding prefills the prompt into a KV cache sized for the whole generation, the
 token at a time and asks for the logits of the last position only. It stops after
 max_new_tokens, or once every sequence has produced an end-of-sequence token. A model with
 routers decodes through the compacted path (model.py), where a skipped sublayer is not run.
-sample.py, bench.py, timing.py and research/ share these.
+sample.py, timing.py and research/ share these.
 """
 import time
 

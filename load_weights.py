@@ -469,7 +469,7 @@ def load(name_or_dir: str, dtype="float32", device="cpu"):
 # An exported sparse model (export.py): a Hugging Face folder plus routers
 # ----------------------------------------------------------------------------------------------
 
-SPARSE_SECTION = "nanoskip"   # config.json key export.py adds: route, kv, router_file, measured numbers
+SPARSE_SECTION = "nanoskip"   # config.json key export.py adds: route, kv, substitute, router_file, numbers
 
 
 def attach_routers(model, folder: Path, sparse: dict):

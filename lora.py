@@ -29,7 +29,7 @@ class LoRALinear(nn.Module):
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.base = base
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.scale = alpha / rank
         device = base.weight.device
         self.A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
@@ -79,7 +79,8 @@ def adapters(model):
 
 @contextmanager
 def disabled(model):
-    """Run the base model: every adapter off inside the block, restored after."""
+    """Run the base model: every adapter off inside the block, restored after (not after
+    merge(): the update is then in the weights)."""
     mods = adapters(model)
     before = [m.enabled for m in mods]
     for m in mods:

@@ -403,6 +403,9 @@ def test_gates_peek_lora_runs_the_peek_rule_with_the_trained_adapters(ckpts, tex
     assert out[trained, "peek"]["perplexity"] == out[zero, "peek"]["perplexity"]         # peek: the base weights
     with pytest.raises(ValueError, match="peek_lora .* pass --ckpt"):
         evaluate.main([f"--text={text_file}", "--gates=peek_lora"])
+    for flag in ("--gates=random", "--gates=open", "--path=masked"):     # without --ckpt: nothing to compare
+        with pytest.raises(ValueError, match=f"{flag} compares a checkpoint .* pass --ckpt"):
+            evaluate.main([f"--text={text_file}", flag])
 
 
 def test_frontier_draws_one_line_per_method(tmp_path):
