@@ -1,8 +1,11 @@
-"""research/plots.py — the SVG pictures: density per layer, the quality/compute frontier, the heatmap of what skips.
+"""research/plots.py — the SVG pictures: density per layer, the quality/compute frontier, speed against density,
+the heatmap of what skips.
 
     python evaluate.py --ckpt=out --text=val.txt --json > r.json
     python -m research.plots --density=r.json --plot=density.svg           # density per layer of one result
     python -m research.plots --frontier='results/*.json' --plot=frontier.svg   # many results, one picture
+    python bench.py --densities=1,0.5,0.25 --json > b.json
+    python -m research.plots --speed='CPU=b.json,GPU=g.json' --plot=speed.svg   # bench.py's speedups
 
 Each picture is a small hand-written SVG, no plotting library:
 - --density: attention and MLP density per layer, as two bar series, of one result of
@@ -10,9 +13,14 @@ Each picture is a small hand-written SVG, no plotting library:
 - --frontier: perplexity / dense perplexity against the compute ratio, one line per method
   (scoring.method: the gates, or how a checkpoint was trained), of many such results
   (comma-separated, globs allowed);
+- --speed: the speedup over the dense path against the density, of bench.py --json results
+  (comma-separated LABEL=FILE or FILE, the label defaults to the file's name; FILE@prefill or
+  FILE@decode for one mode): for each file a solid line for its prefills, a dotted one for its
+  decoding, and a thin dashed one for the FLOP model's ideal speedup (of its prefills), from
+  its forced (random) gates' rows;
 - heatmap_svg: density per token group and layer, which `python -m research.studies --plot=x.svg` draws.
-A result file is what evaluate.py printed: the JSON object is its last line (the lines above it,
-the human-readable report, are skipped).
+A result file is what evaluate.py or bench.py printed: the JSON is its last line (the lines above
+it, the human-readable report, are skipped).
 
 Every option below is --key=value or --key value (python -m research.plots --help lists them).
 """
@@ -28,12 +36,15 @@ DEFAULTS = dict(
     density="",                     # an evaluate.py --ckpt --json result file: draw its density per layer
     frontier="",                    # evaluate.py --json result files (comma-separated, globs allowed):
                                     # draw perplexity vs compute ratio per method
+    speed="",                       # bench.py --json result files, LABEL=FILE (comma-separated):
+                                    # draw the speedup vs density, prefill and decoding
     plot="",                        # the .svg file to write
 )
 
 
-def read_result(path) -> dict:
-    """The JSON object on the last line of an evaluate.py --json output file."""
+def read_result(path):
+    """The JSON on the last line of an evaluate.py --json (an object) or bench.py --json (a list of
+    rows) output file."""
     try:
         with open(path) as f:
             return json.loads(f.read().strip().splitlines()[-1])
@@ -123,6 +134,56 @@ def frontier_svg(rows, title: str) -> str:
     return "\n".join(svg)
 
 
+def speed_svg(series, title: str) -> str:
+    """Speedup over the dense path against density. series: [(label, bench.py rows, modes)]; per
+    label a colour: prefill solid, decoding dotted, the prefills' ideal speedup thin and dashed
+    (drawn once where two series share it)."""
+    W, H, left, right, top, bottom = 700, 360, 60, 250, 40, 48
+    lines, ideals = [], set()                            # (label, what, style, width, [(density, speedup)])
+    for label, rows, modes in series:
+        forced = [r for r in rows if r.get("gates") == "random"]
+        for mode, style in (("prefill", ""), ("decode", ' stroke-dasharray="2 3"')):
+            pts = sorted((r["density"], r["speedup"]) for r in forced if r["mode"] == mode)
+            if pts and mode in modes:
+                lines.append((label, mode, style, 2, pts))
+        ideal = sorted((r["density"], r["ideal_speedup"]) for r in forced if r["mode"] == "prefill")
+        key = tuple(round(y, 1) for _, y in ideal)                             # one model's shapes: one ideal
+        if ideal and key not in ideals:
+            ideals.add(key)
+            lines.append((label, "ideal", ' stroke-dasharray="6 4"', 1, ideal))
+    ys = [y for *_, pts in lines for _, y in pts] + [1.0]
+    x0, x1, y0, y1 = 0.0, 1.0, 0.0, max(ys) * 1.08
+    px = lambda x: left + (W - left - right) * (x - x0) / (x1 - x0)          # noqa: E731
+    py = lambda y: top + (H - top - bottom) * (1 - (y - y0) / (y1 - y0))    # noqa: E731
+    palette = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2", "#000"]
+    colors = {label: palette[i % len(palette)] for i, (label, *_) in enumerate(series)}
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="11">', f'<text x="{(W - right) / 2}" y="18" text-anchor="middle" font-size="13">'
+           f'{escape(title)}</text>']
+    for i in range(6):                                                        # grid and tick labels
+        x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        svg.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>')
+        svg.append(f'<text x="{px(x):.1f}" y="{H - bottom + 14}" text-anchor="middle">{x:.1f}</text>')
+        svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
+        svg.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.1f}</text>')
+    svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(1):.1f}" y2="{py(1):.1f}" stroke="#888"/>')   # dense
+    for j, (label, what, style, width, pts) in enumerate(lines):
+        color = colors[label]
+        line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="{width}"{style}/>')
+        if what != "ideal":
+            svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
+        svg.append(f'<line x1="{W - right + 12}" x2="{W - right + 34}" y1="{top + 16 * j + 5}" '
+                   f'y2="{top + 16 * j + 5}" stroke="{color}" stroke-width="{width}"{style}/>')
+        svg.append(f'<text x="{W - right + 40}" y="{top + 16 * j + 9}">{escape(f"{label}, {what}")}</text>')
+    svg.append(f'<text x="{left + (W - left - right) / 2}" y="{H - 10}" text-anchor="middle">'
+               f'density (share of tokens each sublayer computes)</text>')
+    svg.append(f'<text transform="translate(14 {top + (H - top - bottom) / 2}) rotate(-90)" '
+               f'text-anchor="middle">speedup over dense (same code)</text>')
+    svg.append("</svg>")
+    return "\n".join(svg)
+
+
 def shade(d: float, lo: float) -> str:
     """A colour for density d on a scale from lo (dark red: skips most) to 1 (near white)."""
     t = max(0.0, min(1.0, (d - lo) / (1 - lo))) if lo < 1 else 1.0
@@ -208,13 +269,35 @@ def draw_frontier(pattern: str, plot: str):
     print(f"wrote {plot} from {len(rows)} results")
 
 
+def draw_speed(spec: str, plot: str):
+    """--speed: bench.py --json results (LABEL=FILE or FILE, comma-separated; FILE@prefill or
+    FILE@decode draws that mode only), speedup vs density."""
+    if not plot:
+        raise ValueError(f"--speed={spec} needs a --plot=FILE.svg to draw into")
+    series = []
+    for entry in filter(None, spec.split(",")):
+        label, _, path = entry.rpartition("=")
+        path, _, mode = path.partition("@")
+        if mode not in ("", "prefill", "decode"):
+            raise ValueError(f"--speed: {entry} asks for mode {mode!r}: write FILE, FILE@prefill or FILE@decode")
+        rows = read_result(path)
+        if not isinstance(rows, list) or not any(r.get("gates") == "random" for r in rows):
+            raise ValueError(f"{path} holds no rows of forced densities: pass the output of "
+                             "python bench.py --densities=1,0.5,0.25 --json")
+        label = label or path.rsplit("/", 1)[-1].removesuffix(".json")
+        series.append((label, rows, (mode,) if mode else ("prefill", "decode")))
+    write_plot(plot, speed_svg(series, "speed against density: skipped work as time"))
+
+
 def main(argv):
     config = dict(DEFAULTS, **overrides(DEFAULTS, argv))
-    if bool(config["density"]) == bool(config["frontier"]):
-        raise ValueError("draw one picture: pass --density=RESULT.json or --frontier='a.json,b*.json', "
-                         "with --plot=FILE.svg")
+    if sum(map(bool, (config["density"], config["frontier"], config["speed"]))) != 1:
+        raise ValueError("draw one picture: pass --density=RESULT.json, --frontier='a.json,b*.json' or "
+                         "--speed='LABEL=bench.json,...', with --plot=FILE.svg")
     if config["frontier"]:
         return draw_frontier(config["frontier"], config["plot"])
+    if config["speed"]:
+        return draw_speed(config["speed"], config["plot"])
     draw_density(config["density"], config["plot"])
 
 

@@ -422,6 +422,31 @@ def test_frontier_draws_one_line_per_method(tmp_path):
         plots.main([f"--frontier={tmp_path}/none*.json", f"--plot={tmp_path / 'g.svg'}"])
 
 
+def test_speed_draws_prefill_decoding_and_one_ideal_per_model(tmp_path):
+    def rows(speedups):       # bench.py --json rows: forced densities 1 and 0.5, prefill and decoding
+        forced = [dict(mode=m, gates="random", density=d, speedup=speedups[m, d], ideal_speedup={1.0: 1.0, 0.5: 1.6}[d])
+                  for m in ("prefill", "decode") for d in (1.0, 0.5)]
+        return forced + [dict(mode="prefill", gates="compiled", density=1.0, speedup=9.0, ideal_speedup=1.0)]
+    cpu = {("prefill", 1.0): 0.98, ("prefill", 0.5): 1.5, ("decode", 1.0): 0.97, ("decode", 0.5): 1.45}
+    gpu = {("prefill", 1.0): 0.9, ("prefill", 0.5): 0.5, ("decode", 1.0): 0.8, ("decode", 0.5): 1.2}
+    (tmp_path / "cpu.json").write_text("a table\n" + json.dumps(rows(cpu)) + "\n")
+    (tmp_path / "gpu.json").write_text(json.dumps(rows(gpu)) + "\n")
+    svg_path = tmp_path / "s.svg"
+    plots.main([f"--speed=CPU={tmp_path}/cpu.json,{tmp_path}/gpu.json@prefill", f"--plot={svg_path}"])
+    svg = svg_path.read_text()
+    # CPU: prefill, decoding, the ideal; gpu: its prefill only, and the same ideal is not drawn again
+    assert svg.count("<polyline") == 4 and svg.count("<circle") == 6          # the compiled row left out
+    assert all(f">{name}</text>" in svg for name in ("CPU, prefill", "CPU, decode", "CPU, ideal", "gpu, prefill"))
+    assert "gpu, decode" not in svg and "gpu, ideal" not in svg
+    with pytest.raises(ValueError, match="FILE@prefill or FILE@decode"):
+        plots.main([f"--speed={tmp_path}/cpu.json@both", f"--plot={svg_path}"])
+    (tmp_path / "eval.json").write_text(json.dumps(dict(model="m", perplexity=10.0)) + "\n")   # evaluate.py's
+    with pytest.raises(ValueError, match="no rows of forced densities"):
+        plots.main([f"--speed={tmp_path}/eval.json", f"--plot={svg_path}"])
+    with pytest.raises(ValueError, match="draw one picture"):
+        plots.main([f"--speed={tmp_path}/cpu.json", f"--frontier={tmp_path}/eval.json", f"--plot={svg_path}"])
+
+
 def test_a_result_names_the_method_that_made_its_skips():
     assert scoring.method(dict(route="sublayer", kv="all"), "learned") == "routed (ours)"
     assert scoring.method(dict(route="block", kv="kept"), "learned") == "routed, route=block, kv=kept"
@@ -492,7 +517,7 @@ def test_plots_density_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read a result from .*missing.json"):
         plots.main([f"--density={tmp_path / 'missing.json'}", f"--plot={tmp_path / 'd.svg'}"])
     for argv in ([], [f"--density={dense}", f"--frontier={dense}", f"--plot={tmp_path / 'd.svg'}"]):
-        with pytest.raises(ValueError, match="draw one picture: pass --density=RESULT.json or --frontier="):
+        with pytest.raises(ValueError, match="draw one picture: pass --density=RESULT.json, --frontier=.* or --speed="):
             plots.main(argv)
     assert not (tmp_path / "d.svg").exists()
     rc, out, err = run_cli("-m", "research.plots", "--plot=x.svg")        # one line, no traceback
