@@ -41,9 +41,31 @@ def test_every_kernel_gives_the_reference_output(presets, preset, capsys):
         assert r["ms"] > 0
         if name == "dense":
             assert r["x_dense"] == 1.0 and r["efficiency"] is None and r["max_diff"] is None
-        else:
+        elif name != "sdpa_gqa":                  # the reference itself: checked on its own below
             assert r["max_diff"] < 1e-5, name
             assert r["efficiency"] == pytest.approx(out["visible_share"] / r["x_dense"])
+
+
+@pytest.mark.parametrize("preset", [TINY, GEMMA2])
+def test_the_reference_kernel_is_attention_written_out(preset):
+    """sdpa_gqa, the kernel every other row is compared with, against softmax(q k^T) v written out
+    here (scores soft-capped where the model caps them), for kept queries at their positions."""
+    cfg = attn_kernels.ModelConfig(**preset)
+    with torch.device("meta"):
+        a = attn_kernels.Attention(cfg, attn_kernels.full_layer(cfg))
+    g = torch.Generator().manual_seed(0)
+    T = 40
+    q_pos = torch.randperm(T, generator=g)[:15].sort().values[None]          # (1, Tq) kept positions
+    q, dense_q = torch.randn(1, 4, 15, 8, generator=g), torch.randn(1, 4, T, 8, generator=g)
+    k, v = torch.randn(1, 2, T, 8, generator=g), torch.randn(1, 2, T, 8, generator=g)
+    runs = attn_kernels.candidates(a, q, k, v, q_pos, dense_q, {"sdpa_gqa", "sdpa_repeat", "blocks"})
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * a.scale        # (1, H, Tq, T)
+    if cfg.attn_softcap:
+        scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
+    scores = scores.masked_fill(torch.arange(T)[None, None, None] > q_pos[:, None, :, None], float("-inf"))
+    want = (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2).flatten(2)     # (1, Tq, H*D)
+    for name, run in runs.items():
+        torch.testing.assert_close(run(), want, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_the_sliding_layers_are_passed_over(presets):

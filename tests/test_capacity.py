@@ -110,6 +110,8 @@ def test_a_prompt_into_a_cache_then_a_batch_decodes_the_same_tokens(family, kv, 
         torch.testing.assert_close(decode(fast), want, atol=1e-5, rtol=1e-5)
     if kv == "all":
         assert any(c is not None and c != r for c, _, r in fast.runs), "the prompt should compact"
+    else:
+        assert fast.runs == []                # kv="kept" with a cache: the model itself, as documented
 
 
 @pytest.mark.parametrize("kv", router.KV_MODES)
@@ -237,10 +239,19 @@ def test_graphs_need_a_cuda_device():
 
 
 def test_bench_capacity_times_the_fixed_capacity_prefill(monkeypatch, capsys):
-    rows = tiny_bench(monkeypatch, capsys, 256, "--densities=1,0.5", "--prefill=1x128", "--prompt_len=8",
+    runs = []
+    run = Capacity.run
+
+    def spy(self, kind, idx, cache, flags, capacities, fast):
+        out = run(self, kind, idx, cache, flags, capacities, fast)
+        runs.append((capacities, out[2]))                          # capacities (None: in full), rows
+        return out
+    monkeypatch.setattr(Capacity, "run", spy)
+    rows = tiny_bench(monkeypatch, capsys, 256, "--densities=1,0.5", "--prefill=1x256", "--prompt_len=8",
                       "--new_tokens=4", "--repeat=2", "--capacity=eager")
     assert [(r["mode"], r["density"]) for r in rows[:2]] == [("prefill", 1.0), ("decode", 1.0)]
     assert [r["mode"] for r in rows[2:]] == ["prefill", "decode"] and all(0.3 < r["density"] < 0.7 for r in rows[2:])
+    assert any(c is not None and any(n < r for n, r in zip(c, rows_)) for c, rows_ in runs)   # prefills at capacities
     for bad, match in (("--capacity=fast", "choose one of eager, graph, compiled"),
                        ("--capacity=graph", "use --device=cuda"),
                        ("--compile=True", "choose one")):

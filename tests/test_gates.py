@@ -90,6 +90,7 @@ def test_peek_gates_decode_with_a_cache_as_they_recompute():
         full, full_records = model(idx, masked=True)
         cache = model.new_cache(1, 10)
         steps = [model(idx[:, t:t + 1], cache=cache) for t in range(10)]
+    assert 0 < float(torch.cat([r.keep[:, 1:] for r in full_records]).float().mean()) < 1   # keeps and skips
     for t, (logits, records) in enumerate(steps):
         torch.testing.assert_close(logits[:, -1], full[:, t])
         assert all(torch.equal(r.keep, f.keep[:, t:t + 1]) for r, f in zip(records, full_records))

@@ -29,7 +29,7 @@ def test_writes_at_least_the_tokens_asked_for(folder, tmp_path, capsys):
     text = out.read_text()
     _, tok = load_weights.load(str(folder))
     assert result["samples"] == len(text.strip().split("\n\n")) >= 1
-    assert result["tokens"] >= 40 - 2 * 12          # the last batch may end early at EOS ...
+    assert result["tokens"] >= 40                    # batches until 40 are drawn (no sample here is empty)
     assert len(tok.encode(text, special=False)) >= result["tokens"] - result["samples"]
     assert [p.name for p in tmp_path.iterdir()] == ["self.txt"]      # no .tmp left behind
 

@@ -98,14 +98,27 @@ def test_cached_decoding_with_substitutes_equals_recomputation(family, kv, B):
 
 
 def test_the_masked_path_gives_routers_the_gradient_of_what_a_skip_loses():
-    """dL/dz = sigmoid'(z) <dL/dh, f(x) - s(x)>: with s = f the router's gradient vanishes."""
-    model = with_substitutes(tiny_model(), 0, "mlp", "all")
-    idx = tokens()
-    logits, _ = model(idx, masked=True)
-    logits.square().mean().backward()
-    r = router.routers(model)[0][2]
-    assert r.proj.bias.grad.abs() > 0
-    assert model.layers[0].mlp_skip.bias.grad.abs().sum() > 0             # the substitute learns too
+    """dL/dz = sigmoid'(z) <dL/dh, f(x) - s(x)> per token, by hand (f alone would be another number)."""
+    model = with_substitutes(tiny_model(), 4, "mlp", "all")
+    block = model.layers[0]
+    seen = {}
+    block.mlp_router.register_forward_hook(lambda m, args, z: seen.setdefault("z", z))
+    block.mlp_post_norm.register_forward_hook(lambda m, args, out: seen.setdefault("f", out))
+    block.mlp_skip.register_forward_hook(lambda m, args, out: seen.setdefault("s", out))
+    model.layers[1].attn_norm.register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
+    logits, _ = model(tokens(), masked=True)
+    seen["z"].retain_grad()
+    seen["h"].retain_grad()
+    (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+    z, dh = seen["z"].detach(), seen["h"].grad
+    f, s = seen["f"].detach(), seen["s"].detach()
+    sig = torch.sigmoid(z)
+    dz = sig * (1 - sig) * (dh * (f - s)).sum(-1)                        # (B, T)
+    dz[:, 0] = 0                                                       # the sink's logit is pinned
+    torch.testing.assert_close(seen["z"].grad, dz)
+    assert (dz[:, 1:].abs() > 1e-6).float().mean() > 0.5                 # not vacuous
+    assert not torch.allclose(dz, sig * (1 - sig) * (dh * f).sum(-1), atol=1e-5)   # s(x) takes part
+    assert block.mlp_skip.bias.grad.abs().sum() > 0                       # the substitute learns too
 
 
 # ----------------------------------------------------------------------------------------------
