@@ -9,8 +9,9 @@ sees keys 0..p. This times one layer's attention for such queries (a random --de
 --seq_len tokens, position 0 always kept; random q, k, v of the preset's head shapes: the time does
 not depend on the values) with each candidate of --kernels:
 
-- blocks:      compact.attend_blocks, what nanoskip runs: blocks of 128 queries, each over the keys up
-               to its last position, one masked SDPA call per block (model.Attention.attend, which on
+- blocks:      compact.attend_blocks, what nanoskip runs: on a CPU blocks of 128 queries
+               (compact.QUERY_BLOCK), each over the keys up to its last position, one masked SDPA call
+               per block; on a GPU one masked call over all the keys (model.Attention.attend, which on
                CUDA repeats grouped K/V heads to the query heads, see model.MASKED_REPEAT_KV)
 - sdpa_gqa:    one masked SDPA call over all the keys, grouped K/V heads (enable_gqa)
 - sdpa_repeat: the same with K/V heads repeated to the query heads

@@ -66,7 +66,11 @@ class NanoskipLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.gates = {} if gates == "learned" else gates
         if gates == "random":
-            chunks = windows(self.tok, read_text(density_text), 512, 4)
+            try:
+                text = read_text(density_text)
+            except ValueError as e:
+                raise ValueError(f"density_text={density_text} in --model_args: {e}") from None
+            chunks = windows(self.tok, text, 512, 4)
             self.gates = gate_stats(self.model, chunks).density()
             torch.manual_seed(int(seed))                       # the coin flips of random gates
 

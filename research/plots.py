@@ -4,7 +4,7 @@ the heatmap of what skips.
     python evaluate.py --ckpt=out --text=val.txt --json > r.json
     python -m research.plots --density=r.json --plot=density.svg           # density per layer of one result
     python -m research.plots --frontier='results/*.json' --plot=frontier.svg   # many results, one picture
-    python bench.py --densities=1,0.5,0.25 --json > b.json
+    python bench.py --densities=1,0.5,0.25 --kv=all --prefill=1x1024 --json > b.json   # one setup per file
     python -m research.plots --speed='CPU=b.json,GPU=g.json' --plot=speed.svg   # bench.py's speedups
 
 Each picture is a small hand-written SVG, no plotting library:
@@ -49,8 +49,8 @@ def read_result(path):
         with open(path) as f:
             return json.loads(f.read().strip().splitlines()[-1])
     except (OSError, ValueError, IndexError) as e:
-        raise ValueError(f"cannot read a result from {path} ({e}): pass the output of evaluate.py --json, "
-                         "whose last line is the JSON object") from None
+        raise ValueError(f"cannot read a result from {path} ({e}): pass the output of evaluate.py --json "
+                         "or bench.py --json, whose last line is the JSON") from None
 
 
 def density_svg(per_layer, title: str) -> str:
@@ -264,9 +264,7 @@ def draw_frontier(pattern: str, plot: str):
     if not files or not plot:
         raise ValueError(f"--frontier={pattern} needs result files that exist and a --plot=FILE.svg to draw into")
     rows = [read_result(f) for f in files]
-    with open(plot, "w") as f:
-        f.write(frontier_svg(rows, f"{rows[0]['model']}: quality against compute"))
-    print(f"wrote {plot} from {len(rows)} results")
+    write_plot(plot, frontier_svg(rows, f"{rows[0]['model']}: quality against compute"))
 
 
 def draw_speed(spec: str, plot: str):
@@ -283,8 +281,13 @@ def draw_speed(spec: str, plot: str):
         rows = read_result(path)
         if not isinstance(rows, list) or not any(r.get("gates") == "random" for r in rows):
             raise ValueError(f"{path} holds no rows of forced densities: pass the output of "
-                             "python bench.py --densities=1,0.5,0.25 --json")
+                             "python bench.py --densities=1,0.5,0.25 --kv=all --prefill=1x1024 --json")
         label = label or path.rsplit("/", 1)[-1].removesuffix(".json")
+        setups = {(r.get("kv"), r.get("batch"), r.get("seq_len")) for r in rows
+                  if r.get("gates") == "random" and r["mode"] == "prefill"}
+        if len(setups) > 1:
+            raise ValueError(f"{path} holds prefills of {len(setups)} setups (kv, batch, length): one line needs "
+                             "one, e.g. python bench.py --densities=1,0.5,0.25 --kv=all --prefill=1x1024 --json")
         series.append((label, rows, (mode,) if mode else ("prefill", "decode")))
     write_plot(plot, speed_svg(series, "speed against density: skipped work as time"))
 

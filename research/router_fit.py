@@ -8,9 +8,9 @@ to before training (controller.fit_routers). This probe asks whether a richer ro
 the skips better. For every attention and MLP sublayer of the dense model it fits, on --fit_windows
 windows of --data (train.py's corpus) with s the rank --rank substitute fitted there:
 
-- linear: t ~ w.x + b by ridge regression (what nanoskip's router is: 4 d FLOPs a token);
+- linear: t ~ w.x + b by ridge regression (what nanoskip's router is: 2 d FLOPs a token);
 - mlp:    t ~ a small MLP of x (--hidden units, GELU), trained by Adam on the same rows (a router
-          of 4 d * hidden FLOPs a token, still ~1 % of an MLP sublayer's at SmolLM2's sizes).
+          of ~2 d * hidden FLOPs a token, still ~1 % of an MLP sublayer's at SmolLM2's sizes).
 
 and measures both, on the fit windows and on --windows windows of --text, as:
 

@@ -68,7 +68,7 @@ DEFAULTS = dict(
     seq_len=512,                    # window length in text tokens (BOS not counted)
     batch_size=4,                   # windows per forward pass
     max_chunks=0,                   # only the first N windows; 0 = all
-    gates="learned",                # learned | random | open | peek (evaluate.py's)
+    gates="learned",                # learned | random | open | peek | peek_lora (evaluate.py's)
     path="compact",                 # compact (skipped work removed) | masked (training path)
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random

@@ -45,7 +45,7 @@ DEFAULTS = dict(
     max_new_tokens=16,              # benchmarks: longest generated answer (exact match)
     repeat=3,                       # timed runs per path (the median is reported)
     decode_tokens=32,               # greedy steps timed after a prompt of seq_len tokens
-    gates="learned",                # learned | random | open | peek (evaluate.py's)
+    gates="learned",                # learned | random | open | peek | peek_lora (evaluate.py's)
     path="compact",                 # compact (skipped work removed) | masked (training path)
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random

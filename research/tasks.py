@@ -69,7 +69,7 @@ DEFAULTS = dict(
     limit=0,                        # the first N examples of each task; 0 = all
     requests_per_batch=16,          # (context, continuation) pairs or prompts per forward pass
     max_new_tokens=16,              # longest generated answer (exact match)
-    gates="learned",                # --ckpt: learned | random | open | peek (evaluate.py's)
+    gates="learned",                # --ckpt: learned | random | open | peek | peek_lora (evaluate.py's)
     path="compact",                 # --ckpt: compact (skipped work removed) | masked (training path)
     target_compute=0.9,             # --gates=peek: the compute ratio its threshold aims at
     seed=1337,                      # for --gates=random
@@ -103,7 +103,8 @@ def read_task(path) -> Task:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read task file {path} ({e}): pass a BIG-bench task .json") from None
     examples = d.get("examples") if isinstance(d, dict) else None
-    if not examples or any(not ex.get("target_scores") or "" in ex["target_scores"] for ex in examples):
+    if not examples or any("input" not in ex or not ex.get("target_scores") or "" in ex["target_scores"]
+                           for ex in examples):
         raise ValueError(f"{path}: every example needs an input and non-empty choices in target_scores "
                          "(a BIG-bench multiple-choice task file)")
     return Task(Path(path).stem, examples, d.get("task_prefix", ""), d.get("example_input_prefix", "\nQ: "),
@@ -371,6 +372,9 @@ def check(config):
     if config["gates"] == "random" and not (config["ckpt"] and config["text"]):
         raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
                          "learned gates' densities are measured")
+    if not config["ckpt"] and (config["gates"] == "open" or config["path"] == "masked"):
+        raise ValueError(f"--tasks with {'--path=masked' if config['path'] == 'masked' else '--gates=open'} compares "
+                         "a checkpoint with its dense base: pass --ckpt=DIR (without it, the --init model is scored)")
     if config["gates"] in PEEK and not config["text"]:
         raise ValueError(f"--tasks with --gates={config['gates']} needs --text=FILE, the text on which the "
                          "threshold for --target_compute is chosen")

@@ -53,7 +53,8 @@ def bench_vs_hf(model, folder, config, ids, clock) -> list:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ValueError("research.vs_hf needs transformers: pip install transformers") from None
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.tok_emb.weight.dtype).eval()
+    weight = model.tok_emb.weight
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=weight.dtype).to(weight.device).eval()
     # as generate.generate: hf_new_tokens whatever they are, an end-of-sequence token too (min_new_tokens
     # would forbid it until the last, and pick another token where ours picks it)
     hf.generation_config.eos_token_id = None

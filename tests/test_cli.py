@@ -444,6 +444,10 @@ def test_speed_draws_prefill_decoding_and_one_ideal_per_model(tmp_path):
     assert "gpu, decode" not in svg and "gpu, ideal" not in svg
     with pytest.raises(ValueError, match="FILE@prefill or FILE@decode"):
         plots.main([f"--speed={tmp_path}/cpu.json@both", f"--plot={svg_path}"])
+    mixed = rows(cpu) + [dict(r, kv="kept") for r in rows(cpu)]                 # bench.py's default: two kv modes
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed) + "\n")
+    with pytest.raises(ValueError, match="prefills of 2 setups"):
+        plots.main([f"--speed={tmp_path}/mixed.json", f"--plot={svg_path}"])
     (tmp_path / "eval.json").write_text(json.dumps(dict(model="m", perplexity=10.0)) + "\n")   # evaluate.py's
     with pytest.raises(ValueError, match="no rows of forced densities"):
         plots.main([f"--speed={tmp_path}/eval.json", f"--plot={svg_path}"])

@@ -297,6 +297,9 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if bool(args.out) == bool(args.diff):
         ap.error("give either --out=FILE or --diff BEFORE AFTER")
+    unknown = set(args.families.split(",")) - set(FAMILIES)
+    if unknown:
+        ap.error(f"--families: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FAMILIES)}")
     if args.diff:
         sys.exit(diff(*args.diff))
     snapshot(args.out, [f for f in args.families.split(",") if f], args.keep)
