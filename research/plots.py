@@ -87,6 +87,26 @@ def density_svg(per_layer, title: str) -> str:
     return "\n".join(svg)
 
 
+def axes(box, ranges, title: str, tick: str):
+    """The opening of a line plot's SVG: its title, grid and tick labels (tick: their format).
+    box (W, H, left, right, top, bottom) in pixels, ranges (x0, x1, y0, y1) in data units.
+    -> (svg lines, px, py): px, py map data to pixels."""
+    W, H, left, right, top, bottom = box
+    x0, x1, y0, y1 = ranges
+    px = lambda x: left + (W - left - right) * (x - x0) / (x1 - x0)          # noqa: E731
+    py = lambda y: top + (H - top - bottom) * (1 - (y - y0) / (y1 - y0))    # noqa: E731
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="11">', f'<text x="{(W - right) / 2}" y="18" text-anchor="middle" font-size="13">'
+           f'{escape(title)}</text>']
+    for i in range(6):                                                        # grid and tick labels
+        x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        svg.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>')
+        svg.append(f'<text x="{px(x):.1f}" y="{H - bottom + 14}" text-anchor="middle">{tick.format(x)}</text>')
+        svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
+        svg.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick.format(y)}</text>')
+    return svg, px, py
+
+
 def frontier_svg(rows, title: str) -> str:
     """Perplexity ratio (sparse / dense) against compute ratio, one line per method.
 
@@ -100,23 +120,12 @@ def frontier_svg(rows, title: str) -> str:
         curves[name].append((r["compute_ratio"], r["perplexity"] / r["dense_perplexity"]))
     xs = [x for pts in curves.values() for x, _ in pts]
     ys = [y for pts in curves.values() for _, y in pts] + [1.0]
-    x0, x1, y0, y1 = min(xs) - 0.01, 1.0, 1.0, max(ys) * 1.05
-    px = lambda x: left + (W - left - right) * (x - x0) / (x1 - x0)          # noqa: E731
-    py = lambda y: top + (H - top - bottom) * (1 - (y - y0) / (y1 - y0))    # noqa: E731
+    svg, px, py = axes((W, H, left, right, top, bottom), (min(xs) - 0.01, 1.0, 1.0, max(ys) * 1.05), title, "{:.2f}")
     palette = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2", "#eeca3b",
                "#999", "#17becf", "#000", "#ff9da6"]
     fixed = {GATES_METHOD["learned"]: palette[0], GATES_METHOD["random"]: palette[1], GATES_METHOD["peek"]: palette[2]}
     others = iter(palette[3:] * 3)
     colors = {name: fixed.get(name) or next(others) for name in sorted(curves)}
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="11">', f'<text x="{(W - right) / 2}" y="18" text-anchor="middle" font-size="13">'
-           f'{escape(title)}</text>']
-    for i in range(6):                                                        # grid and tick labels
-        x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
-        svg.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>')
-        svg.append(f'<text x="{px(x):.1f}" y="{H - bottom + 14}" text-anchor="middle">{x:.2f}</text>')
-        svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
-        svg.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
     for j, (name, pts) in enumerate(sorted(curves.items())):                  # one polyline per method
         pts = sorted(pts)
         color = colors[name]
@@ -152,20 +161,9 @@ def speed_svg(series, title: str) -> str:
             ideals.add(key)
             lines.append((label, "ideal", ' stroke-dasharray="6 4"', 1, ideal))
     ys = [y for *_, pts in lines for _, y in pts] + [1.0]
-    x0, x1, y0, y1 = 0.0, 1.0, 0.0, max(ys) * 1.08
-    px = lambda x: left + (W - left - right) * (x - x0) / (x1 - x0)          # noqa: E731
-    py = lambda y: top + (H - top - bottom) * (1 - (y - y0) / (y1 - y0))    # noqa: E731
+    svg, px, py = axes((W, H, left, right, top, bottom), (0.0, 1.0, 0.0, max(ys) * 1.08), title, "{:.1f}")
     palette = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2", "#000"]
     colors = {label: palette[i % len(palette)] for i, (label, *_) in enumerate(series)}
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="11">', f'<text x="{(W - right) / 2}" y="18" text-anchor="middle" font-size="13">'
-           f'{escape(title)}</text>']
-    for i in range(6):                                                        # grid and tick labels
-        x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
-        svg.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>')
-        svg.append(f'<text x="{px(x):.1f}" y="{H - bottom + 14}" text-anchor="middle">{x:.1f}</text>')
-        svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
-        svg.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.1f}</text>')
     svg.append(f'<line x1="{left}" x2="{W - right}" y1="{py(1):.1f}" y2="{py(1):.1f}" stroke="#888"/>')   # dense
     for j, (label, what, style, width, pts) in enumerate(lines):
         color = colors[label]
