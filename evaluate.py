@@ -62,7 +62,7 @@ from compiled import Compiled
 from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, overrides, run_main
 from flops import compute_ratio
 from gates import PEEK, evaluate_sparse
-from scoring import check_gates, evaluate, load_model, method, read_text, windows
+from scoring import check_compares_a_checkpoint, check_gates, evaluate, load_model, method, read_text, windows
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
@@ -90,10 +90,7 @@ def check(config):
         raise ValueError("nothing to score: pass --text=FILE (benchmarks: python -m research.tasks --tasks=DIR)")
     check_ranges(config, RANGES)
     check_gates(config)
-    if not config["ckpt"] and (config["gates"] in ("random", "open") or config["path"] == "masked"):
-        what = "--path=masked" if config["path"] == "masked" else f"--gates={config['gates']}"
-        raise ValueError(f"{what} compares a checkpoint with its dense base: pass --ckpt=DIR (without it, "
-                         "the --init model is scored as it is)")
+    check_compares_a_checkpoint(config)
     if config["compile"] and config["path"] == "masked":
         raise ValueError("--compile compiles the compacted path, not the masked (training) one: drop --path=masked")
     check_mode(config["capacity"], config["device"])

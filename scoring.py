@@ -200,6 +200,16 @@ def check_gates(config):
     load_weights.check_device(config["device"])
 
 
+def check_compares_a_checkpoint(config, command: str = ""):
+    """--gates=random or open and --path=masked compare a checkpoint with its dense base: without
+    --ckpt a command that scores the --init model as it is would ignore them (research.studies,
+    which studies an exported folder's own gates on either path, does not call this)."""
+    if not config["ckpt"] and (config["gates"] in ("random", "open") or config["path"] == "masked"):
+        what = "--path=masked" if config["path"] == "masked" else f"--gates={config['gates']}"
+        raise ValueError(f"{command}{what} compares a checkpoint with its dense base: pass --ckpt=DIR (without "
+                         "it, the --init model is scored as it is)")
+
+
 def research_main(defaults: dict, check, work):
     """The main(argv) of a research command: the flags over defaults, check(config), the model
     (load_model), then out = work(config, model, tok, name), printed as JSON with --json."""

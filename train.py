@@ -14,8 +14,8 @@ What one step does (the loss is distill.py's):
   loss    = KL(teacher || student) (+ ce * next-token cross-entropy, + l1 * FLOP-weighted L1).
 How much is skipped is not left to a loss weight (controller.py): the routers start fitted to
 the training-free "peek" rule (keep a token where a skip would lose most per FLOP,
-|f(x) - s(x)| / |h|), and after every step a controller shifts all router biases by one common amount, so
-the FLOP-weighted density stays at --target_density while the KL decides which tokens and
+|f(x) - s(x)| / |h|), and after every step a controller shifts all router biases by one common
+amount, so the FLOP-weighted density stays at --target_density while the KL decides which tokens and
 which sublayers keep their compute. Several targets (--target_density=0.95,0.9,0.85) split the
 run into stages, each sliding from the previous one over its first --anneal fraction; every
 stage but the last leaves a checkpoint in out_dir/stage<k>/: one run, several operating points.

@@ -56,7 +56,8 @@ from configurator import AT_LEAST_0, AT_LEAST_1, Range, check_ranges, run_main
 from flops import compute_ratio
 from gates import PEEK, gates_as
 from generate import decode, sample_next
-from scoring import check_gates, dense_hidden, read_text, research_main, sparse_hidden, windows
+from scoring import (check_compares_a_checkpoint, check_gates, dense_hidden, read_text, research_main,
+                     sparse_hidden, windows)
 
 DEFAULTS = dict(
     init="smollm2-135m-instruct",   # model: a preset name or a Hugging Face-format folder (with --ckpt: its base)
@@ -372,9 +373,7 @@ def check(config):
     if config["gates"] == "random" and not (config["ckpt"] and config["text"]):
         raise ValueError("--tasks with --gates=random needs --ckpt and --text=FILE, the text on which the "
                          "learned gates' densities are measured")
-    if not config["ckpt"] and (config["gates"] == "open" or config["path"] == "masked"):
-        raise ValueError(f"--tasks with {'--path=masked' if config['path'] == 'masked' else '--gates=open'} compares "
-                         "a checkpoint with its dense base: pass --ckpt=DIR (without it, the --init model is scored)")
+    check_compares_a_checkpoint(config, "--tasks with ")
     if config["gates"] in PEEK and not config["text"]:
         raise ValueError(f"--tasks with --gates={config['gates']} needs --text=FILE, the text on which the "
                          "threshold for --target_compute is chosen")

@@ -183,6 +183,9 @@ def test_tasks_cli_with_checkpoint_reports_dense_and_sparse(tiny, tmp_path, caps
     assert row["acc_sparse"] == row["acc_dense"] and row["acc_norm_sparse"] == row["acc_norm_dense"]
     with pytest.raises(ValueError, match="--text"):
         tasks.main([f"--ckpt={ckpt}", f"--tasks={path}", "--gates=random"])
+    for flag in ("--gates=open", "--path=masked"):        # without --ckpt: nothing to compare with
+        with pytest.raises(ValueError, match=f"--tasks with {flag} compares a checkpoint .* pass --ckpt"):
+            tasks.main([f"--init={folder}", f"--tasks={path}", flag])
 
 
 def test_random_gates_on_a_benchmark_take_the_learned_densities_of_text(tiny, tmp_path, monkeypatch):
