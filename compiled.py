@@ -31,7 +31,8 @@ less time here than in the eager step (efficiency 0.90-0.92 against 0.94-0.96 at
 and a compiled prefill does not pay: its matmuls are the same BLAS calls (RESULTS.md, "A
 compiled decoding step"); on a CPU the eager path stays the default. Where a step's time goes
 (python -m research.decode_profile): its matmuls shrink as the FLOP model says, but each call's
-guards (~1.5-2 ms) and each gate's cond and kernels run whether the gate skips or not.
+guards (~1.5-2 ms under the profiler, less in wall time) and each gate's cond and kernels run
+whether the gate skips or not.
 
 How the compiled step differs from compact.step, and why:
 - A cond's branches may not write to the cache. So every token projects its K/V and writes them
