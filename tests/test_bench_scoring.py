@@ -90,15 +90,25 @@ def test_continuation_logprobs_match_transformers_in_padded_batches(tiny):
     assert [g for _, g in got] == [g for _, g in one_by_one]
 
 
-def test_multiple_choice_picks_the_argmax_of_the_reference(tiny):
+def test_multiple_choice_picks_the_argmax_of_the_reference(tiny, monkeypatch):
+    """Each example's choices get their own log-likelihoods (transformers'), in order, batched
+    across examples; the hits are those of these log-likelihoods."""
     ref, folder = tiny
     model, tok = load_weights.load(str(folder))
-    hits = tasks.multiple_choice(model, tok, TASK, TASK.examples)
-    for n, ex in enumerate(TASK.examples):
+    seen, real = [], tasks.choice_hits
+
+    def spy(lls, choices, scores):                     # what each example is scored on
+        seen.append((list(lls), choices, scores))
+        return real(lls, choices, scores)
+    monkeypatch.setattr(tasks, "choice_hits", spy)
+    hits = tasks.multiple_choice(model, tok, TASK, TASK.examples, batch_size=4)
+    assert len(seen) == len(TASK.examples)
+    for n, (ex, (got, choices, scores)) in enumerate(zip(TASK.examples, seen)):
         context = tasks.prompt(TASK, ex).rstrip()
         lls = [reference_logprob(ref, tok.encode(context + " " + c), len(tok.encode(c))) for c in ex["target_scores"]]
-        want = tasks.choice_hits(lls, list(ex["target_scores"]), list(ex["target_scores"].values()))
-        assert (hits["acc"][n], hits["acc_norm"][n]) == want
+        assert choices == list(ex["target_scores"]) and scores == list(ex["target_scores"].values())
+        assert got == pytest.approx(lls, abs=1e-4)
+        assert (hits["acc"][n], hits["acc_norm"][n]) == real(lls, choices, scores)
 
 
 @pytest.mark.parametrize("text, regex, answer", [

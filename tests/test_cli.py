@@ -343,6 +343,27 @@ def test_eval_sparse_compact_equals_masked(tiny, ckpts, text_file):
     assert compact["dense_perplexity"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-5)
 
 
+@torch.no_grad()
+def test_kl_and_top1_agreement_match_a_hand_computation(tiny, ckpts, text_file):
+    """kl_to_dense = mean over scored tokens of KL(p_dense || p_sparse); top1_agreement = share of
+    scored tokens whose argmax is the dense one's (not the target's). Dense: the base model in
+    transformers; sparse: the checkpoint (LoRA on, its gates) as model(x) runs it."""
+    ref, _, _ = tiny
+    model, tok, _ = checkpoint.load_sparse(ckpts[1])
+    chunks = scoring.windows(tok, text_file.read_text(), SEQ_LEN)
+    got = gates.evaluate_sparse(model, chunks, SEQ_LEN, batch_size=3)
+    x = chunks[:, :-1]                                                     # every window's inputs
+    logp = F.log_softmax(model(x)[0].float(), dim=-1)                      # (N, T, V) sparse
+    logp_ref = F.log_softmax(ref(x).logits.float(), dim=-1)                # (N, T, V) dense
+    kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)                      # (N, T) per token
+    agree = logp.argmax(-1) == logp_ref.argmax(-1)
+    assert got["tokens"] == kl.numel()
+    assert got["kl_to_dense"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert got["top1_agreement"] == int(agree.sum()) / agree.numel()
+    hits = int((logp.argmax(-1) == chunks[:, 1:]).sum())                    # agreement with the targets:
+    assert hits != int(agree.sum())                                         # other, so the check can tell
+
+
 def test_gates_open_kl_is_zero_only_when_lora_b_is_zero(ckpts, text_file):
     results = []
     for ckpt in ckpts:

@@ -176,7 +176,8 @@ def test_by_class_and_position_agree_with_the_perplexity_eval(ckpt, text_file, t
     pos = out["positions"]
     assert [p["name"] for p in pos] == ["0", f"1-{T - 1}"]
     assert sum(p["tokens"] for p in pos) == everything["tokens"]
-    assert sum(p["tokens"] * p["density_mlp"] for p in pos) / everything["tokens"] == pytest.approx(ref["density_mlp"])
+    for key in ("density_attn", "density_mlp", "density"):                # every kind, and FLOP-weighted
+        assert sum(p["tokens"] * p[key] for p in pos) / everything["tokens"] == pytest.approx(everything[key]), key
     assert pos[0]["density"] == 1 and 0 < pos[1]["compute_ratio"] < 1
     root = ET.parse(svg).getroot()
     shown = sum(1 for r in out["classes"] + pos if r["tokens"])
