@@ -159,7 +159,10 @@ QUERY_BLOCKS = pytest.mark.parametrize("query_block", [compact.QUERY_BLOCK, {}],
 def test_long_sequences_attend_in_blocks_of_queries(family, kv, B, query_block, monkeypatch):
     """More kept queries than one block of compact.attend_blocks, a window far shorter than the sequence.
     B=1: no padding, so the keys of each block are trimmed to its window (layer 0 slides). The same
-    logits when every query attends in one masked call over every key (a GPU's rule)."""
+    logits when every query attends in one masked call over every key (a GPU's rule). kv="all":
+    the attention calls are one per block of 128 kept queries (or one over all T keys), and with
+    B=1 each reads the keys from its first query's window start (0 on a full layer) to its last
+    query; kv="kept": one call per layer over the kept tokens."""
     monkeypatch.setattr(compact, "QUERY_BLOCK", query_block)
     model = tiny_model(family)
     model.cfg.max_seq_len = 320
@@ -175,8 +178,27 @@ def test_long_sequences_attend_in_blocks_of_queries(family, kv, B, query_block, 
     idx = tokens(B=B, T=T)
     with torch.no_grad():
         masked, _ = model(idx, masked=True)
+        widths = {layer: [] for layer in range(model.cfg.n_layers)}        # key widths of each attention call
+        for layer, block in enumerate(model.layers):
+            monkeypatch.setattr(block.attn, "attend", lambda q, k, v, *a, seen=widths[layer], attend=block.attn.attend,
+                                **kw: seen.append(k.shape[2]) or attend(q, k, v, *a, **kw))
         compacted, _ = model(idx)
     assert_logits_close(compacted, masked)
+    for layer, block in enumerate(model.layers):
+        kept = [row.nonzero()[:, 0] for row in keep[(layer, "attn")][:B]]   # each sequence's kept positions
+        n_kept = max(len(k) for k in kept)
+        if kv == "kept":
+            assert widths[layer] == [n_kept], layer
+        elif not query_block:
+            assert widths[layer] == [T], layer
+        elif B > 1:
+            assert len(widths[layer]) == -(-n_kept // 128) > 1, layer
+        else:
+            window = block.attn.window
+            want = [int(b[-1]) + 1 - (0 if window is None else max(0, int(b[0]) - window + 1))
+                    for b in kept[0].split(128)]
+            assert len(want) > 1 and widths[layer] == want, layer
+    assert any(block.attn.window for block in model.layers) == (family != "llama_gqa")
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

@@ -226,6 +226,21 @@ def test_compute_ratio_with_windows_and_random_gates(kv):
     assert compute_ratio(model.cfg, T, measured, kv) == pytest.approx(direct_ratio(model, kv, tables), rel=0.01)
 
 
+@pytest.mark.parametrize("attn_kept", [(True, False), (False, True)], ids=["sliding_kept", "full_kept"])
+@pytest.mark.parametrize("kv", router.KV_MODES)
+def test_compute_ratio_with_windows_is_exact_when_each_attention_keeps_all_or_nothing(kv, attn_kept):
+    """Each layer's attention kept by every token or by none (MLPs at random): every kept query
+    sees exactly its layer's visible keys, so the FLOP model is exact, the sliding layer's band
+    (window 5 of 24) and the full layer's triangle each counted as their own."""
+    tables = gate_tables(2, 0.5, symmetric=False, seed=3)
+    for layer, kept in enumerate(attn_kept):
+        tables[(layer, "attn")] = torch.full((B, T), kept)
+    model = model_with_gates("gemma2", kv, tables)
+    assert [model.cfg.layer_type(l) for l in range(2)] == ["sliding", "full"]
+    measured = {k: float(t.float().mean()) for k, t in tables.items()}
+    assert compute_ratio(model.cfg, T, measured, kv) == pytest.approx(direct_ratio(model, kv, tables), rel=1e-9)
+
+
 def test_a_substitute_that_costs_what_a_skip_saves_is_refused():
     """A skip's saving is net of its substitute: a rank whose two matmuls cost what the skip saves
     would make the FLOP-weighted density meaningless (and the routers' fit take the log of a

@@ -17,13 +17,15 @@ from test_router import capture, tiny_model, tokens
 
 def test_peek_gates_follow_the_rule_by_hand():
     """Peek: a token computes a sublayer iff log(|f(x)| / |h|) > the sublayer's threshold, with
-    f(x) and h taken from the dense pass where every earlier sublayer computed the same way."""
+    f(x) and h taken from the dense pass where every earlier sublayer computed the same way; the
+    block's stream after the MLP is h + keep * f(x), on both paths."""
     model = tiny_model()
     router.add_routers(model, "mlp", "all")
     idx = tokens()
     block = model.layers[0]
     seen = capture(block.mlp)
     inputs = capture(block.mlp_norm, pre=True)
+    outputs = capture(model.layers[1].attn_norm, pre=True)               # the stream after layer 0's MLP
     with torch.no_grad():
         model(idx, routers_off=True)                                     # the dense pass: f(x) and h
     log_ratio = (seen[0].norm(dim=-1) / inputs[0].norm(dim=-1)).log()    # (B, T) log(|f(x)| / |h|)
@@ -34,10 +36,14 @@ def test_peek_gates_follow_the_rule_by_hand():
     expected[:, 0] = True                                                # the sink
     assert 0 < expected[:, 1:].float().mean() < 1                        # the rule has work to do
     assert torch.equal(records[0].keep, expected)
+    f_x, h_in = seen[0], inputs[0]                                       # the dense pass's; layer 0 is before the rule
+    by_hand = h_in + expected[..., None] * f_x                           # a skipped token adds 0
+    torch.testing.assert_close(outputs[1], by_hand)
     with gates.forced(model, {(0, "mlp"): ("peek", threshold), (1, "mlp"): "open"}), torch.no_grad():
         compacted, compacted_records = model(idx)                        # every sublayer runs: same gates
         masked, _ = model(idx, masked=True)
     assert torch.equal(compacted_records[0].keep, expected)
+    torch.testing.assert_close(outputs[2], by_hand)
     torch.testing.assert_close(compacted, masked)
 
 
@@ -93,4 +99,5 @@ def test_peek_gates_decode_with_a_cache_as_they_recompute():
     assert 0 < float(torch.cat([r.keep[:, 1:] for r in full_records]).float().mean()) < 1   # keeps and skips
     for t, (logits, records) in enumerate(steps):
         torch.testing.assert_close(logits[:, -1], full[:, t])
+        assert len(records) == len(full_records) > 0
         assert all(torch.equal(r.keep, f.keep[:, t:t + 1]) for r, f in zip(records, full_records))

@@ -76,6 +76,7 @@ def test_masked_and_compacted_paths_agree_with_substitutes(family, route, kv):
     with torch.no_grad():
         masked, m_records = model(idx, masked=True)
         compacted, c_records = model(idx)
+    assert len(m_records) == len(c_records) > 0
     assert all(torch.equal(m.keep, c.keep) for m, c in zip(m_records, c_records))
     assert 0.2 < float(torch.cat([r.keep for r in c_records]).float().mean()) < 0.9
     torch.testing.assert_close(compacted, masked, rtol=1e-5, atol=1e-5)
@@ -94,6 +95,7 @@ def test_cached_decoding_with_substitutes_equals_recomputation(family, kv, B):
             want, want_records = model(idx[:, :t + 1], masked=True)
             out, records = model(idx[:, t:t + 1], cache=cache)
             torch.testing.assert_close(out[:, -1], want[:, -1], rtol=1e-4, atol=1e-4)
+            assert len(records) == len(want_records) > 0
             assert all(torch.equal(r.keep, w.keep[:, -1:]) for r, w in zip(records, want_records))
 
 
@@ -128,7 +130,9 @@ def test_the_masked_path_gives_routers_the_gradient_of_what_a_skip_loses():
 @pytest.mark.parametrize("rank", [0, 4, 32])
 def test_fit_substitutes_is_least_squares(rank):
     """Rank 0: the mean output; full rank (32, no ridge): least squares with an intercept; a
-    lower rank fits between the two. Position 0 (a sink) is left out."""
+    lower rank r: the best rank-r fit, whose error is least squares' plus what the fitted values
+    (centred) hold outside their top r singular directions (Eckart-Young). Position 0 (a sink)
+    is left out."""
     model = router.add_routers(tiny_model(), "sublayer", "all", substitute=rank)
     batches = [tokens(seed=s) for s in (5, 6)]
     controller.fit_substitutes(model, batches, ridge=0.0)
@@ -148,6 +152,9 @@ def test_fit_substitutes_is_least_squares(rank):
             assert float(err) == pytest.approx(float(ols_err), rel=1e-3)
         else:
             assert ols_err < err < mean_err
+            fitted = torch.linalg.svdvals(lstsq - lstsq.mean(0))              # descending
+            best = ols_err + fitted[rank:].square().sum()                      # the optimal rank-r error
+            assert float(err) == pytest.approx(float(best), rel=1e-5)
 
 
 def test_fit_routers_targets_what_a_skip_loses_with_substitutes():

@@ -107,6 +107,27 @@ def test_kl_is_zero_at_step_zero(folder):
     assert all(r.keep.all() for r in records)
 
 
+def test_kl_teacher_is_the_base_model_without_adapters(folder):
+    """Open routers, random LoRA B: the KL is KL(base model, dense || LoRA student) per token, by
+    hand with the base model loaded on its own, and > 0 (the teacher runs without the adapters)."""
+    cfg = train.read_config(["--init=" + str(folder), "--out_dir=/nonexistent-nanoskip", "--lora_rank=4",
+                             "--seq_len=16"])
+    model, _, _ = train.build(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora.adapters(model):
+            m.B.copy_(0.1 * torch.randn(m.B.shape, generator=g))
+    base, _ = load_weights.load(str(folder), "float32")
+    x = torch.randint(3, 64, (2, 12), generator=g)
+    kl, _, records = distill.distill_losses(model, x, ce_weight=0.0)     # ce 0: the KL covers every position
+    assert records and all(r.keep.all() for r in records)
+    with torch.no_grad():
+        teacher = F.log_softmax(base(x)[0].float(), -1).flatten(0, 1)    # (B*T, V)
+        student = F.log_softmax(model(x, masked=True)[0].float(), -1).flatten(0, 1)
+    want = F.kl_div(student, teacher, log_target=True, reduction="sum") / teacher.shape[0]
+    assert kl.item() == pytest.approx(want.item(), rel=1e-4) and want > 1e-3
+
+
 def test_grad_checkpoint_gives_the_same_losses_gradients_and_gate_records(folder):
     """--grad_checkpoint recomputes each block in backward: the same losses and gradients, and the
     records returned by the forward stay one per routed sublayer (the controller reads them after
@@ -224,6 +245,33 @@ def test_fit_routers_is_least_squares_on_the_residual_moves(folder):
         assert target.std() > 0.05                                      # the fit has something to explain
 
 
+def test_sublayer_io_is_what_enters_and_leaves_each_sublayer():
+    """sublayer_io's (h, x_norm, y) against hooks of the test's own on a dense pass of a model with
+    sandwich norms (so y is not the sublayer's raw output): h enters the sublayer's norm, x_norm
+    leaves it, and h + y is the stream the next sublayer (or the final norm) receives. Random
+    routers: sublayer_io runs with them off."""
+    from test_router import random_routers, tiny_model, tokens
+    model = tiny_model("gemma")
+    idx = tokens()
+    norms = [n for block in model.layers for n in (block.attn_norm, block.mlp_norm)] + [model.norm]
+    enters, leaves, hooks = {}, {}, []
+    for i, norm in enumerate(norms):
+        hooks.append(norm.register_forward_pre_hook(lambda m, args, i=i: enters.__setitem__(i, args[0])))
+        hooks.append(norm.register_forward_hook(lambda m, args, out, i=i: leaves.__setitem__(i, out)))
+    with torch.no_grad():
+        model(idx)                                                      # no routers yet: the dense model
+    for hook in hooks:
+        hook.remove()
+    router.add_routers(model)
+    random_routers(model)
+    found = controller.sublayer_io(model, idx)
+    assert sorted(found) == [(l, k) for l in range(model.cfg.n_layers) for k in ("attn", "mlp")]
+    for (layer, kind), (h, x_norm, y) in found.items():
+        i = 2 * layer + (kind == "mlp")                                 # this sublayer's norm in norms
+        assert torch.equal(h, enters[i]) and torch.equal(x_norm, leaves[i]), (layer, kind)
+        torch.testing.assert_close(h + y, enters[i + 1], msg=f"{(layer, kind)}")
+
+
 def test_set_density_reaches_the_target(folder):
     model, _ = load_weights.load(str(folder))
     router.add_routers(model)
@@ -263,13 +311,30 @@ def test_each_stage_decays_its_learning_rate_over_its_own_length():
     assert lr[75] == pytest.approx(0.55) and 0.1 < lr[99] < 0.11            # the second stage: its middle, its end
 
 
-def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpus, tmp_path):
-    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=8)))
+def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpus, tmp_path, monkeypatch):
+    """Two targets, 0.7 then 0.4: the controller shifts every router by one common amount after
+    every step, from that step's gate records, and the density follows it down (the routers'
+    own learning rate could not move it that far in 4 steps); each stage keeps a checkpoint."""
+    shifts, update = [], controller.DensityController.update
+
+    def spy(self, model, it, records, weights, world=1):
+        before = biases(model).clone()
+        update(self, model, it, records, weights, world)
+        shifts.append((it, len(records), before - biases(model)))
+    monkeypatch.setattr(controller.DensityController, "update", spy)
+    train.train(train.read_config(args(folder, corpus, tmp_path / "run", max_iters=8, target_density="0.7,0.4")))
     rows = log_rows(tmp_path / "run")
     assert len(rows) == 8 and rows[0]["kl"] > 0.0             # the fitted routers skip from step 0
     init = json.loads((tmp_path / "run" / "routers_init.json").read_text())
     assert init["density"] == pytest.approx(0.7, abs=0.05)    # ... at the target density (64 tokens)
-    assert max(abs(r["density"] - 0.7) for r in rows) < 0.2   # and the controller holds it there
+    assert [(it, n) for it, n, _ in shifts] == [(it, 4) for it in range(8)]   # every step, its 4 records
+    for _, _, moved in shifts:                                # one common shift lands on every router
+        torch.testing.assert_close(moved, moved[:1].expand_as(moved))
+    assert shifts[5][2][0] > 0.3                             # ... closing them when the target falls
+    # the controller holds the first target, then brings the density down to the second
+    assert [r["target"] for r in rows] == pytest.approx([0.7] * 5 + [0.4] * 3)
+    assert max(abs(r["density"] - 0.7) for r in rows[:5]) < 0.15
+    assert rows[-1]["density"] < 0.55
     assert "val_kl" in rows[-1] and "compute_ratio" in rows[-1]
     model, tok, meta = checkpoint.load_sparse(tmp_path / "run")
     assert meta["train_state"]["iter"] == 8
@@ -280,8 +345,7 @@ def test_training_moves_the_gates_and_writes_a_loadable_checkpoint(folder, corpu
     lora_b = [m.B for m in model.modules() if isinstance(m, lora.LoRALinear)]
     assert lora_b and all(b.abs().max() > 0 for b in lora_b)
     # two targets: the first stage's end is kept as its own checkpoint
-    train.train(train.read_config(args(folder, corpus, tmp_path / "two", target_density="0.9,0.8")))
-    assert checkpoint.load_sparse(tmp_path / "two" / "stage1")[2]["train_state"]["iter"] == 2
+    assert checkpoint.load_sparse(tmp_path / "run" / "stage1")[2]["train_state"]["iter"] == 4
     x = torch.randint(3, 64, (1, 10))
     _, records = model(x)
     assert len(records) == 2 * model.cfg.n_layers
