@@ -36,15 +36,17 @@ def tight(monkeypatch):
 
 
 class Spy(Capacity):
-    """Capacity that notes the capacities of every run (None: in full)."""
+    """Capacity that notes the capacities of every run (None: in full), and whether it ran
+    compiled or graphed (fast) or eagerly."""
 
     def __init__(self, model, **kw):
         super().__init__(model, **kw)
-        self.runs = []
+        self.runs, self.fast_runs = [], []
 
     def run(self, kind, idx, cache, flags, capacities, fast):
         out = super().run(kind, idx, cache, flags, capacities, fast)
         self.runs.append((capacities, out[1], out[2]))          # capacities, counts, rows
+        self.fast_runs.append(fast)
         return out
 
 
@@ -131,7 +133,8 @@ def test_a_prompt_into_a_cache_then_a_batch_decodes_the_same_tokens(family, kv, 
 def test_a_compiled_call_at_fixed_capacities_gives_the_compacted_logits(kv, tight, monkeypatch):
     """compiled=True traces the whole forward at its capacities (a counting backend that runs the
     traced graph: what inductor would get) once per kind and set of capacities; the logits are
-    still the compacted path's, an overflow included, and the dense path is compiled too."""
+    still the compacted path's, an overflow included, and the dense path is compiled too. The
+    runs are read back: a compiled call does overflow its capacities, and then runs again in full."""
     torch._dynamo.reset()
     monkeypatch.setattr(compact, "QUERY_BLOCK", {})   # a sliding layer attends in one call, as on a GPU
     model = routed("gemma3", kv, substitute=4)
@@ -144,13 +147,25 @@ def test_a_compiled_call_at_fixed_capacities_gives_the_compacted_logits(kv, tigh
             got, records = fast(idx)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert [r.keep.tolist() for r in records] == [r.keep.tolist() for r in want_records]
-        assert counter.frame_count >= 1
+        runs = list(zip(fast.runs, fast.fast_runs))
+        assert runs[0][0][0] is None and not runs[0][1]                # the first call learns eagerly, in full
+        compiled = [caps for (caps, _, _), fast_run in runs if fast_run]
+        assert None not in compiled and len(compiled) == 5            # then every call at capacities, compiled
+        (caps, counts, rows), _ = runs[1]
+        assert counts == caps and any(c < r for c, r in zip(caps, rows)), "a should compact"
+        overflows = [i for i, ((caps, counts, _), fast_run) in enumerate(runs)
+                     if fast_run and any(n > c for n, c in zip(counts, caps))]
+        assert overflows, "some compiled call should overflow its capacities"
+        assert all(runs[i + 1][0][0] is None for i in overflows)      # ... and run again in full
+        assert counter.frame_count == len({tuple(caps) for caps in compiled})   # one trace per set of capacities
         fast(a)                                                        # capacities settle to a's counts
         frames = counter.frame_count
         fast(a)
-        assert counter.frame_count == frames                           # the same capacities: no new trace
+        assert counter.frame_count == frames and fast.fast_runs[-1]    # the same capacities: no new trace
         want = model(a, routers_off=True)[0]
-        torch.testing.assert_close(fast(a, routers_off=True)[0], want, atol=1e-5, rtol=1e-5)   # dense, compiled too
+        for _ in range(2):                                             # dense, compiled too: one more trace
+            torch.testing.assert_close(fast(a, routers_off=True)[0], want, atol=1e-5, rtol=1e-5)
+            assert fast.fast_runs[-1] and fast.runs[-1][0] == [] and counter.frame_count == frames + 1
     torch._dynamo.reset()
 
 
@@ -169,13 +184,42 @@ def test_inductors_code_at_fixed_capacities_gives_the_compacted_logits(tight):
 
 @contextmanager
 def no_reads():
-    """Any read of a tensor's value on the host (the device syncs of a GPU) raises inside the block."""
+    """Any read of a tensor's value on the host (the device syncs of a GPU) raises inside the block:
+    a read itself, a copy to the host, and an op whose output's shape depends on the values (nonzero,
+    a boolean mask as an index, masked_select, repeat_interleave by a tensor, unique)."""
     def refuse(*args, **kwargs):
         raise AssertionError("a value was read back from the device")
+
+    def masks(index) -> bool:
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                   for i in (index if isinstance(index, (tuple, list)) else (index,)))
+
+    def unless_masked(own):
+        def indexed(self, index, *value):
+            return refuse() if masks(index) else own(self, index, *value)
+        return indexed
+
+    def unless_by_int(own):
+        def repeated(*args, **kwargs):
+            repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+            by_tensor = repeats is None or isinstance(repeats, torch.Tensor)     # no output_size: counted
+            return refuse() if by_tensor and kwargs.get("output_size") is None else own(*args, **kwargs)
+        return repeated
+
+    def unless_one_argument(own):
+        return lambda *args, **kwargs: refuse() if len(args) + len(kwargs) == 1 else own(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy",
+                     "__array__", "cpu", "masked_select", "unique", "unique_consecutive", "argwhere"):
             mp.setattr(torch.Tensor, name, refuse)
-        mp.setattr(torch, "nonzero", refuse)
+        for name in ("nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "equal", "allclose"):
+            mp.setattr(torch, name, refuse)
+        for name in ("__getitem__", "__setitem__"):
+            mp.setattr(torch.Tensor, name, unless_masked(getattr(torch.Tensor, name)))
+        mp.setattr(torch.Tensor, "repeat_interleave", unless_by_int(torch.Tensor.repeat_interleave))
+        mp.setattr(torch, "repeat_interleave", unless_by_int(torch.repeat_interleave))
+        mp.setattr(torch, "where", unless_one_argument(torch.where))
         yield
 
 

@@ -1,10 +1,12 @@
 """A train.py checkpoint is a set: all old or all new, whatever stops a save, and never mixed.
 
 A tiny random model with routers and LoRA, one AdamW step taken, is saved as the "old" state;
-its trained tensors are then changed and saved again as the "new" one. The save is stopped at
-every point it announces (checkpoint.save_step), as a kill -9 would stop it (an exception
-that nothing catches) and as a full disk would (OSError ENOSPC), once for real with SIGKILL
-in a child process; each time the checkpoint must load as exactly the old or the new state.
+another step then changes its trained tensors, their AdamW moments and the RNG, and it is saved
+again as the "new" one. The save is stopped at every point it announces (checkpoint.save_step),
+as a kill -9 would stop it (an exception that nothing catches) and as a full disk would (OSError
+ENOSPC), once for real with SIGKILL in a child process; each time the checkpoint must load as
+exactly the old or the new state: the trained tensors, their AdamW moments and step counts, the
+torch RNG state and the data sampler's RNG, every one of them.
 """
 import errno
 import os
@@ -44,49 +46,78 @@ def sparse_model(seed=0):
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=0.1)
+    train_step(model, opt)
+    return model, opt
+
+
+def train_step(model, opt):
+    """One AdamW step on a random batch: new tensors, moments and step counts, and the RNG moved."""
+    opt.zero_grad()
     model(torch.randint(3, 64, (1, 6)), masked=True)[0].sum().backward()
     opt.step()
-    return model, opt
+
+
+def data_rng(it):
+    """The data sampler's RNG state a save of iteration it stores (different for every iteration)."""
+    return torch.arange(it, it + 3) * 7
 
 
 def save(out_dir, model, opt, it):
     meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
-    state = dict(iter=it, data_rng=torch.tensor([it]))
+    state = dict(iter=it, data_rng=data_rng(it))
     checkpoint.save_checkpoint(out_dir, *checkpoint.trained_state(model, opt), state, meta)
 
 
-def change(model):
+def change(model, opt):
+    """Another AdamW step, and every tensor moved further: the moments and the RNG change too."""
+    train_step(model, opt)
     with torch.no_grad():
         for p in checkpoint.trained_parameters(model).values():
             p.add_(1.0)
 
 
+def state_of(model, opt, rng, data) -> dict:
+    """{name: tensor} of a run's whole state: trained tensors, their AdamW moments and step
+    counts, the torch RNG state and the data sampler's RNG."""
+    out = {}
+    for n, p in checkpoint.trained_parameters(model).items():
+        out[n] = p.detach().clone()
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            out[f"{n}.{k}"] = opt.state[p][k].detach().clone()
+    return dict(out, **{"rng.torch": rng.clone(), "rng.data": data.clone()})
+
+
 def loaded(out_dir) -> tuple:
-    """(iteration, trained tensors) of out_dir's checkpoint, read the way resume reads it."""
+    """(iteration, state_of the run) of out_dir's checkpoint, read the way resume reads it, into
+    a model and an AdamW of another seed (whose tensors and moments all differ)."""
     model, opt = sparse_model(seed=1)
     state = checkpoint.load_checkpoint(out_dir, model, opt)
-    return state["iter"], {n: p.detach().clone() for n, p in checkpoint.trained_parameters(model).items()}
+    return state["iter"], state_of(model, opt, torch.get_rng_state(), state["data_rng"])
 
 
-def snapshot(model) -> dict:
-    return {n: p.detach().clone() for n, p in checkpoint.trained_parameters(model).items()}
+def snapshot(model, opt, it) -> dict:
+    """state_of the run as a save of iteration it, now, stores it."""
+    return state_of(model, opt, torch.get_rng_state(), data_rng(it))
 
 
-def assert_state(out_dir, it, tensors):
+def assert_state(out_dir, it, want):
     got_it, got = loaded(out_dir)
     assert got_it == it
-    for n in tensors:
-        assert torch.equal(got[n], tensors[n]), n
+    assert sorted(got) == sorted(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
 
 
 @pytest.fixture
 def old_and_new(tmp_path):
     """out_dir holding the old state (iteration 1); the model already changed to the new one (2)."""
     model, opt = sparse_model()
+    old = snapshot(model, opt, 1)
     save(tmp_path / "out", model, opt, 1)
-    old = snapshot(model)
-    change(model)
-    return tmp_path / "out", model, opt, old, snapshot(model)
+    change(model, opt)
+    new = snapshot(model, opt, 2)
+    assert all(not torch.equal(old[n], new[n]) for n in old), "old and new should differ in everything"
+    return tmp_path / "out", model, opt, old, new
 
 
 def test_a_save_announces_every_point_and_leaves_one_set(old_and_new, monkeypatch):
@@ -115,9 +146,10 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_old_or_the_new_state(old_and_n
     else:
         assert_state(out_dir, 2, new)
     monkeypatch.undo()
-    change(model)                                   # the next save cleans up what the kill left
+    change(model, opt)                              # the next save cleans up what the kill left
+    want = snapshot(model, opt, 3)
     save(out_dir, model, opt, 3)
-    assert_state(out_dir, 3, snapshot(model))
+    assert_state(out_dir, 3, want)
     assert len(list(out_dir.glob("ckpt-*"))) == 1 and not (out_dir / "LATEST.tmp").exists()
 
 
@@ -173,7 +205,7 @@ import os, signal, sys
 sys.path.insert(0, "tests")
 import checkpoint, test_checkpoint as t
 model, opt = t.sparse_model()
-t.change(model)
+t.change(model, opt)
 checkpoint.save_step = lambda at: at == "optim written" and os.kill(os.getpid(), signal.SIGKILL)
 t.save(sys.argv[1], model, opt, 2)
 """
@@ -195,22 +227,23 @@ def old_layout(out_dir, model, opt, it):
     """A checkpoint as train.py wrote it before the sets: the three files directly in out_dir."""
     out_dir.mkdir(parents=True)
     meta = dict(base="unused", model_config=model.cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=["wq", "wv"]))
-    state = dict(iter=it, data_rng=torch.tensor([it]))
+    state = dict(iter=it, data_rng=data_rng(it))
     checkpoint.write_parts(out_dir, *checkpoint.trained_state(model, opt), state, meta)
 
 
 def test_the_older_layout_still_loads(tmp_path):
     model, opt = sparse_model()
+    want = snapshot(model, opt, 5)
     old_layout(tmp_path / "old", model, opt, 5)
-    assert_state(tmp_path / "old", 5, snapshot(model))
+    assert_state(tmp_path / "old", 5, want)
 
 
 def test_parts_from_different_saves_are_refused(tmp_path):
     """The older layout's failure: trained.safetensors of iteration 3 beside the rest of iteration 2."""
     model, opt = sparse_model()
     old_layout(tmp_path / "old", model, opt, 2)
-    change(model)
-    save_file(snapshot(model), str(tmp_path / "old" / checkpoint.CKPT_TENSORS), metadata={"iter": "3"})
+    change(model, opt)
+    save_file(checkpoint.trained_state(model, opt)[0], str(tmp_path / "old" / checkpoint.CKPT_TENSORS), metadata={"iter": "3"})
     with pytest.raises(LoadError, match=r"trained.safetensors holds iteration 3 but .*ckpt.json iteration 2: "
                                         r"the parts come from different saves"):
         loaded(tmp_path / "old")

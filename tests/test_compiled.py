@@ -13,9 +13,11 @@ and a prefill, sample.py --compile and bench.py --compile on tiny models.
 """
 import importlib
 import json
+import re
 import shlex
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -262,11 +264,32 @@ def tiny_bench(monkeypatch, capsys, max_seq_len, *argv):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def compiled_calls(monkeypatch) -> Counter:
+    """Every Compiled's calls from now on, counted here: ("step", routers_off) for each compiled
+    decoding step (Compiled.decode), "prefill" for each forward of more than one token."""
+    calls, own_decode, own_call = Counter(), Compiled.decode, Compiled.__call__
+
+    def decode(self, idx, cache, routers_off):
+        calls["step", bool(routers_off)] += 1
+        return own_decode(self, idx, cache, routers_off)
+
+    def call(self, idx, *args, **kwargs):
+        calls["prefill"] += idx.shape[1] > 1
+        return own_call(self, idx, *args, **kwargs)
+    monkeypatch.setattr(Compiled, "decode", decode)
+    monkeypatch.setattr(Compiled, "__call__", call)
+    return calls
+
+
 def test_bench_compile_adds_the_eager_against_compiled_rows(monkeypatch, capsys):
+    """Both paths of every row run through Compiled: the compiled dense row's, and the random
+    gates' dense and sparse decoding (12 steps each, at least) and prefills."""
+    calls = compiled_calls(monkeypatch)
     rows = tiny_bench(monkeypatch, capsys, 64, "--densities=0.5", "--prefill=1x16", "--prompt_len=8",
                       "--new_tokens=12", "--repeat=1", "--compile=True")
     assert [(r["mode"], r["gates"]) for r in rows] == [("prefill", "compiled"), ("decode", "compiled"),
                                                        ("prefill", "random"), ("decode", "random")]
+    assert calls["step", True] >= 2 * 12 and calls["step", False] >= 12 and calls["prefill"] >= 3, calls
     for r in rows[:2]:
         assert r["density"] == 1.0 and r["dense_s"] > 0 and r["sparse_s"] > 0
     assert 0.1 < rows[3]["density"] < 0.9                         # 48 random gates at 0.5
@@ -274,19 +297,26 @@ def test_bench_compile_adds_the_eager_against_compiled_rows(monkeypatch, capsys)
         bench.main(["--init=tiny-llama", "--random_weights=True", "--compile=True", "--decode_batch=2"])
 
 
-def test_sample_compile_prints_the_eager_text(tiny_hf, tmp_path_factory, capsys):
+def test_sample_compile_prints_the_eager_text(tiny_hf, tmp_path_factory, capsys, monkeypatch):
     """sample.py --compile=True on a sparse checkpoint: the same greedy text and the same share
-    of compute per token as without it."""
+    of compute per token as without it, every decoding step (sparse, and the dense one it is
+    timed against) through the compiled step."""
     import sample
     from conftest import tiny_model_folder
     from test_cli import make_checkpoint
     folder = tiny_model_folder(tiny_hf, tmp_path_factory, "llama", False)
     ckpt = make_checkpoint(tmp_path_factory.mktemp("compiled") / "ckpt", folder, lora_std=0.3)
     argv = [f"--ckpt={ckpt}", "--prompt=the cat", "--temperature=0", "--max_new_tokens=8", "--no_color"]
+    calls = compiled_calls(monkeypatch)
     sample.main(argv)
     eager = capsys.readouterr().out.splitlines()[0]
+    assert not calls                                                # without --compile: the model itself
     sample.main(argv + ["--compile=True"])
-    assert capsys.readouterr().out.splitlines()[0] == eager
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == eager
+    n = int(re.search(r"^--- (\d+) tokens: sparse", out, re.M).group(1))
+    assert n >= 2 and calls["prefill"] >= 2, out                    # the sparse tokens and the dense timing,
+    assert calls["step", False] >= n - 1 and calls["step", True] >= n - 1, calls    # every step compiled
 
 
 def test_evaluate_compile_gives_the_eager_numbers(tiny_hf, tmp_path_factory, monkeypatch, capsys):

@@ -86,12 +86,6 @@ def test_unknown_dtype(model_dir):
     assert "choose one of float32" in load_error(load, str(model_dir), dtype="float64")
 
 
-def test_checkpoints_folder_first(model_dir, tmp_path, monkeypatch):
-    shutil.copytree(model_dir, tmp_path / "checkpoints" / "smollm2-135m-instruct")
-    monkeypatch.chdir(tmp_path)
-    assert resolve("smollm2-135m-instruct").resolve() == tmp_path / "checkpoints" / "smollm2-135m-instruct"
-
-
 def fake_hub_cache(root, repo_id, model_dir, revision="0123abcd"):
     """The Hub cache layout: models--org--name/refs/main names the snapshots/<revision>/ folder."""
     repo = root / ("models--" + repo_id.replace("/", "--"))
@@ -99,6 +93,25 @@ def fake_hub_cache(root, repo_id, model_dir, revision="0123abcd"):
     (repo / "refs" / "main").write_text(revision)
     shutil.copytree(model_dir, repo / "snapshots" / revision)
     return repo / "snapshots" / revision
+
+
+def test_checkpoints_folder_first(model_dir, tmp_path, monkeypatch):
+    """A name found in $NANOSKIP_CHECKPOINTS, in checkpoints/ and in the Hub cache resolves to the
+    variable's folder; without the variable, to checkpoints/; never to the cache or a download."""
+    name = "smollm2-135m-instruct"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: pytest.fail("downloaded although a copy is on this machine"))
+    snapshot = fake_hub_cache(tmp_path / "hf", SMOL_REPO, model_dir)
+    assert resolve(name) == snapshot                                  # the cache alone: it is found
+    shutil.copytree(model_dir, tmp_path / "checkpoints" / name)
+    shutil.copytree(model_dir, tmp_path / "mine" / name)
+    assert resolve(name).resolve() == tmp_path / "checkpoints" / name
+    monkeypatch.setenv("NANOSKIP_CHECKPOINTS", str(tmp_path / "mine"))
+    assert resolve(name).resolve() == tmp_path / "mine" / name
+    monkeypatch.setenv("NANOSKIP_CHECKPOINTS", str(tmp_path / "empty"))      # a variable without it: on to checkpoints/
+    assert resolve(name).resolve() == tmp_path / "checkpoints" / name
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
