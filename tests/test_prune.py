@@ -1,9 +1,10 @@
 """tests/test_prune.py — the static baselines (research/prune.py, train.py --prune) on a tiny model.
 
-Checks the two measures against sublayers made harmless by hand (zero output: KL 0 and Block
-Influence 0, ranked first), the removal order and where it stops, that static gates skip the
-removed sublayers for every token but the sinks, and a --prune run end to end: the routers do
-not move, LoRA does, prune.json holds the ranking, and a second run reuses it; and the hybrid
+Checks the three measures against sublayers made harmless by hand (zero output: KL 0 and Block
+Influence 0, ranked first) and against each measure written out here, the removal order and where
+it stops, that static gates skip the removed sublayers for every token but the sinks, and a --prune
+run end to end: the routers do not move, LoRA does, prune.json holds the ranking, and a second run
+removes by the ranking it is given (--prune_scores), not by one of its own; and the hybrid
 (--prune_routed) closes the removed sublayers and routes the others.
 """
 import json
@@ -40,8 +41,33 @@ def silence(model, layer: int, kind: str):
         (block.attn.wo if kind == "attn" else block.mlp.down).weight.zero_()
 
 
+def by_hand(model, batches, by: str) -> float:
+    """The score of sublayer (0, "attn"), written out here: the mean KL(dense || without it) of the
+    next-token distributions, or the mean over tokens (position 0 left out) of 1 - cos(h, h + f(x))."""
+    found = []
+    for x in batches:
+        with torch.no_grad():
+            if by == "kl":
+                dense = model(x, routers_off=True)[0].float().log_softmax(-1)                # (B, T, V)
+                with gates.forced(model, {(l, k): 0.0 if (l, k) == (0, "attn") else "open"
+                                          for l, k, _ in router.routers(model)}):
+                    pruned = model(x)[0].float().log_softmax(-1)
+                found.append(float((dense.exp() * (dense - pruned)).sum(-1).mean()))
+            else:
+                seen = {}
+                hooks = [model.layers[0].register_forward_pre_hook(lambda m, a: seen.update(before=a[0])),
+                         model.layers[0].mlp_norm.register_forward_pre_hook(lambda m, a: seen.update(after=a[0]))]
+                model(x, routers_off=True)
+                for hook in hooks:
+                    hook.remove()
+                cos = torch.nn.functional.cosine_similarity(seen["before"][:, 1:], seen["after"][:, 1:], dim=-1)
+                found.append(float((1 - cos).mean()))
+    return sum(found) / len(found)
+
+
 @pytest.mark.parametrize("by", ["kl", "bi"])
-def test_a_silent_sublayer_scores_zero_and_goes_first(folder, by):
+def test_a_silent_sublayer_scores_zero_and_goes_first(folder, by, monkeypatch):
+    monkeypatch.setattr(prune, "HEAD_ROWS", 5)                            # the KL's logits in several chunks
     model = routed_model(folder)
     silence(model, 1, "mlp")
     batches = [torch.randint(3, 64, (2, 12)) for _ in range(2)]
@@ -50,16 +76,31 @@ def test_a_silent_sublayer_scores_zero_and_goes_first(folder, by):
     assert scores[(1, "mlp")] == pytest.approx(0.0, abs=1e-6)
     assert min(v for k, v in scores.items() if k != (1, "mlp")) > 1e-4     # every other sublayer matters
     assert sorted(scores, key=scores.get)[0] == (1, "mlp")
+    assert scores[(0, "attn")] == pytest.approx(by_hand(model, batches, by), rel=1e-4)   # the measure itself
 
 
 def test_layer_ranking_scores_whole_blocks(folder):
+    """A block's score is 1 - cos(its input, its output): from before its attention to after its MLP."""
     model = routed_model(folder)
+    silence(model, 0, "attn")                                             # block 0 turns by its MLP alone
+    silence(model, 1, "mlp")                                              # block 1 by its attention alone
     silence(model, 2, "attn")
     silence(model, 2, "mlp")
-    scores = prune.rank(model, [torch.randint(3, 64, (2, 12))], "layer")
+    x = torch.randint(3, 64, (2, 12))
+    scores = prune.rank(model, [x], "layer")
     assert set(scores) == {(l, "block") for l in range(3)}
     assert scores[(2, "block")] == pytest.approx(0.0, abs=1e-6)
     assert min(scores[(0, "block")], scores[(1, "block")]) > 1e-4
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, a, out, l=l: seen.__setitem__(l, (a[0], out)))
+             for l, b in enumerate(model.layers)]
+    with torch.no_grad():
+        model(x, routers_off=True)
+    for hook in hooks:
+        hook.remove()
+    for l, (before, after) in seen.items():
+        turn = 1 - torch.nn.functional.cosine_similarity(before[:, 1:], after[:, 1:], dim=-1).mean()
+        assert scores[(l, "block")] == pytest.approx(float(turn), rel=1e-4, abs=1e-6), l
 
 
 def test_removal_follows_the_scores_and_stops_at_the_target(folder):
@@ -102,10 +143,19 @@ def test_a_pruned_run_trains_lora_only_and_its_ranking_is_reused(folder, corpus,
         assert float(r.proj.weight.abs().max()) == 0
         assert float(r.proj.bias) == (-prune.FIXED_LOGIT if (layer, kind) in removed else prune.FIXED_LOGIT)
     assert any(float(b.abs().max()) > 0 for n, b in model.named_parameters() if n.endswith(".B"))
+    # a second run removes by the ranking it is given, not by one of its own: here the sublayer the
+    # first run found most harmful is made the least
+    worst = record["scores"][-1]
+    assert (worst["layer"], worst["kind"]) not in removed
+    given = dict(record, scores=[dict(worst, score=-1.0)] + record["scores"][:-1])
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "prune.json").write_text(json.dumps(given))
     again = tmp_path / "again"
-    train.train(train.read_config(args(folder, corpus, again, prune="kl", prune_scores=out,
+    train.train(train.read_config(args(folder, corpus, again, prune="kl", prune_scores=tmp_path / "given",
                                        prune_compute=0.9, max_iters=1)))
-    assert json.loads((again / "prune.json").read_text())["removed"] == record["removed"]
+    reused = json.loads((again / "prune.json").read_text())
+    assert reused["scores"] == given["scores"]
+    assert reused["removed"][0] == [worst["layer"], worst["kind"]]
 
 
 def test_a_hybrid_closes_the_removed_sublayers_and_routes_the_rest(folder, corpus, tmp_path):  # noqa: F811

@@ -4,7 +4,8 @@
 
 What is checked: the file holds at least --tokens sampled tokens, split into samples at blank
 lines; the same seed writes the same text and another seed another; no temporary file is left
-behind; a sample starts after BOS, or else after the end-of-text token; bad flags are errors naming the fix.
+behind; a sample starts after BOS, or else after the end-of-text token, and ends before the first
+end-of-text token it draws; bad flags are errors naming the fix.
 """
 import json
 
@@ -22,7 +23,9 @@ def write(folder, out, *flags):
                            "--dtype=float32", *flags])
 
 
-def test_writes_at_least_the_tokens_asked_for(folder, tmp_path, capsys):
+def test_writes_at_least_the_tokens_asked_for(folder, tmp_path, capsys, monkeypatch):
+    drawn, generate = [], self_text.generate         # what the model drew: (B, 1 + new) per batch
+    monkeypatch.setattr(self_text, "generate", lambda *a, **k: drawn.append(generate(*a, **k)) or drawn[-1])
     out = tmp_path / "self.txt"
     result = write(folder, out)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
@@ -32,6 +35,15 @@ def test_writes_at_least_the_tokens_asked_for(folder, tmp_path, capsys):
     assert result["tokens"] >= 40                    # batches until 40 are drawn (no sample here is empty)
     assert len(tok.encode(text, special=False)) >= result["tokens"] - result["samples"]
     assert [p.name for p in tmp_path.iterdir()] == ["self.txt"]      # no .tmp left behind
+    # each sample starts after <eos> (id 2: the tiny tokenizer adds no BOS) and ends before the
+    # first <eos> it draws; the file is the samples, a blank line between them
+    rows = [row for batch in drawn for row in batch.tolist()]
+    assert all(row[0] == 2 for row in rows)
+    samples = [row[1:row.index(2, 1)] if 2 in row[1:] else row[1:] for row in rows]
+    assert any(len(ids) < 12 for ids in samples)     # an <eos> was drawn: the cut is tested
+    kept = [ids for ids in samples if tok.decode(ids).strip()]
+    assert text == "\n\n".join(tok.decode(ids).strip() for ids in kept) + "\n"
+    assert result["tokens"] == sum(len(ids) for ids in kept)
 
 
 def test_a_seed_is_a_text(folder, tmp_path):

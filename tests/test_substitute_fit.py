@@ -46,6 +46,17 @@ def test_each_substitute_is_exact_where_the_output_is_of_its_form():
             assert max(found["rank 2"], found["previous"]) < 0.9, found
 
 
+def test_the_rows_leave_out_position_0_and_pair_each_token_with_the_one_before():
+    h, x, y = (torch.randn(2, 5, 3) for _ in range(3))                  # (B, T, d) as sublayer_io gives them
+    rx, ry, rp = substitute_fit.rows((h, x, y))
+    assert rx.shape == ry.shape == rp.shape == (2 * 4, 3)
+    for b in range(2):
+        for t in range(1, 5):                                             # row b * 4 + t - 1 is token t of window b
+            i = b * 4 + t - 1
+            assert torch.equal(rx[i], x[b, t].double()) and torch.equal(ry[i], y[b, t].double())
+            assert torch.equal(rp[i], y[b, t - 1].double())              # its previous: position 0 for t = 1
+
+
 def test_a_run_reports_every_sublayer_on_both_texts(folder, corpus):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
