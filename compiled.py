@@ -10,29 +10,31 @@ one the router picks runs inside the compiled step, with no return to Python per
     fast = Compiled(model)                               # compiles on first use (minutes on a CPU)
     logits, records = fast(x, cache=cache, last_only=True)   # x (1, 1): the compiled step
     generate(fast, idx, 40)                                  # generate.py and timing.py take it
-    logits, records = fast(idx)                              # a prefill: compiled rows
+    logits, records = fast(idx)                              # a prefill: compiled MLPs
 
 A forward of many tokens (a prefill into a cache, or evaluate.py's windows with none) runs
-the model's own forward, the compacted path, with its row-wise sublayers compiled: each block's
-MLP and its attention's output projection `wo` take (..., d) and act on every row alone, so for
-the length of the call they run a compiled function on exactly their rows. Kept counts change
+the model's own forward, the compacted path, with its MLPs compiled: an MLP takes (..., d) and
+acts on every row alone, so for the length of the call it runs a compiled function on exactly
+its rows, which fuses the activation with the product of its two halves. Kept counts change
 with every call and every layer, so the row count is a symbolic size of the compiled code (a
 dynamic shape), not a constant: one graph serves every count, and one function serves every
 layer (the module is an argument: its weights are inputs of the graph, not constants), so it
-compiles once per kind of module (MLP, wo; LoRA adapters on or off). The rest of the call
-(norms, routers, gathers, attention) stays eager. A decoding step of a batch and the training
-path (masked, or gradients on) run the model itself. The compiled step starts from a cache that
-a prefill filled. Same weights, same gates, the same logits as the eager model:
-tests/test_compiled.py checks it for every family and both kv modes. model.py, router.py and
-compact.py do not know about this file.
+compiles once (and once more with LoRA adapters on). The rest of the call (norms, routers,
+gathers, attention, projections) stays eager: a lone matmul compiled is the same BLAS call
+behind a compiled call's overhead (attention's output projection measured 2-17 % slower). A
+decoding step of a batch and the training path (masked, or gradients on) run the model itself.
+The compiled step starts from a cache that a prefill filled. Same weights, same gates, the
+same logits as the eager model: tests/test_compiled.py checks it for every family and both kv
+modes. model.py, router.py and compact.py do not know about this file.
 
 On this CPU compiled dense decoding is 9-26 % faster than eager (four runs), but a skip saves
 less time here than in the eager step (efficiency 0.90-0.92 against 0.94-0.96 at density 0.5),
-and a compiled prefill does not pay: its matmuls are the same BLAS calls (RESULTS.md, "A
-compiled decoding step"); on a CPU the eager path stays the default. Where a step's time goes
-(python -m research.decode_profile): its matmuls shrink as the FLOP model says, but each call's
-guards (~1.5-2 ms under the profiler, less in wall time) and each gate's cond and kernels run
-whether the gate skips or not.
+and a compiled prefill hardly pays: its matmuls are the same BLAS calls, and the fused MLP gains
+only where its (rows x hidden) intermediates outgrow the cache (-10 % at 64 rows, +9 % at 1,024;
+RESULTS.md, "A compiled decoding step"); on a CPU the eager path stays the default. Where a
+step's time goes (python -m research.decode_profile): its matmuls shrink as the FLOP model says,
+but each call's guards (~1.5-2 ms under the profiler, less in wall time) and each gate's cond
+and kernels run whether the gate skips or not.
 
 How the compiled step differs from compact.step, and why:
 - A cond's branches may not write to the cache. So every token projects its K/V and writes them
@@ -57,7 +59,7 @@ from model import attention_mask, rope_cos_sin
 CACHE_BUCKET = 256
 # Entries torch._dynamo may keep per compiled function (its recompile limit, 8 by default): the
 # step compiles once per cache size and per set of gates (bench.py's forced densities and its
-# dense path each make one), the rows once per kind of module. Past it, the rows run eagerly (the
+# dense path each make one), the MLPs once (twice with LoRA on). Past it, the MLPs run eagerly (the
 # same numbers, with a warning) and the step (fullgraph) raises.
 RECOMPILE_LIMIT = 64
 
@@ -84,7 +86,7 @@ class Compiled:
         # C++ too, not Python; a branch then costs ~nothing, and sparse steps run faster than eager
         options = dict(cpp_wrapper=True) if backend == "inductor" else None
         self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
-        # One function for every layer's MLP and wo: the module is an argument, so torch._dynamo
+        # One function for every layer's MLP: the module is an argument, so torch._dynamo
         # guards on its type and flags (a LoRA adapter on or off), not on which layer it is; the
         # row count is marked dynamic at each call (on_rows). Not fullgraph: past the
         # recompile limit, fullgraph would make a new entry an error
@@ -104,7 +106,7 @@ class Compiled:
     def __call__(self, idx, cache=None, routers_off=False, last_only=False, **kw):
         """model(idx, ...): the compiled step for one token of batch 1 with a cache; a step of a
         batch, or the training path (masked, or gradients on), the model itself; anything else
-        (a prefill, a forward with no cache) the model with compiled rows."""
+        (a prefill, a forward with no cache) the model with compiled MLPs."""
         if cache is not None and idx.shape == (1, 1) and cache.batch_size == 1 and not kw:
             return self.decode(idx, cache, routers_off)
         step = cache is not None and idx.shape[1] == 1      # B rows: eager (compiled, not measured)
@@ -114,10 +116,10 @@ class Compiled:
 
     @contextmanager
     def compiled_sublayers(self):
-        """Inside the block every block's MLP and attention output projection run compiled
-        (on_rows); after it, even on error, their own forward again. The swap is an instance
-        attribute `forward`, which nn.Module.__call__ runs instead of the class's (hooks still fire)."""
-        modules = [m for block in self.model.layers for m in (block.mlp, block.attn.wo)]
+        """Inside the block every block's MLP runs compiled (on_rows); after it, even on error,
+        its own forward again. The swap is an instance attribute `forward`, which
+        nn.Module.__call__ runs instead of the class's (hooks still fire)."""
+        modules = [block.mlp for block in self.model.layers]
         try:
             for m in modules:
                 m.forward = partial(self.on_rows, m)
