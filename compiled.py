@@ -27,8 +27,8 @@ The compiled step starts from a cache that a prefill filled. Same weights, same 
 same logits as the eager model: tests/test_compiled.py checks it for every family and both kv
 modes. model.py, router.py and compact.py do not know about this file.
 
-On this CPU compiled dense decoding is 9-26 % faster than eager (four runs), but a skip saves
-less time here than in the eager step (efficiency 0.90-0.92 against 0.94-0.96 at density 0.5),
+On this CPU compiled dense decoding is 9-26 % faster than eager (six runs), but a skip saves
+less time here than in the eager step (efficiency 0.90-0.93 against 0.94-0.96 at density 0.5),
 and a compiled prefill hardly pays: its matmuls are the same BLAS calls, and the fused MLP gains
 only where its (rows x hidden) intermediates outgrow the cache (-10 % at 64 rows, +9 % at 1,024;
 RESULTS.md, "A compiled decoding step"); on a CPU the eager path stays the default. Where a
