@@ -35,6 +35,25 @@ def test_both_predictors_learn_a_linear_target():
     assert router_fit.scores(t, mlp(x), t.exp(), 0.25)["r2"] > 0.95
 
 
+def test_rows_join_the_windows_and_leave_out_position_0(monkeypatch):
+    """rows: each key's (h, x, y) over every window in order, position 0 (a sink) left out, float32."""
+    made = {}
+
+    def io(model, idx, keys):                                       # sublayer_io's (1, T, d) tensors
+        made[int(idx[0, 0])] = {key: tuple(torch.randn(1, 5, 3, dtype=torch.float64) for _ in range(3))
+                                for key in keys}
+        return made[int(idx[0, 0])]
+    monkeypatch.setattr(router_fit, "sublayer_io", io)
+    keys = [(0, "attn"), (1, "mlp")]
+    found = router_fit.rows(None, [torch.tensor([7, 1, 2, 3, 4]), torch.tensor([9, 1, 2, 3, 4])], keys)
+    assert sorted(found) == keys
+    for key in keys:
+        for i, t in enumerate(found[key]):                          # h, x, y
+            assert t.dtype == torch.float32 and t.shape == (2 * 4, 3)
+            want = torch.cat([made[7][key][i][0, 1:], made[9][key][i][0, 1:]]).float()
+            assert torch.equal(t, want), (key, i)
+
+
 def test_a_run_reports_every_sublayer_on_both_texts(folder, corpus):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
