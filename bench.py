@@ -29,8 +29,8 @@ turned into saved time).
 Our dense model against transformers' on the same folder: `python -m research.vs_hf --init=...`.
 
 --compile=True runs both paths through compiled.py: every decoding step of batch 1 as its
-compiled step, and every prefill with each block's MLP and attention output projection compiled
-on their rows (the row count a dynamic size: one graph for every kept count). The first rows
+compiled step, and every prefill with each block's MLP compiled on its rows (the row count a
+dynamic size: one graph for every kept count). The first rows
 compare the dense model eager (dense_s) against compiled (sparse_s), prefill and decoding. The
 untimed first run of each path compiles what it meets (minutes on a CPU).
 

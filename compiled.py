@@ -71,7 +71,7 @@ def rowwise(module, x):
 
 class Compiled:
     """A model whose one-token decoding steps of batch 1 run compiled, and whose prefills run the
-    model with its row-wise sublayers compiled. Callable like the model, and any attribute (cfg,
+    model with its MLPs compiled. Callable like the model, and any attribute (cfg,
     layers, tok_emb, logits, ...) is the model's: it passes for the model where scoring.py and
     gates.py read one."""
 

@@ -165,7 +165,7 @@ def test_a_step_past_the_cache_or_the_context_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------
-# A prefill or a batch: the row-wise sublayers compiled on their rows
+# A prefill or a batch: the MLPs compiled on their rows
 # ----------------------------------------------------------------------------------------------
 
 class Graphs:
