@@ -33,6 +33,7 @@ import train
 from load_weights import NonFiniteError
 from conftest import tiny_model_folder
 from data.prepare import RandomWindows, consecutive_windows, spread_windows
+from test_router import capture, random_routers, tiny_model, tokens
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,18 +251,13 @@ def test_sublayer_io_is_what_enters_and_leaves_each_sublayer():
     sandwich norms (so y is not the sublayer's raw output): h enters the sublayer's norm, x_norm
     leaves it, and h + y is the stream the next sublayer (or the final norm) receives. Random
     routers: sublayer_io runs with them off."""
-    from test_router import random_routers, tiny_model, tokens
     model = tiny_model("gemma")
     idx = tokens()
     norms = [n for block in model.layers for n in (block.attn_norm, block.mlp_norm)] + [model.norm]
-    enters, leaves, hooks = {}, {}, []
-    for i, norm in enumerate(norms):
-        hooks.append(norm.register_forward_pre_hook(lambda m, args, i=i: enters.__setitem__(i, args[0])))
-        hooks.append(norm.register_forward_hook(lambda m, args, out, i=i: leaves.__setitem__(i, out)))
+    enters, leaves = [capture(n, pre=True) for n in norms], [capture(n) for n in norms]
     with torch.no_grad():
         model(idx)                                                      # no routers yet: the dense model
-    for hook in hooks:
-        hook.remove()
+    enters, leaves = [seen[0] for seen in enters], [seen[0] for seen in leaves]   # this pass's
     router.add_routers(model)
     random_routers(model)
     found = controller.sublayer_io(model, idx)
