@@ -30,9 +30,9 @@ Our dense model against transformers' on the same folder: `python -m research.vs
 
 --compile=True runs both paths through compiled.py: every decoding step of batch 1 as its
 compiled step, and every prefill with each block's MLP compiled on its rows (the row count a
-dynamic size: one graph for every kept count). The first rows
-compare the dense model eager (dense_s) against compiled (sparse_s), prefill and decoding. The
-untimed first run of each path compiles what it meets (minutes on a CPU).
+dynamic size: one graph for every kept count). The first rows compare the dense model eager
+(dense_s) against compiled (sparse_s), prefill and decoding. The untimed first run of each path
+compiles what it meets (minutes on a CPU).
 
 --capacity=eager runs both paths' prefills through capacity.py: each routed sublayer at a
 capacity fixed before the call, from the kept counts of the calls before, so that nothing is

@@ -71,9 +71,9 @@ def rowwise(module, x):
 
 class Compiled:
     """A model whose one-token decoding steps of batch 1 run compiled, and whose prefills run the
-    model with its MLPs compiled. Callable like the model, and any attribute (cfg,
-    layers, tok_emb, logits, ...) is the model's: it passes for the model where scoring.py and
-    gates.py read one."""
+    model with its MLPs compiled. Callable like the model, and any attribute (cfg, layers,
+    tok_emb, logits, ...) is the model's: it passes for the model where scoring.py and gates.py
+    read one."""
 
     def __init__(self, model, backend: str = "inductor"):
         # backend="aot_eager" traces the same graph without generating code: the tests' quick check

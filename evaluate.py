@@ -35,11 +35,11 @@ perplexity, density and compute ratio, nothing compared with a dense model.
 --path=masked runs the training path (every token computes, the gate multiplies) instead of
 the compacted one; both must give the same numbers.
 --compile=True runs the passes (sparse and dense, or the model alone) through compiled.py: the
-compacted path with each block's MLP compiled on its rows (one graph for every kept
-count). The numbers are the eager ones (within float rounding). The
-compiling (minutes on a CPU) happens in the untimed warm-up on the first window when sparse and
-dense passes are compared, and inside the timed first window for a model alone. It runs
-the compacted path only: not with --path=masked or --gates=peek(_lora).
+compacted path with each block's MLP compiled on its rows (one graph for every kept count). The
+numbers are the eager ones (within float rounding). The compiling (minutes on a CPU) happens in
+the untimed warm-up on the first window when sparse and dense passes are compared, and inside the
+timed first window for a model alone. It runs the compacted path only: not with --path=masked or
+--gates=peek(_lora).
 --capacity=eager runs them through capacity.py instead: every routed sublayer at a capacity fixed
 from the windows before, nothing read back from a GPU until a pass ends (the same numbers);
 --capacity=graph (CUDA) also replays each pass as one CUDA graph, compiled runs it through
