@@ -111,11 +111,11 @@ class Compiled:
             return self.decode(idx, cache, routers_off)
         step = cache is not None and idx.shape[1] == 1      # B rows: eager (compiled, not measured)
         eager = step or kw.get("masked") or torch.is_grad_enabled()
-        with nullcontext() if eager else self.compiled_sublayers():
+        with nullcontext() if eager else self.compiled_mlps():
             return self.model(idx, cache=cache, routers_off=routers_off, last_only=last_only, **kw)
 
     @contextmanager
-    def compiled_sublayers(self):
+    def compiled_mlps(self):
         """Inside the block every block's MLP runs compiled (on_rows); after it, even on error,
         its own forward again. The swap is an instance attribute `forward`, which
         nn.Module.__call__ runs instead of the class's (hooks still fire)."""

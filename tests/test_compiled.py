@@ -224,7 +224,7 @@ def test_one_graph_serves_every_row_count_and_layer():
     model = tiny_model("llama_gqa")
     graphs = Graphs()
     fast = Compiled(model, graphs)
-    with torch.inference_mode(), fast.compiled_sublayers():
+    with torch.inference_mode(), fast.compiled_mlps():
         for n in (70, 100, 130, 1, 0):
             for block in model.layers:
                 x = torch.randn(n, model.cfg.dim)
