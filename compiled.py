@@ -37,11 +37,12 @@ but each call's guards (~1.5-2 ms under the profiler, less in wall time) and eac
 and kernels run whether the gate skips or not.
 
 How the compiled step differs from compact.step, and why:
-- A cond's branches may not write to the cache. So every token projects its K/V and writes them
-  before its gate is read: kv="all" means that anyway (the eager step defers them to the next
-  token that computes the layer instead); in kv="kept" a skipped token's K/V land in the slot
-  after the layer's last one and are overwritten by the next kept token (the layer's fill level
-  moves only when it keeps), so kv="kept" pays the K/V projection of a skipped token here.
+- A cond's branches may not write to the cache. So a token's K/V are written before its
+  attention's cond: in kv="all" every token projects them (the eager step defers a skipped
+  token's to the next token that computes the layer instead); in kv="kept" a cond of the same
+  gate projects them only if the token keeps, else gives zeros, and they land in the slot after
+  the layer's last one, where the next kept token overwrites them (the layer's fill level moves
+  only when it keeps).
 - The cache is read whole: the step attends over all of its slots with a mask (keys after the
   token's position, or past the layer's fill level, are hidden), so its shapes do not change
   from one step to the next. It compiles once per cache size, and Compiled.new_cache rounds
@@ -210,9 +211,13 @@ def block_step(block, h, pos, rope, level, k_cache, v_cache, k_pos, sink, router
     x = block.attn_norm(h)
     z = logit(block, "attn", x, sink, routers_off)                        # (1, 1) or None
     slot = (pos[0] if kv == "all" else level.view(1))                     # (1,) where its K/V go
-    k, v = a.project_kv(x, cos, sin)                                      # (1, Hkv, 1, D)
-    k_cache.index_copy_(2, slot, k)
-    v_cache.index_copy_(2, slot, v)
+    if kv == "kept" and z is not None:    # a skipped token leaves no K/V: project them only if kept
+        keep = (z > router.ZERO).view(())
+        k, v = torch.cond(keep, partial(kv_rows, a, cos, sin), partial(no_kv_rows, a), (x,))
+    else:
+        k, v = kv_rows(a, cos, sin, x)
+    k_cache.index_copy_(2, slot, k.unsqueeze(2))                          # k, v (1, Hkv, D)
+    v_cache.index_copy_(2, slot, v.unsqueeze(2))
     k_pos.index_copy_(1, slot, pos)
     S = k_cache.shape[2]
     if kv == "all":    # key s is the token at position s; the causal mask hides the empty slots
@@ -234,6 +239,17 @@ def block_step(block, h, pos, rope, level, k_cache, v_cache, k_pos, sink, router
         z = logit(block, "mlp", x, sink, routers_off)
     return branch(z, lambda h, x: h + block.mlp_post_norm(block.mlp(x)), block.mlp_skip, h, x,
                   zs if block.cfg.route != "block" else None)
+
+
+def kv_rows(a, cos, sin, x):
+    """The one token x (1, 1, d)'s k, v (1, Hkv, D), contiguous (a cond's branches must agree)."""
+    k, v = a.project_kv(x, cos, sin)                                      # (1, Hkv, 1, D)
+    return k.reshape(1, a.Hkv, a.D).clone(), v.reshape(1, a.Hkv, a.D).clone()
+
+
+def no_kv_rows(a, x):
+    """kv_rows of a token that skips in kv="kept": zeros, for a slot the layer's next kept token overwrites."""
+    return x.new_zeros(1, a.Hkv, a.D), x.new_zeros(1, a.Hkv, a.D)
 
 
 def logit(block, kind, x, sink, routers_off):

@@ -111,6 +111,35 @@ def test_routes_and_substitutes(route, kv, substitute, seed):
     assert_same_decoding(routed("gemma3", kv, route, substitute, seed), "aot_eager")
 
 
+def step_graph(model):
+    """The graph torch._dynamo captures for the model's compiled decoding step (a few steps decoded)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    greedy(Compiled(model, backend), model, tokens(1, 5), 3)
+    (step,) = [g for g in graphs if any(n.target is torch.ops.higher_order.cond for n in g.graph.nodes)]
+    return step
+
+
+def kv_projections(graph):
+    """The layers' K and V projections that graph calls itself (not in a cond's branch): the names
+    of their weights."""
+    return [n.args[1].name for n in graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear
+            and re.search(r"attn_modules_w[kv]_", n.args[1].name)]
+
+
+def test_in_kv_kept_only_a_token_that_keeps_projects_its_kv():
+    """kv="kept": a skipped token's K/V are never read, so they are projected in the gate's cond
+    (kv="all": every token projects them, before its gate)."""
+    for kv, outside in (("all", 4), ("kept", 0)):                  # 2 layers, K and V
+        step = step_graph(routed("llama_gqa", kv))
+        assert len(kv_projections(step.graph)) == outside
+        branches = [m.graph for name, m in step.named_children() if name.startswith("cond")]
+        assert sum(len(kv_projections(g)) for g in branches) == 4 - outside
+
+
 def test_routers_off_is_the_dense_model():
     assert_same_decoding(routed("gemma2", "all"), "aot_eager", routers_off=True)
 
