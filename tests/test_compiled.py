@@ -2,14 +2,14 @@
 
     python -m pytest tests/test_compiled.py -q
 
-The routers are real ones with random weights, so the gates depend on the hidden state and
-both branches of every torch.cond run. Checked: the compiled decoding step against the eager
-step, and a prefill or a batch with compiled MLPs (the row count a dynamic size) against the
-eager compacted path, with one graph for every kept count and layer, the model's own modules
-back after every call, and evaluate.py --compile. Most checks trace with
-backend="aot_eager" (the graph torch.compile captures, without generating code: seconds);
-four run inductor's generated code (C++, minutes in all): one model sparse and dense, decoding
-and a prefill, sample.py --compile and bench.py --compile on tiny models.
+The routers are real ones with random weights, so the gates depend on the hidden state and both
+branches of every torch.cond run. Checked: the compiled decoding step against the eager step (in
+kv="kept" a skipped token projects no K/V), and a prefill or a batch with compiled MLPs (the row
+count a dynamic size) against the eager compacted path, with one graph for every kept count and
+layer, the model's own modules back after every call, and evaluate.py --compile. Most checks
+trace with backend="aot_eager" (the graph torch.compile captures, without generating code:
+seconds); four run inductor's generated code (C++, minutes in all): one model sparse and dense,
+decoding and a prefill, sample.py --compile and bench.py --compile on tiny models.
 """
 import importlib
 import json
