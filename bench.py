@@ -55,6 +55,10 @@ OpenMP's wait policy is left as sample.py runs with it (OMP_WAIT_POLICY unset: i
 a while before they sleep). On a machine where other processes keep the cores busy, export
 OMP_WAIT_POLICY=PASSIVE: then no worker spins on a core another process wants, but every op that
 OpenMP splits pays ~0.1 ms to wake its workers, which the compacted paths' small ops feel most.
+glibc's allocator gives large freed blocks back to the kernel, and the next prefill faults them in
+again page by page: MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 in the
+environment keeps them, and made a 512-token prefill ~6 % faster here (decoding did not change;
+RESULTS.md, "glibc's allocator"). The first line names any such setting a run had.
 Every option below is --key=value or --key value (python bench.py --help lists them).
 """
 import json

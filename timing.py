@@ -40,10 +40,13 @@ def make_clock(kind: str = "wall", device: str = "cpu"):
 
 
 def where(device: str, threads: int) -> str:
-    """What the timings ran on: the GPU's name, or the CPU threads and OpenMP's wait policy."""
+    """What the timings ran on: the GPU's name, or the CPU threads, OpenMP's wait policy and any
+    setting of glibc's allocator (MALLOC_*, GLIBC_TUNABLES; see bench.py)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    return f"{threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
+    env = [f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"]
+    env += [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+    return f"{threads} threads ({', '.join(env)})"
 
 
 # ----------------------------------------------------------------------------------------------

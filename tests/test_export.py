@@ -6,6 +6,7 @@ give the checkpoint's perplexity and greedy tokens; transformers loads it as the
 with LoRA merged; shards and index follow the Hub's layout; an export that fails leaves nothing.
 """
 import json
+import os
 import shutil
 
 import pytest
@@ -225,6 +226,19 @@ def test_bench_clock_cpu_times_with_process_seconds(monkeypatch, capsys):
     assert all(r["dense_s"] > 0 and r["sparse_s"] > 0 for r in rows)
     ticks = [r[key] / 1e-3 for r in rows for key in ("dense_s", "sparse_s")]   # the fake clock's, not real time
     assert all(abs(t - round(t)) < 1e-6 for t in ticks), ticks
+
+
+def test_bench_names_the_cpu_settings_it_ran_under(monkeypatch):
+    """timing.where: bench.py's first line says which OpenMP and glibc allocator settings were set."""
+    import timing
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "OMP_WAIT_POLICY")]:
+        monkeypatch.delenv(k)
+    assert timing.where("cpu", 2) == "2 threads (OMP_WAIT_POLICY=unset)"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "8")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4")
+    assert timing.where("cpu", 1) == ("1 threads (OMP_WAIT_POLICY=PASSIVE, GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4, "
+                                      "MALLOC_TRIM_THRESHOLD_=8)")
 
 
 def test_failed_export_leaves_no_folder_and_full_out_is_refused(exported, text_file, tmp_path, monkeypatch):
