@@ -57,7 +57,7 @@ OMP_WAIT_POLICY=PASSIVE: then no worker spins on a core another process wants, b
 OpenMP splits pays ~0.1 ms to wake its workers, which the compacted paths' small ops feel most.
 glibc's allocator gives large freed blocks back to the kernel, and the next prefill faults them in
 again page by page: MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 in the
-environment keeps them, and made a 512-token prefill ~6 % faster here (decoding did not change;
+environment keeps them, and made a 512-token prefill 5-6 % faster here (decoding did not change;
 RESULTS.md, "glibc's allocator"). The first line names any such setting a run had.
 Every option below is --key=value or --key value (python bench.py --help lists them).
 """
