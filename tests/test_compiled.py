@@ -113,13 +113,9 @@ def test_routes_and_substitutes(route, kv, substitute, seed):
 
 def step_graph(model):
     """The graph torch._dynamo captures for the model's compiled decoding step (a few steps decoded)."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    greedy(Compiled(model, backend), model, tokens(1, 5), 3)
-    (step,) = [g for g in graphs if any(n.target is torch.ops.higher_order.cond for n in g.graph.nodes)]
+    graphs = Graphs()
+    greedy(Compiled(model, graphs), model, tokens(1, 5), 3)
+    (step,) = [g for g in graphs.graphs if any(n.target is torch.ops.higher_order.cond for n in g.graph.nodes)]
     return step
 
 
@@ -198,14 +194,18 @@ def test_a_step_past_the_cache_or_the_context_is_refused():
 # ----------------------------------------------------------------------------------------------
 
 class Graphs:
-    """A torch.compile backend that counts the graphs it is given (count) and the calls of their
-    compiled code (calls), compiling each with backend."""
+    """A torch.compile backend that keeps the graphs it is given (graphs; count, how many) and
+    counts the calls of their compiled code (calls), compiling each with backend."""
 
     def __init__(self, backend="aot_eager"):
-        self.backend, self.count, self.calls = torch._dynamo.lookup_backend(backend), 0, 0
+        self.backend, self.graphs, self.calls = torch._dynamo.lookup_backend(backend), [], 0
+
+    @property
+    def count(self):
+        return len(self.graphs)
 
     def __call__(self, gm, example_inputs):
-        self.count += 1
+        self.graphs.append(gm)
         run = self.backend(gm, example_inputs)
 
         def counted(*args):
