@@ -212,8 +212,7 @@ def block_step(block, h, pos, rope, level, k_cache, v_cache, k_pos, sink, router
     z = logit(block, "attn", x, sink, routers_off)                        # (1, 1) or None
     slot = (pos[0] if kv == "all" else level.view(1))                     # (1,) where its K/V go
     if kv == "kept" and z is not None:    # a skipped token leaves no K/V: project them only if kept
-        keep = (z > router.ZERO).view(())
-        k, v = torch.cond(keep, partial(kv_rows, a, cos, sin), partial(no_kv_rows, a), (x,))
+        k, v = torch.cond(keeps(z), partial(kv_rows, a, cos, sin), partial(no_kv_rows, a), (x,))
     else:
         k, v = kv_rows(a, cos, sin, x)
     k_cache.index_copy_(2, slot, k.unsqueeze(2))                          # k, v (1, Hkv, D)
@@ -260,6 +259,11 @@ def logit(block, kind, x, sink, routers_off):
     return None if g is None else g.z
 
 
+def keeps(z):
+    """The gate z (1, 1) as a cond's predicate (a 0-d bool): the token computes (router.decide's rule)."""
+    return (z > router.ZERO).view(())
+
+
 def branch(z, compute, skip, h, x, zs):
     """compute(h, x) where the gate z keeps the token, else h + skip(x) (or h): a torch.cond."""
     if z is None:
@@ -267,4 +271,4 @@ def branch(z, compute, skip, h, x, zs):
     if zs is not None:
         zs.append(z)
     skipped = (lambda h, x: h + skip(x)) if skip is not None else (lambda h, x: h.clone())
-    return torch.cond((z > router.ZERO).view(()), compute, skipped, (h, x))
+    return torch.cond(keeps(z), compute, skipped, (h, x))
